@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint check-config system-deps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+	  echo "Could not create $(VENV): install python3-venv (apt-get install python3-venv)"; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## Start the daemon on the shipped config.yaml (SMTP intake on 127.0.0.1:2525, mail to var/outbox/).
+run: $(STAMP)
+	$(BIN)/mailrouter --config config.yaml run
+
+## The real servers the integration tests talk to (Dovecot for IMAP).
+system-deps:
+	@if ! command -v dovecot >/dev/null 2>&1 && ! test -x /usr/sbin/dovecot; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd >/dev/null; \
+	  else \
+	    echo "Dovecot is missing: run 'sudo apt-get install dovecot-imapd' (needed by the IMAP tests)"; exit 1; \
+	  fi; \
+	fi
+
+## Install what is missing, then run the whole suite.
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy mailrouter
+
+check-config: $(STAMP)
+	$(BIN)/mailrouter --config config.yaml check-config
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

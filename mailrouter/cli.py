@@ -1,0 +1,175 @@
+"""CLI: the `mailrouter` command (also `python -m mailrouter`).
+
+`run` starts the daemon; `check-config` validates the configuration;
+`route FILE.eml` explains what would happen to a mail without sending or
+writing anything; `cases` lists the cases in the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email
+import email.policy
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mailrouter.config import Config, ConfigError, load_config
+from mailrouter.parse import parse_message
+from mailrouter.pipeline import field_aliases
+from mailrouter.render import CaseInfo, Renderer
+from mailrouter.route import decide
+from mailrouter.store import Store
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailrouter.daemon import run_daemon
+
+    run_daemon(_load(args))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    s = config.settings
+    intake = (
+        f"SMTP listener {s.intake.listen.host}:{s.intake.listen.port}"
+        if s.intake.source == "smtp"
+        else f"IMAP {s.intake.imap.host}:{s.intake.imap.port}/{s.intake.imap.folder}"
+    )
+    outbound = (
+        f"files in {config.outbox_dir}"
+        if s.outbound.transport == "file"
+        else f"SMTP {s.outbound.smtp.host}:{s.outbound.smtp.port}"
+    )
+    print(
+        f"{config.path}: OK: intake <{s.intake.address}> via {intake}; "
+        f"{len(config.providers)} providers ({', '.join(sorted(config.providers))}); "
+        f"{len(s.routes)} routes; outbound {outbound}"
+    )
+    return 0
+
+
+def _text_of(data: bytes) -> str:
+    """A rendered mail as a person reads it: headers, then decoded text parts."""
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    lines = [f"{name}: {' '.join(str(value).split())}" for name, value in msg.items()]
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        if part.get_content_maintype() == "text" and not part.get_filename():
+            lines += ["", str(part.get_content()).rstrip()]
+        else:
+            size = len(part.get_payload(decode=True) or b"")
+            lines += [
+                "",
+                f"[adjunto: {part.get_filename()} ({part.get_content_type()}, {size} bytes)]",
+            ]
+    return "\n".join(lines)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    config = _load(args)
+    raw = Path(args.file).read_bytes()
+    mail = parse_message(raw, field_aliases(config), config.settings.intake.address)
+    decision = decide(mail, config)
+    labels = {name: spec.label for name, spec in config.settings.fields.items()}
+    print(f"From:        {mail.from_name} <{mail.from_address}>")
+    print(f"Subject:     {mail.subject}")
+    print(f"Message-ID:  {mail.message_id}")
+    print("Fields found:")
+    for name, value in mail.fields.items():
+        print(f"  {labels.get(name, name)} [{name}]: {value}")
+    if not mail.fields:
+        print("  (none)")
+    if mail.attachments:
+        print("Attachments: " + ", ".join(a.filename for a in mail.attachments))
+    print(f"Outcome:     {decision.outcome} ({decision.reason})")
+    if decision.route is not None and decision.provider is not None:
+        print(f"Rule:        {decision.route.name}")
+        print(f"Destination: {decision.provider.name} <{decision.provider.address}>")
+        print(f"Priority:    {decision.priority}")
+    if decision.outcome in ("route", "needs_info"):
+        now = datetime.now(UTC)
+        tag = f"{config.settings.case_tag_prefix}-??????"
+        case = CaseInfo(tag, decision.priority, "new", "(según la prioridad)")
+        for outgoing in Renderer(config).decision_mails(case, mail, decision, now):
+            title = f"{outgoing.kind} to {', '.join(outgoing.recipients)}"
+            print(f"\n----- {title} (case number assigned on arrival) -----")
+            print(_text_of(outgoing.data))
+    print("\nDry run: nothing was sent or written.")
+    return 0
+
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = Store(config.database_url)
+    prefix = config.settings.case_tag_prefix
+    rows = store.cases(limit=args.limit)
+    print(
+        f"{'case':<11} {'created (UTC)':<17} {'agent':<30} {'destination':<12} "
+        f"{'priority':<8} status"
+    )
+    for case in rows:
+        print(
+            f"{case.tag(prefix):<11} {case.created_at:%Y-%m-%d %H:%M} "
+            f"{case.agent_address[:30]:<30} {case.provider:<12} {case.priority:<8} {case.status}"
+        )
+    if not rows:
+        print("(no cases)")
+    store.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailrouter", description="Email escalation router: one intake address for agents."
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("MAILROUTER_CONFIG", "config.yaml"),
+        help="path to config.yaml (default: $MAILROUTER_CONFIG or ./config.yaml)",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("MAILROUTER_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT").set_defaults(
+        func=cmd_run
+    )
+    commands.add_parser(
+        "check-config", help="validate config.yaml and providers/*.yaml"
+    ).set_defaults(func=cmd_check_config)
+    route = commands.add_parser("route", help="dry run: explain what would happen to a mail")
+    route.add_argument("file", help="an .eml file")
+    route.set_defaults(func=cmd_route)
+    cases = commands.add_parser("cases", help="list cases")
+    cases.add_argument("--limit", type=int, default=200)
+    cases.set_defaults(func=cmd_cases)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) in the configuration", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

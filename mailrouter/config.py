@@ -1,0 +1,438 @@
+"""Configuration: loads and validates `config.yaml` and `providers/*.yaml`.
+
+Owns the shape of every setting (pydantic models), `${ENV_VAR}` interpolation,
+and error reporting as `file:line: field: problem` so an admin can fix a broken
+file without guessing. Nothing else reads YAML or the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRIORITIES = ("BAJA", "MEDIA", "ALTA", "URGENTE")
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    # A typo in a key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ListenSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, le=65535)
+
+
+class ImapSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(993, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "tls"
+    username: str = ""
+    password: str = ""
+    folder: str = "INBOX"
+    processed_folder: str = "Processed"
+    quarantine_folder: str = "Quarantine"
+    poll_interval: float = Field(30.0, gt=0)
+    timeout: float = Field(60.0, gt=0)
+
+
+class IntakeSettings(_Model):
+    address: str
+    source: Literal["smtp", "imap"] = "smtp"
+    listen: ListenSettings = ListenSettings()
+    imap: ImapSettings = ImapSettings()
+    max_message_bytes: int = Field(25 * 1024 * 1024, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _is_address(cls, value: str) -> str:
+        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
+            raise ValueError(f"{value!r} is not an email address")
+        return value.lower()
+
+    @property
+    def domain(self) -> str:
+        return self.address.rsplit("@", 1)[1]
+
+
+class FileTransportSettings(_Model):
+    dir: str = "var/outbox"
+
+
+class SmtpSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(587, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "starttls"
+    username: str = ""
+    password: str = ""
+    timeout: float = Field(60.0, gt=0)
+
+
+class RetrySettings(_Model):
+    """Backoff for temporary delivery failures (4xx, connection errors)."""
+
+    first_delay: float = Field(30.0, gt=0, description="seconds before the first retry")
+    max_delay: float = Field(3600.0, gt=0, description="ceiling of one wait, seconds")
+    give_up_after: float = Field(24 * 3600.0, gt=0, description="seconds since first try")
+
+
+class OutboundSettings(_Model):
+    transport: Literal["file", "smtp"] = "file"
+    from_: str = Field(alias="from")
+    file: FileTransportSettings = FileTransportSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    retry: RetrySettings = RetrySettings()
+
+
+class Condition(_Model):
+    """One test on a message; exactly one of field/subject/sender is given."""
+
+    field: str | None = None
+    equals: str | list[str] | None = None
+    matches: str | None = None
+    subject: str | None = None
+    sender: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Condition:
+        kinds = [k for k in ("field", "subject", "sender") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of 'field', 'subject' or 'sender'")
+        if self.field is not None and (self.equals is None) == (self.matches is None):
+            raise ValueError("a 'field' condition needs exactly one of 'equals' or 'matches'")
+        if self.field is None and (self.equals is not None or self.matches is not None):
+            raise ValueError("'equals'/'matches' only go with 'field'")
+        for pattern in (self.matches, self.subject):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {pattern!r}: {exc}") from exc
+        return self
+
+    @property
+    def equals_list(self) -> list[str]:
+        if self.equals is None:
+            return []
+        return [self.equals] if isinstance(self.equals, str) else list(self.equals)
+
+
+class Route(_Model):
+    name: str
+    when: Condition | None = None
+    to: str
+
+
+class FieldSpec(_Model):
+    """A canonical field: the label shown to agents and every alias accepted."""
+
+    label: str
+    aliases: list[str] = []
+
+
+class Settings(_Model):
+    intake: IntakeSettings
+    allowed_senders: list[str] = Field(min_length=1)
+    outbound: OutboundSettings
+    database: str = "sqlite:///var/mailrouter.db"
+    providers_dir: str = "providers"
+    templates_dir: str = "templates"
+    case_tag_prefix: str = Field("ESC", pattern=r"^[A-Z][A-Z0-9]{1,9}$")
+    default_priority: Literal["BAJA", "MEDIA", "ALTA", "URGENTE"] = "MEDIA"
+    timezone: str = "America/Bogota"
+    sla_hours: dict[str, float] = {
+        "URGENTE": 4,
+        "ALTA": 24,
+        "MEDIA": 48,
+        "BAJA": 72,
+    }
+    fields: dict[str, FieldSpec]
+    routes: list[Route] = Field(min_length=1)
+
+    @field_validator("sla_hours")
+    @classmethod
+    def _every_priority(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(PRIORITIES))
+        if unknown:
+            raise ValueError(f"unknown priorities {unknown}; use {', '.join(PRIORITIES)}")
+        missing = [p for p in PRIORITIES if p not in value]
+        if missing:
+            raise ValueError(f"give a window for every priority; missing {', '.join(missing)}")
+        if any(hours <= 0 for hours in value.values()):
+            raise ValueError("windows must be positive numbers of hours")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _default_route_last(self) -> Settings:
+        for index, route in enumerate(self.routes[:-1]):
+            if route.when is None:
+                raise ValueError(
+                    f"route {route.name!r} (#{index + 1}) has no 'when' but is not last: "
+                    "the routes after it could never match"
+                )
+        return self
+
+
+class Provider(_Model):
+    id: str = ""
+    name: str
+    address: str
+    required: list[str] = []
+    template: str
+
+    @field_validator("address")
+    @classmethod
+    def _is_address(cls, value: str) -> str:
+        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
+            raise ValueError(f"{value!r} is not an email address")
+        return value
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: Path
+    line: int
+    field: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.problem}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The loaded configuration, passed explicitly to whatever needs it."""
+
+    path: Path
+    settings: Settings
+    providers: dict[str, Provider] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, relative: str) -> Path:
+        path = Path(relative)
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def database_url(self) -> str:
+        # A relative SQLite path is relative to the config file, not to the cwd,
+        # so `mailrouter --config /etc/x/config.yaml` finds the same database.
+        url = self.settings.database
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
+            return prefix + str(self.resolve(url[len(prefix) :]))
+        return url
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.resolve(self.settings.outbound.file.dir)
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.resolve(self.settings.templates_dir)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int:
+    """The 1-based line of the deepest YAML node that `loc` reaches."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == part:
+                    line = key_node.start_mark.line + 1
+                    node = value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return line
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += ("." if name else "") + str(part)
+    return name or "(top level)"
+
+
+def _interpolate(
+    value: Any, loc: tuple[int | str, ...], missing: list[tuple[int | str, ...]]
+) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*loc, k), missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*loc, i), missing) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        missing.append((*loc, f"${{{name}}}"))
+        return ""
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML file; raise ConfigError pointing at the bad line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(path, 1, "(file)", f"cannot read: {exc.strerror}")]) from exc
+    try:
+        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([Problem(path, line, "(syntax)", str(reason))]) from exc
+
+
+def _validate(
+    model: type[_Model], path: Path, data: Any, node: yaml.Node | None
+) -> tuple[Any, list[Problem]]:
+    missing: list[tuple[int | str, ...]] = []
+    data = _interpolate(data if data is not None else {}, (), missing)
+    problems = [
+        Problem(
+            path,
+            _line_of(node, loc[:-1]),
+            _field_name(loc[:-1]),
+            f"environment variable {loc[-1]} is not set",
+        )
+        for loc in missing
+    ]
+    if not isinstance(data, dict):
+        return None, [*problems, Problem(path, 1, "(top level)", "expected a mapping of keys")]
+    try:
+        return model.model_validate(data), problems
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            problems.append(
+                Problem(path, _line_of(node, loc), _field_name(loc), error["msg"].lower())
+            )
+        return None, problems
+
+
+def load_config(path: Path | str) -> Config:
+    """Load and cross-check config.yaml and its providers; raise ConfigError listing all faults."""
+    path = Path(path).resolve()
+    data, node = _read_yaml(path)
+    settings, problems = _validate(Settings, path, data, node)
+    if settings is None:
+        raise ConfigError(problems)
+    config = Config(path=path, settings=settings)
+    providers: dict[str, Provider] = {}
+    providers_dir = config.resolve(settings.providers_dir)
+    provider_files = sorted(providers_dir.glob("*.yaml")) if providers_dir.is_dir() else []
+    if not provider_files:
+        problems.append(
+            Problem(
+                path,
+                _line_of(node, ("providers_dir",)),
+                "providers_dir",
+                f"no provider files in {providers_dir}",
+            )
+        )
+    for provider_path in provider_files:
+        try:
+            pdata, pnode = _read_yaml(provider_path)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        provider, pproblems = _validate(Provider, provider_path, pdata, pnode)
+        problems.extend(pproblems)
+        if provider is None:
+            continue
+        provider.id = provider_path.stem
+        providers[provider.id] = provider
+        for index, name in enumerate(provider.required):
+            if name not in settings.fields:
+                problems.append(
+                    Problem(
+                        provider_path,
+                        _line_of(pnode, ("required", index)),
+                        f"required[{index}]",
+                        f"unknown field {name!r} (known: {', '.join(sorted(settings.fields))})",
+                    )
+                )
+        if not (config.templates_dir / provider.template).is_file():
+            problems.append(
+                Problem(
+                    provider_path,
+                    _line_of(pnode, ("template",)),
+                    "template",
+                    f"no such template {config.templates_dir / provider.template}",
+                )
+            )
+    for index, route in enumerate(settings.routes):
+        if provider_files and route.to not in providers:
+            problems.append(
+                Problem(
+                    path,
+                    _line_of(node, ("routes", index, "to")),
+                    f"routes[{index}].to",
+                    f"unknown provider {route.to!r} (known: {', '.join(sorted(providers))})",
+                )
+            )
+        if route.when is not None and route.when.field and route.when.field not in settings.fields:
+            problems.append(
+                Problem(
+                    path,
+                    _line_of(node, ("routes", index, "when", "field")),
+                    f"routes[{index}].when.field",
+                    f"unknown field {route.when.field!r}",
+                )
+            )
+    if settings.routes[-1].when is not None:
+        problems.append(
+            Problem(
+                path,
+                _line_of(node, ("routes", len(settings.routes) - 1)),
+                f"routes[{len(settings.routes) - 1}]",
+                "the last route must have no 'when': it is the default for everything else",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=path, settings=settings, providers=providers)

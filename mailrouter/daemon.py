@@ -1,0 +1,158 @@
+"""Daemon: runs the intake and the outbox sender together until told to stop.
+
+Owns the asyncio loop, the wiring of config -> store -> pipeline -> sender,
+and shutdown: on SIGTERM/SIGINT the intake stops taking new mail, the message
+in hand and the outbox row in flight are finished, and the process exits 0.
+The IMAP poller, which blocks, runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiosmtpd.smtp import SMTP
+
+from mailrouter.config import Config
+from mailrouter.deliver import FileTransport, Sender, SmtpTransport, Transport
+from mailrouter.intake import ImapIntake, SmtpIntake
+from mailrouter.pipeline import Pipeline
+from mailrouter.store import Store
+
+log = logging.getLogger(__name__)
+
+SENDER_IDLE_SECONDS = 5.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_transport(config: Config) -> Transport:
+    outbound = config.settings.outbound
+    if outbound.transport == "smtp":
+        return SmtpTransport(outbound.smtp)
+    return FileTransport(config.outbox_dir)
+
+
+class Daemon:
+    def __init__(self, config: Config, clock: Callable[[], datetime] = utc_now) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = Store(config.database_url)
+        self.pipeline = Pipeline(config, self.store, clock)
+        self.transport = make_transport(config)
+        self.sender = Sender(self.store, self.transport, config.settings.outbound.retry, clock)
+        self.stopping = asyncio.Event()
+        self.outbox_changed = asyncio.Event()
+        self.ready = threading.Event()  # set once the intake is listening (tests wait on it)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # Outside the main thread (tests) this is refused: the caller uses stop().
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, self.stop)
+
+        def wake_sender() -> None:
+            loop.call_soon_threadsafe(self.outbox_changed.set)
+
+        sender_task = asyncio.create_task(self._sender_loop())
+        settings = self.config.settings
+        try:
+            if settings.intake.source == "smtp":
+                await self._serve_smtp(wake_sender)
+            else:
+                await self._serve_imap(wake_sender)
+        finally:
+            self.stopping.set()
+            self.outbox_changed.set()
+            await sender_task
+            await self.transport.close()
+            self.store.close()
+            log.info("mailrouter stopped")
+
+    async def _serve_smtp(self, wake_sender: Callable[[], None]) -> None:
+        intake = self.config.settings.intake
+        handler = SmtpIntake(self.pipeline, intake.address, wake_sender)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: SMTP(
+                handler,
+                hostname=intake.domain,
+                # Larger mail is still taken and quarantined with a reason, not bounced blind.
+                data_size_limit=intake.max_message_bytes * 2,
+                enable_SMTPUTF8=True,
+            ),
+            intake.listen.host,
+            intake.listen.port,
+        )
+        log.info(
+            "mailrouter listening on %s:%s for <%s>; outbound: %s",
+            intake.listen.host,
+            intake.listen.port,
+            intake.address,
+            self._outbound_description(),
+        )
+        self.ready.set()
+        try:
+            await self.stopping.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    async def _serve_imap(self, wake_sender: Callable[[], None]) -> None:
+        settings = self.config.settings.intake.imap
+        stop_thread = threading.Event()
+        poller = ImapIntake(settings, self.pipeline, wake_sender, stop_thread)
+        log.info(
+            "mailrouter polling %s; outbound: %s", poller.mailbox, self._outbound_description()
+        )
+        worker = asyncio.create_task(asyncio.to_thread(poller.run_forever))
+        self.ready.set()
+        try:
+            await self.stopping.wait()
+        finally:
+            stop_thread.set()
+            await worker  # finishes the message in hand
+
+    def _outbound_description(self) -> str:
+        outbound = self.config.settings.outbound
+        if outbound.transport == "smtp":
+            return (
+                f"SMTP relay {outbound.smtp.host}:{outbound.smtp.port} ({outbound.smtp.security})"
+            )
+        return f"files in {self.config.outbox_dir}"
+
+    async def _sender_loop(self) -> None:
+        while True:
+            try:
+                await self.sender.deliver_due(should_stop=self.stopping.is_set)
+            except Exception:
+                log.exception("outbox sender error; retrying shortly")
+            if self.stopping.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.outbox_changed.wait(), await self._idle_seconds())
+            self.outbox_changed.clear()
+
+    async def _idle_seconds(self) -> float:
+        try:
+            upcoming = await asyncio.to_thread(self.sender.next_wakeup)
+        except Exception:
+            return SENDER_IDLE_SECONDS
+        if upcoming is None:
+            return SENDER_IDLE_SECONDS
+        seconds = (upcoming - self.clock()).total_seconds()
+        return min(SENDER_IDLE_SECONDS, max(0.05, seconds))
+
+
+def run_daemon(config: Config) -> None:
+    asyncio.run(Daemon(config).run())

@@ -1,0 +1,260 @@
+"""Deliver: sends what the outbox holds, exactly as it was committed.
+
+Owns the transports (a folder of .eml files, or an SMTP relay through
+aiosmtplib), the classification of failures (4xx and connection errors are
+temporary and retried with exponential backoff and jitter; 5xx is permanent),
+and the sender loop. A row is marked sent in one statement right after the
+relay's 250, so a crash can repeat at most that one mail, with the same
+Message-ID. Mails of one case leave in the order they were decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import ssl
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from mailrouter.config import RetrySettings, SmtpSettings
+from mailrouter.store import Case, Event, Message, Store
+
+log = logging.getLogger(__name__)
+
+
+class TemporaryFailure(Exception):
+    """Try again later (4xx, connection refused, timeout)."""
+
+
+class PermanentFailure(Exception):
+    """Never try again (5xx)."""
+
+
+class Transport(Protocol):
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileTransport:
+    """Writes each mail as `<dir>/<name>.eml`; rewriting the same row gives the same file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"{name}.eml"
+        partial = target.with_suffix(".eml.part")
+        envelope = f"X-Envelope-From: {sender}\r\nX-Envelope-To: {', '.join(recipients)}\r\n"
+        # Written aside and renamed, so a reader never sees half a mail.
+        partial.write_bytes(envelope.encode() + data)
+        os.replace(partial, target)
+
+    async def close(self) -> None:
+        return None
+
+
+class SmtpTransport:
+    """One reused aiosmtplib connection to the relay, reopened after any error."""
+
+    def __init__(self, settings: SmtpSettings) -> None:
+        self.settings = settings
+        self._client: aiosmtplib.SMTP | None = None
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        client = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            timeout=s.timeout,
+            use_tls=s.security == "tls",
+            start_tls=s.security == "starttls",
+            tls_context=ssl.create_default_context() if s.security != "none" else None,
+        )
+        await client.connect()
+        if s.username:
+            await client.login(s.username, s.password)
+        return client
+
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        try:
+            if self._client is None or not self._client.is_connected:
+                self._client = await self._connect()
+            errors, _ = await self._client.sendmail(sender, recipients, data)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            await self.close()
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            if all(code >= 500 for code in codes):
+                raise PermanentFailure(detail) from exc
+            raise TemporaryFailure(detail) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await self.close()
+            failure = PermanentFailure if exc.code >= 500 else TemporaryFailure
+            raise failure(f"{exc.code} {exc.message}") from exc
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            await self.close()
+            raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from exc
+        if errors:
+            # Some recipients refused: every mail we queue has one recipient, so this
+            # only happens for hand-made rows; treat it like the all-refused case.
+            detail = "; ".join(
+                f"{rcpt}: {resp.code} {resp.message}" for rcpt, resp in errors.items()
+            )
+            raise PermanentFailure(detail)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            try:
+                await client.quit()
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
+def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> float:
+    """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
+    delay = min(retry.max_delay, retry.first_delay * 2 ** max(0, attempts - 1))
+    return float(delay * (0.5 + rng.random() / 2))
+
+
+def file_name(message: Message) -> str:
+    recipient = re.sub(r"[^A-Za-z0-9@._-]", "_", (message.recipients or ["nobody"])[0])
+    return f"{message.id:06d}-{message.kind}-{recipient}"
+
+
+class Sender:
+    """Delivers due outbox rows; one instance per daemon."""
+
+    def __init__(
+        self,
+        store: Store,
+        transport: Transport,
+        retry: RetrySettings,
+        clock: Callable[[], datetime],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.retry = retry
+        self.clock = clock
+        self.rng = rng or random.Random()
+
+    def due_rows(self, limit: int = 100) -> list[int]:
+        """Ids of pending rows that are due, skipping any case with an earlier row still waiting."""
+        now = self.clock()
+        with self.store.transaction() as session:
+            rows = session.execute(
+                select(Message.id, Message.case_id, Message.next_attempt_at)
+                .where(Message.delivery == "pending")
+                .order_by(Message.id)
+            ).all()
+        blocked: set[int] = set()
+        due: list[int] = []
+        for row_id, case_id, next_at in rows:
+            if case_id is not None and case_id in blocked:
+                continue
+            if next_at is not None and next_at > now:
+                if case_id is not None:
+                    blocked.add(case_id)
+                continue
+            due.append(row_id)
+            if len(due) >= limit:
+                break
+        return due
+
+    def next_wakeup(self) -> datetime | None:
+        with self.store.transaction() as session:
+            return session.scalar(
+                select(Message.next_attempt_at)
+                .where(Message.delivery == "pending")
+                .order_by(Message.next_attempt_at)
+                .limit(1)
+            )
+
+    async def deliver_due(self, should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Send every row that is due now; return how many were sent."""
+        sent = 0
+        for row_id in await asyncio.to_thread(self.due_rows):
+            if should_stop():
+                break
+            if await self.deliver_one(row_id):
+                sent += 1
+        return sent
+
+    async def deliver_one(self, row_id: int) -> bool:
+        with self.store.transaction() as session:
+            row = session.get(Message, row_id)
+            if row is None or row.delivery != "pending":
+                return False
+            sender, recipients, data, name = row.sender, row.recipients, row.raw, file_name(row)
+        try:
+            await self.transport.send(sender, list(recipients), data, name)
+        except TemporaryFailure as exc:
+            await asyncio.to_thread(self._retry_later, row_id, str(exc))
+            return False
+        except PermanentFailure as exc:
+            await asyncio.to_thread(self._fail, row_id, str(exc))
+            return False
+        # The only window where a crash repeats a mail: keep it to this one statement.
+        await asyncio.to_thread(self._mark_sent, row_id)
+        return True
+
+    def _mark_sent(self, row_id: int) -> None:
+        with self.store.transaction() as session:
+            session.execute(
+                update(Message)
+                .where(Message.id == row_id)
+                .values(delivery="sent", sent_at=self.clock(), last_error=None)
+            )
+
+    def _retry_later(self, row_id: int, error: str) -> None:
+        now = self.clock()
+        with self.store.transaction() as session:
+            row = session.get(Message, row_id)
+            if row is None:
+                return
+            row.attempts += 1
+            row.last_error = error
+            if (now - row.created_at).total_seconds() >= self.retry.give_up_after:
+                log.error(
+                    "giving up on outbox row %s after %d tries: %s", row_id, row.attempts, error
+                )
+                self._mark_failed(session, row, f"gave up after {row.attempts} tries: {error}")
+                return
+            delay = backoff_delay(row.attempts, self.retry, self.rng)
+            row.next_attempt_at = now + timedelta(seconds=delay)
+            log.warning(
+                "outbox row %s: temporary failure (%s); retry in %.0f s", row_id, error, delay
+            )
+
+    def _fail(self, row_id: int, error: str) -> None:
+        with self.store.transaction() as session:
+            row = session.get(Message, row_id)
+            if row is not None:
+                row.attempts += 1
+                log.error(
+                    "outbox row %s to %s failed permanently: %s", row_id, row.recipients, error
+                )
+                self._mark_failed(session, row, error)
+
+    def _mark_failed(self, session: Session, row: Message, error: str) -> None:
+        now = self.clock()
+        row.delivery, row.last_error = "failed", error
+        if row.case_id is None:
+            return
+        case = session.get(Case, row.case_id)
+        detail = f"{row.kind} to {', '.join(row.recipients)} failed: {error}"
+        session.add(Event(case_id=row.case_id, at=now, kind="delivery_failed", detail=detail))
+        if case is not None and row.kind == "forward":
+            case.status, case.updated_at = "undeliverable", now

@@ -1,0 +1,219 @@
+"""Intake: how mail reaches the pipeline. Thin adapters, no decisions.
+
+* `SmtpIntake`: an aiosmtpd handler. It answers 250 only after the mail's
+  outcome is committed, and 451 (the client retries) when it cannot commit,
+  so accepting a mail always means it is stored.
+* `ImapIntake`: an imapclient poller for a shared mailbox. Each message is
+  processed and committed, and only then moved to the processed (or
+  quarantine) folder; a message whose UID is already known is just moved.
+  It waits with IDLE where the server offers it, else polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
+
+from mailrouter.config import ImapSettings
+from mailrouter.pipeline import ImapSource, Pipeline, Result
+
+log = logging.getLogger(__name__)
+
+IDLE_REISSUE_SECONDS = 29 * 60  # RFC 2177: servers may drop an IDLE older than 30 minutes
+FETCH_BATCH = 50
+
+
+class SmtpIntake:
+    """aiosmtpd handler: the built-in intake listener."""
+
+    def __init__(self, pipeline: Pipeline, address: str, on_committed: Callable[[], None]) -> None:
+        self.pipeline = pipeline
+        self.address = address.lower()
+        self.on_committed = on_committed
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address.lower() != self.address:
+            return f"550 5.1.1 <{address}>: this server only accepts mail for <{self.address}>"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        raw = envelope.original_content or envelope.content
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        try:
+            result = await asyncio.to_thread(self.pipeline.process, raw)
+        except Exception:
+            log.exception("could not store an incoming mail; asking the client to retry")
+            return "451 4.3.0 Temporary failure storing the message, try again later"
+        self.on_committed()
+        return f"250 2.0.0 Accepted ({result.outcome})"
+
+
+class ImapIntake:
+    """Polls one IMAP folder; `run_pass` is one complete sweep of it."""
+
+    def __init__(
+        self,
+        settings: ImapSettings,
+        pipeline: Pipeline,
+        on_committed: Callable[[], None] = lambda: None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.on_committed = on_committed
+        self.stop = stop or threading.Event()
+        s = settings
+        self.mailbox = f"imap://{s.username}@{s.host}:{s.port}/{s.folder}"
+
+    def connect(self) -> IMAPClient:
+        s = self.settings
+        context = ssl.create_default_context() if s.security != "none" else None
+        client = IMAPClient(
+            s.host, port=s.port, ssl=s.security == "tls", ssl_context=context, timeout=s.timeout
+        )
+        if s.security == "starttls":
+            client.starttls(context)
+        client.login(s.username, s.password)
+        for folder in (s.processed_folder, s.quarantine_folder):
+            if not client.folder_exists(folder):
+                client.create_folder(folder)
+        return client
+
+    def _folder_for(self, result: Result) -> str:
+        if result.outcome == "quarantined":
+            return self.settings.quarantine_folder
+        return self.settings.processed_folder
+
+    def _move(self, client: IMAPClient, uids: list[int], folder: str) -> None:
+        if not uids:
+            return
+        if client.has_capability("MOVE"):
+            client.move(uids, folder)
+        else:
+            client.copy(uids, folder)
+            client.delete_messages(uids)
+            if client.has_capability("UIDPLUS"):
+                client.uid_expunge(uids)
+            else:
+                client.expunge()
+
+    def run_pass(self, client: IMAPClient) -> int:
+        """Process every message in the folder; return how many were new."""
+        info = client.select_folder(self.settings.folder)
+        uidvalidity = int(info[b"UIDVALIDITY"])
+        uids = sorted(client.search(["NOT", "DELETED"]))
+        processed = 0
+        for start in range(0, len(uids), FETCH_BATCH):
+            if self.stop.is_set():
+                break
+            batch = uids[start : start + FETCH_BATCH]
+            destinations: dict[str, list[int]] = {}
+            unknown: list[int] = []
+            for uid in batch:
+                known = self.pipeline.known_outcome(ImapSource(self.mailbox, uidvalidity, uid))
+                if known is not None:
+                    # Committed before a crash, not yet moved: finish the move only.
+                    destinations.setdefault(self._folder_for(known), []).append(uid)
+                else:
+                    unknown.append(uid)
+            fetched = client.fetch(unknown, ["BODY.PEEK[]"]) if unknown else {}
+            for uid in unknown:
+                if self.stop.is_set():
+                    break
+                data = fetched.get(uid, {})
+                raw = data.get(b"BODY[]")
+                if raw is None:  # expunged by someone else meanwhile
+                    continue
+                result = self.pipeline.process(raw, ImapSource(self.mailbox, uidvalidity, uid))
+                if not result.duplicate:
+                    processed += 1
+                self.on_committed()
+                destinations.setdefault(self._folder_for(result), []).append(uid)
+            for folder, moved in destinations.items():
+                self._move(client, moved, folder)
+        return processed
+
+    def _wait_for_mail(self, client: IMAPClient) -> None:
+        """Block until new mail may be there, the poll interval passes, or we are stopped."""
+        interval = self.settings.poll_interval
+        if not client.has_capability("IDLE"):
+            self.stop.wait(interval)
+            return
+        client.idle()
+        try:
+            deadline = time.monotonic() + min(IDLE_REISSUE_SECONDS, max(interval, 1.0))
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                responses = client.idle_check(timeout=0.5)
+                if any(_is_exists(r) for r in responses):
+                    return
+        finally:
+            client.idle_done()
+
+    def run_forever(self) -> None:
+        """Connect, sweep, wait, repeat; on any server trouble reconnect with backoff."""
+        delay = 1.0
+        state = "starting"
+        client: IMAPClient | None = None
+        while not self.stop.is_set():
+            try:
+                if client is None:
+                    client = self.connect()
+                    if state != "connected":
+                        log.info("IMAP connected to %s", self.mailbox)
+                    state, delay = "connected", 1.0
+                self.run_pass(client)
+                if not self.stop.is_set():
+                    self._wait_for_mail(client)
+            except Exception as exc:
+                # Server down, connection lost, login refused, or the database busy: all
+                # are waited out with backoff; log once per change of state, not per try.
+                if state != f"error:{type(exc).__name__}":
+                    level = logging.WARNING if _is_network(exc) else logging.ERROR
+                    log.log(
+                        level,
+                        "IMAP %s: %s: %s; retrying with backoff",
+                        self.mailbox,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=not _is_network(exc),
+                    )
+                    state = f"error:{type(exc).__name__}"
+                _logout(client)
+                client = None
+                self.stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+        _logout(client)
+
+
+def _is_network(exc: BaseException) -> bool:
+    return isinstance(exc, (IMAPClientError, OSError, socket.timeout, ssl.SSLError))
+
+
+def _is_exists(response: Iterable[Any] | Any) -> bool:
+    return (
+        isinstance(response, tuple) and len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT")
+    )
+
+
+def _logout(client: IMAPClient | None) -> None:
+    if client is None:
+        return
+    try:
+        client.logout()
+    except Exception:  # the connection is already gone; nothing to save
+        with contextlib.suppress(Exception):
+            client.shutdown()

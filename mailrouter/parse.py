@@ -1,0 +1,306 @@
+"""Parse: raw bytes of one mail in, a `ParsedMail` out. Pure, no I/O.
+
+Owns header decoding (RFC 2047, CR/LF stripped so nothing can smuggle a header
+into a forward), body text (plain, or HTML converted to text), the agent's own
+part of the body (quoted history and signatures cut off), the labelled fields
+of the escalation fragment, the attachments, and the machine-mail verdict
+(auto-replies, bounces, lists, our own mail) that keeps the router out of loops.
+
+Header values come from the standard library; bodies and attachments from
+mail-parser, falling back to the standard library where mail-parser raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.message
+import email.policy
+import hashlib
+import logging
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from email.utils import getaddresses, parseaddr
+
+import mailparser
+from bs4 import BeautifulSoup
+
+log = logging.getLogger(__name__)
+
+LOOP_HEADER = "X-Mailrouter-Loop"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    raw: bytes
+    message_id: str | None
+    subject: str
+    from_address: str
+    from_name: str
+    to: list[str]
+    in_reply_to: str | None
+    references: list[str]
+    body: str
+    agent_text: str
+    fields: dict[str, str]
+    attachments: list[Attachment] = field(default_factory=list)
+    machine_reason: str | None = None
+
+    @property
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
+
+    @property
+    def dedupe_key(self) -> str:
+        """What identifies this mail wherever it arrives from (IMAP, SMTP, twice)."""
+        if self.message_id:
+            return f"mid:{self.message_id}"
+        return f"sha256:{self.content_hash}"
+
+
+def clean_header(value: str) -> str:
+    """One line of text: CR, LF and other control characters become spaces."""
+    value = re.sub(r"[\x00-\x1f\x7f]+", " ", value)
+    return re.sub(r"\s{2,}", " ", value).strip()
+
+
+def decode_header_text(raw: str | None) -> str:
+    if raw is None:
+        return ""
+    raw = str(raw)
+    try:
+        text = str(make_header(decode_header(raw)))
+    except (LookupError, UnicodeError, ValueError, AssertionError, TypeError):
+        # An unknown charset or a split encoded-word: keep what is readable.
+        text = raw
+    return clean_header(text)
+
+
+def _msgid(raw: str | None) -> str | None:
+    if not raw:
+        return None
+    found = re.search(r"<([^<>\s]+)>", str(raw))
+    if found:
+        return found.group(1)
+    token = clean_header(str(raw)).strip("<>")
+    return token or None
+
+
+def _msgids(raw: str | None) -> list[str]:
+    return re.findall(r"<([^<>\s]+)>", str(raw or ""))
+
+
+def normalize(text: str) -> str:
+    """Case-, accent- and punctuation-insensitive form used to compare labels and values."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[^\w]+", " ", stripped).split())
+
+
+def html_to_text(html: str) -> str:
+    """Visible text of an HTML body; each table row becomes one `cell cell` line."""
+    soup = BeautifulSoup(html, "html.parser")
+    for hidden in soup(["script", "style", "head"]):
+        hidden.decompose()
+    for row in soup.find_all("tr"):
+        cells = [" ".join(c.get_text(" ").split()) for c in row.find_all(["td", "th"])]
+        row.replace_with("\n" + " ".join(c for c in cells if c) + "\n")
+    for br in soup.find_all("br"):
+        br.replace_with("\n")
+    for block in soup.find_all(["p", "div", "li", "h1", "h2", "h3", "h4", "table", "blockquote"]):
+        block.insert_before("\n")
+        block.insert_after("\n")
+    lines = (" ".join(line.split()) for line in soup.get_text().splitlines())
+    return "\n".join(lines).strip()
+
+
+# Where the agent's own words end: the start of quoted or forwarded history, or a signature.
+_CUT_MARKERS = [
+    re.compile(
+        r"^-{2,}\s*(mensaje original|original message|forwarded message|mensaje reenviado)", re.I
+    ),
+    re.compile(r"^(on|el)\s.+(wrote|escribi[oó]):\s*$", re.I),
+    re.compile(r"^>"),
+    re.compile(r"^-- ?$"),
+    re.compile(r"^_{10,}\s*$"),
+]
+_OUTLOOK_HEADER = re.compile(r"^(de|from)\s*:\s*\S", re.I)
+_OUTLOOK_FOLLOWER = re.compile(r"^(enviado el|enviado|sent|fecha|date)\s*:", re.I)
+
+
+def agent_part(text: str) -> str:
+    """The text before any quoted original, forwarded message or signature."""
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        stripped = line.strip() if not line.startswith("-- ") else line.rstrip("\n")
+        if any(marker.match(stripped) for marker in _CUT_MARKERS):
+            return "\n".join(lines[:index]).rstrip()
+        if _OUTLOOK_HEADER.match(stripped) and any(
+            _OUTLOOK_FOLLOWER.match(following.strip()) for following in lines[index + 1 : index + 4]
+        ):
+            return "\n".join(lines[:index]).rstrip()
+    return text.rstrip()
+
+
+_LABEL_LINE = re.compile(r"^\s*[*_]*\s*(?P<label>[^:\n]{1,80}?)\s*[*_]*\s*:\s*[*_]*(?P<value>.*)$")
+
+
+def alias_index(aliases: Mapping[str, list[str]]) -> dict[str, str]:
+    """Map each normalised alias to its canonical field name."""
+    index: dict[str, str] = {}
+    for canonical, names in aliases.items():
+        for name in [canonical, *names]:
+            index[normalize(name)] = canonical
+    return index
+
+
+def extract_fields(text: str, aliases: Mapping[str, str]) -> dict[str, str]:
+    """Labelled `Label: value` fields; a value continues on following lines up to a blank line
+    or the next known label. The first occurrence of a field wins."""
+    fields: dict[str, str] = {}
+    current: str | None = None
+    parts: list[str] = []
+
+    def close() -> None:
+        if current is not None and current not in fields:
+            fields[current] = " ".join(" ".join(parts).split())
+
+    for line in text.splitlines():
+        match = _LABEL_LINE.match(line)
+        canonical = aliases.get(normalize(match.group("label"))) if match else None
+        if match and canonical:
+            close()
+            current, parts = canonical, [match.group("value").strip(" *_")]
+        elif current is not None and line.strip():
+            parts.append(line.strip())
+        else:
+            close()
+            current, parts = None, []
+    close()
+    return fields
+
+
+def machine_reason(msg: email.message.Message, from_address: str, loop_token: str) -> str | None:
+    """Why this mail was written by a machine (and so must never be answered), or None."""
+
+    def header(name: str) -> str:
+        try:
+            return clean_header(str(msg.get(name, "") or "")).lower()
+        except Exception:  # a header the stdlib cannot even turn into text
+            return ""
+
+    if loop_token and loop_token.lower() in header(LOOP_HEADER):
+        return "the router's own mail (loop header)"
+    auto = header("Auto-Submitted")
+    if auto and auto != "no":
+        return f"Auto-Submitted: {auto}"
+    for name in ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress"):
+        if header(name):
+            return f"{name} header"
+    precedence = header("Precedence")
+    if precedence in {"bulk", "junk", "list", "auto_reply"}:
+        return f"Precedence: {precedence}"
+    for name in ("List-Id", "List-Unsubscribe"):
+        if header(name):
+            return f"mailing list mail ({name})"
+    if msg.get_content_type() == "multipart/report":
+        return "delivery or read report (multipart/report)"
+    local = from_address.split("@", 1)[0]
+    if not from_address:
+        return "no sender address"
+    if local in {"mailer-daemon", "postmaster"}:
+        return f"sent by {local}"
+    return None
+
+
+def _decode_bytes(payload: bytes, charset: str | None) -> str:
+    try:
+        return payload.decode(charset or "utf-8", errors="replace")
+    except LookupError:
+        return payload.decode("latin-1", errors="replace")
+
+
+def _bodies_stdlib(msg: email.message.Message) -> tuple[str, str, list[Attachment]]:
+    plain: list[str] = []
+    html: list[str] = []
+    attachments: list[Attachment] = []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        disposition = (part.get_content_disposition() or "").lower()
+        filename = part.get_filename()
+        ctype = part.get_content_type()
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            payload = str(part.get_payload()).encode("utf-8", "replace")
+        if disposition == "attachment" or filename or not ctype.startswith("text/"):
+            attachments.append(
+                Attachment(decode_header_text(filename) or "adjunto", ctype, payload)
+            )
+        elif ctype == "text/html":
+            html.append(_decode_bytes(payload, part.get_content_charset()))
+        else:
+            plain.append(_decode_bytes(payload, part.get_content_charset()))
+    return "\n".join(plain), "\n".join(html), attachments
+
+
+def _bodies_mailparser(raw: bytes) -> tuple[str, str, list[Attachment]]:
+    parsed = mailparser.parse_from_bytes(raw)
+    attachments = []
+    for item in parsed.attachments:
+        payload = item.get("payload") or ""
+        if item.get("binary"):
+            data = base64.b64decode(payload)
+        else:
+            data = str(payload).encode(item.get("charset") or "utf-8", "replace")
+        attachments.append(
+            Attachment(
+                decode_header_text(item.get("filename")) or "adjunto",
+                str(item.get("mail_content_type") or "application/octet-stream"),
+                data,
+            )
+        )
+    return "\n".join(parsed.text_plain), "\n".join(parsed.text_html), attachments
+
+
+def parse_message(raw: bytes, aliases: Mapping[str, str], loop_token: str) -> ParsedMail:
+    """Everything the router needs to know about one raw mail."""
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    from_name, from_address = parseaddr(decode_header_text(msg.get("From")))
+    from_address = from_address.lower()
+    try:
+        plain, html, attachments = _bodies_mailparser(raw)
+    except Exception as exc:  # mail-parser gives up on some broken MIME the stdlib reads
+        log.debug("mail-parser failed (%s); using the standard library", exc)
+        plain, html, attachments = _bodies_stdlib(msg)
+    body = plain if plain.strip() else html_to_text(html) if html.strip() else ""
+    agent_text = agent_part(body)
+    return ParsedMail(
+        raw=raw,
+        message_id=_msgid(msg.get("Message-ID")),
+        subject=decode_header_text(msg.get("Subject")),
+        from_address=from_address,
+        from_name=clean_header(from_name),
+        to=[
+            addr.lower()
+            for _, addr in getaddresses([decode_header_text(v) for v in msg.get_all("To", [])])
+            if addr
+        ],
+        in_reply_to=_msgid(msg.get("In-Reply-To")),
+        references=_msgids(msg.get("References")),
+        body=body,
+        agent_text=agent_text,
+        fields=extract_fields(agent_text, aliases),
+        attachments=attachments,
+        machine_reason=machine_reason(msg, from_address, loop_token),
+    )

@@ -1,0 +1,314 @@
+"""Pipeline: one inbound mail, from raw bytes to its committed outcome.
+
+The single entry point every intake calls (SMTP listener, IMAP poller, tests,
+benchmarks). It parses, decides, and then commits in one transaction the
+inbound message with its outcome, the case, the case events, and every mail
+the decision causes (the outbox). Processing is idempotent: a mail already
+stored (same Message-ID or same bytes, or same IMAP UID) is recognised and
+its earlier outcome returned, never processed again. A mail whose processing
+raises is quarantined with the reason, so one bad mail never blocks the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from mailrouter.config import Config
+from mailrouter.parse import ParsedMail, alias_index, parse_message
+from mailrouter.render import CaseInfo, OutgoingMail, Renderer
+from mailrouter.route import Decision, decide
+from mailrouter.store import Case, Event, ImapState, Message, Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def field_aliases(config: Config) -> dict[str, str]:
+    """Normalised label -> canonical field name, from the `fields` section of config.yaml."""
+    return alias_index(
+        {name: [spec.label, *spec.aliases] for name, spec in config.settings.fields.items()}
+    )
+
+
+@dataclass(frozen=True)
+class ImapSource:
+    mailbox: str
+    uidvalidity: int
+    uid: int
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: str  # routed | needs_info | ignored | quarantined
+    reason: str
+    case_id: int | None = None
+    duplicate: bool = False
+
+
+class Pipeline:
+    """Holds what processing needs; `process` is safe to call from several threads."""
+
+    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.renderer = Renderer(config)
+        self.aliases = field_aliases(config)
+
+    def parse(self, raw: bytes) -> ParsedMail:
+        return parse_message(raw, self.aliases, self.config.settings.intake.address)
+
+    def known_outcome(self, source: ImapSource) -> Result | None:
+        """The committed outcome of an IMAP message, looked up by its UID alone."""
+        with self.store.transaction() as session:
+            found = session.scalar(_by_imap(source))
+            return _result_of(found) if found is not None else None
+
+    def process(self, raw: bytes, source: ImapSource | None = None) -> Result:
+        now = self.clock()
+        try:
+            mail: ParsedMail | None = self.parse(raw)
+        except Exception as exc:
+            log.exception("cannot parse mail (%d bytes)", len(raw))
+            mail, failure = None, _summary(exc)
+        key = mail.dedupe_key if mail else f"sha256:{hashlib.sha256(raw).hexdigest()}"
+        try:
+            with self.store.transaction() as session:
+                earlier = _find_earlier(session, key, source)
+                if earlier is not None:
+                    _remember_uid(session, source)
+                    return _result_of(earlier, duplicate=True)
+                if mail is None:
+                    return self._quarantine(
+                        session, raw, key, source, now, f"parse error: {failure}"
+                    )
+                if len(raw) > self.config.settings.intake.max_message_bytes:
+                    limit = self.config.settings.intake.max_message_bytes
+                    reason = f"message of {len(raw)} bytes is over the {limit}-byte limit"
+                    return self._quarantine(session, raw, key, source, now, reason, mail)
+                return self._apply(session, mail, decide(mail, self.config), key, source, now)
+        except IntegrityError:
+            # Another worker committed the same mail between our lookup and our insert.
+            with self.store.transaction() as session:
+                earlier = _find_earlier(session, key, source)
+                if earlier is None:
+                    raise
+                return _result_of(earlier, duplicate=True)
+        except Exception as exc:
+            log.exception("processing failed; quarantining the mail")
+            with self.store.transaction() as session:
+                earlier = _find_earlier(session, key, source)
+                if earlier is not None:
+                    return _result_of(earlier, duplicate=True)
+                reason = f"processing error: {_summary(exc)}"
+                return self._quarantine(session, raw, key, source, now, reason, mail)
+
+    def _inbound(
+        self,
+        session: Session,
+        raw: bytes,
+        key: str,
+        source: ImapSource | None,
+        now: datetime,
+        mail: ParsedMail | None,
+        outcome: str,
+        reason: str,
+        kind: str,
+    ) -> Message:
+        message = Message(
+            created_at=now,
+            direction="in",
+            kind=kind,
+            message_id=mail.message_id if mail else None,
+            dedupe_key=key,
+            source="imap" if source else "smtp",
+            imap_mailbox=source.mailbox if source else None,
+            imap_uidvalidity=source.uidvalidity if source else None,
+            imap_uid=source.uid if source else None,
+            sender=mail.from_address if mail else "",
+            recipients=mail.to if mail else [],
+            subject=mail.subject if mail else "",
+            raw=raw,
+            outcome=outcome,
+            reason=reason,
+            attempts=0,
+        )
+        session.add(message)
+        _remember_uid(session, source)
+        return message
+
+    def _quarantine(
+        self,
+        session: Session,
+        raw: bytes,
+        key: str,
+        source: ImapSource | None,
+        now: datetime,
+        reason: str,
+        mail: ParsedMail | None = None,
+    ) -> Result:
+        log.warning("quarantined: %s", reason)
+        self._inbound(session, raw, key, source, now, mail, "quarantined", reason, "quarantined")
+        return Result("quarantined", reason)
+
+    def _apply(
+        self,
+        session: Session,
+        mail: ParsedMail,
+        decision: Decision,
+        key: str,
+        source: ImapSource | None,
+        now: datetime,
+    ) -> Result:
+        if decision.outcome == "quarantine":
+            return self._quarantine(session, mail.raw, key, source, now, decision.reason, mail)
+        if decision.outcome == "ignore":
+            log.info("ignored %s from %s: %s", mail.message_id, mail.from_address, decision.reason)
+            self._inbound(
+                session, mail.raw, key, source, now, mail, "ignored", decision.reason, "machine"
+            )
+            return Result("ignored", decision.reason)
+
+        provider = decision.provider
+        assert provider is not None and decision.route is not None
+        needs_info = decision.outcome == "needs_info"
+        outcome = "needs_info" if needs_info else "routed"
+        inbound = self._inbound(
+            session, mail.raw, key, source, now, mail, outcome, decision.reason, "escalation"
+        )
+        case = Case(
+            created_at=now,
+            updated_at=now,
+            status="needs_info" if needs_info else "open",
+            provider=provider.id,
+            route=decision.route.name,
+            priority=decision.priority,
+            agent_address=mail.from_address,
+            agent_name=mail.from_name,
+            client=mail.fields.get("cliente", ""),
+            subject=mail.subject,
+            fields=dict(mail.fields),
+            follow_up_due=None
+            if needs_info
+            else now + timedelta(hours=self.config.settings.sla_hours[decision.priority]),
+        )
+        session.add(case)
+        session.flush()  # the case id is the case tag, needed by the templates below
+        inbound.case_id = case.id
+        for outgoing in self.renderer.decision_mails(self._case_info(case), mail, decision, now):
+            self._send(session, case, now, outgoing)
+        if needs_info:
+            _event(session, case, now, "needs_info", decision.reason)
+        else:
+            _event(
+                session,
+                case,
+                now,
+                "opened",
+                f"{decision.reason}; forwarded to {provider.name} <{provider.address}>",
+            )
+        log.info(
+            "%s %s: %s -> %s (%s)",
+            case.tag(self.config.settings.case_tag_prefix),
+            outcome,
+            mail.from_address,
+            provider.id,
+            decision.priority,
+        )
+        return Result(outcome, decision.reason, case.id)
+
+    def _case_info(self, case: Case) -> CaseInfo:
+        settings = self.config.settings
+        due = case.follow_up_due
+        return CaseInfo(
+            tag=case.tag(settings.case_tag_prefix),
+            priority=case.priority,
+            status=case.status,
+            follow_up_due=due.astimezone(ZoneInfo(settings.timezone)).strftime(
+                "%Y-%m-%d %H:%M (%Z)"
+            )
+            if due
+            else "",
+        )
+
+    def _send(self, session: Session, case: Case, now: datetime, mail: OutgoingMail) -> None:
+        """Queue one mail in the outbox, inside the caller's transaction."""
+        session.add(
+            Message(
+                created_at=now,
+                case_id=case.id,
+                direction="out",
+                kind=mail.kind,
+                message_id=mail.message_id,
+                source="router",
+                sender=mail.sender,
+                recipients=mail.recipients,
+                subject=mail.subject,
+                raw=mail.data,
+                delivery="pending",
+                attempts=0,
+                next_attempt_at=now,
+            )
+        )
+
+
+def _summary(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" at {frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno}" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"[:1000]
+
+
+def _by_imap(source: ImapSource) -> Any:
+    return select(Message).where(
+        Message.imap_mailbox == source.mailbox,
+        Message.imap_uidvalidity == source.uidvalidity,
+        Message.imap_uid == source.uid,
+    )
+
+
+def _find_earlier(session: Session, key: str, source: ImapSource | None) -> Message | None:
+    condition = Message.dedupe_key == key
+    if source is not None:
+        condition = or_(
+            condition,
+            (Message.imap_mailbox == source.mailbox)
+            & (Message.imap_uidvalidity == source.uidvalidity)
+            & (Message.imap_uid == source.uid),
+        )
+    return session.scalars(select(Message).where(condition).limit(1)).first()
+
+
+def _remember_uid(session: Session, source: ImapSource | None) -> None:
+    if source is None:
+        return
+    state = session.get(ImapState, source.mailbox)
+    if state is None:
+        session.add(
+            ImapState(mailbox=source.mailbox, uidvalidity=source.uidvalidity, last_uid=source.uid)
+        )
+    elif state.uidvalidity != source.uidvalidity:
+        state.uidvalidity, state.last_uid = source.uidvalidity, source.uid
+    else:
+        state.last_uid = max(state.last_uid, source.uid)
+
+
+def _result_of(message: Message, duplicate: bool = False) -> Result:
+    return Result(
+        message.outcome or "quarantined", message.reason or "", message.case_id, duplicate
+    )
+
+
+def _event(session: Session, case: Case, now: datetime, kind: str, detail: str) -> None:
+    session.add(Event(case_id=case.id, at=now, kind=kind, detail=detail))

@@ -1,0 +1,188 @@
+"""Render: turns a template and its data into a complete outgoing mail. Pure, no I/O.
+
+Owns the Jinja2 environment over `templates/` and every header the router
+puts on what it sends: Message-ID on the intake's domain (fixed here, before
+the mail is stored, so a resend carries the same one), Reply-To the intake
+address, the loop header, Auto-Submitted on mail to agents, threading headers.
+
+A template reads like a mail: `Subject: ...`, a blank line, then the body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid, parseaddr
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from mailrouter.config import Config, Provider
+from mailrouter.parse import LOOP_HEADER, Attachment, ParsedMail, clean_header
+from mailrouter.route import Decision
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    kind: str
+    message_id: str
+    sender: str
+    recipients: list[str]
+    subject: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """What templates may show of a case."""
+
+    tag: str
+    priority: str
+    status: str
+    follow_up_due: str
+
+
+class TemplateShapeError(ValueError):
+    pass
+
+
+class Renderer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.env = Environment(
+            loader=FileSystemLoader(config.templates_dir),
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            autoescape=False,
+        )
+
+    def render(self, template: str, context: dict[str, Any]) -> tuple[str, str]:
+        """Subject and body text of one template."""
+        text = self.env.get_template(template).render(**context).lstrip("\n")
+        head, _, body = text.partition("\n\n")
+        match = re.fullmatch(r"Subject:(.*)", head.strip(), re.S)
+        if match is None:
+            raise TemplateShapeError(f"{template}: must start with 'Subject: ...' and a blank line")
+        body = re.sub(r"\n{3,}", "\n\n", body).strip("\n") + "\n"
+        return clean_header(match.group(1)), body
+
+    def compose(
+        self,
+        kind: str,
+        template: str,
+        context: dict[str, Any],
+        to: Sequence[str],
+        *,
+        now: datetime,
+        to_agent: bool,
+        attachments: Sequence[Attachment] = (),
+        in_reply_to: str | None = None,
+        references: Sequence[str] = (),
+    ) -> OutgoingMail:
+        subject, body = self.render(template, context)
+        settings = self.config.settings
+        sender_header = settings.outbound.from_
+        sender = parseaddr(sender_header)[1] or settings.intake.address
+        message_id = make_msgid(idstring=kind, domain=settings.intake.domain)
+
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = sender_header
+        msg["To"] = ", ".join(to)
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(now)
+        msg["Message-ID"] = message_id
+        msg["Reply-To"] = settings.intake.address
+        msg[LOOP_HEADER] = settings.intake.address
+        if to_agent:
+            # Keeps agents' out-of-office replies from answering us (RFC 3834).
+            msg["Auto-Submitted"] = "auto-generated"
+        if in_reply_to:
+            msg["In-Reply-To"] = f"<{in_reply_to}>"
+        refs = [*references, *([in_reply_to] if in_reply_to else [])]
+        if refs:
+            msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(refs))
+        msg.set_content(body, charset="utf-8")
+        for item in attachments:
+            maintype, _, subtype = item.content_type.partition("/")
+            msg.add_attachment(
+                item.payload,
+                maintype=maintype or "application",
+                subtype=subtype or "octet-stream",
+                filename=item.filename,
+            )
+        return OutgoingMail(
+            kind=kind,
+            message_id=message_id.strip("<>"),
+            sender=sender,
+            recipients=list(to),
+            subject=subject,
+            data=msg.as_bytes(),
+        )
+
+    def decision_mails(
+        self, case: CaseInfo, mail: ParsedMail, decision: Decision, now: datetime
+    ) -> list[OutgoingMail]:
+        """The mails a decision causes: forward and acknowledgement, or the missing-fields reply."""
+        provider = decision.provider
+        assert provider is not None
+        context = self._context(case, mail, provider, decision)
+        agent = [mail.from_address]
+        if decision.outcome == "needs_info":
+            return [
+                self.compose(
+                    "needs_info",
+                    "needs_info.j2",
+                    context,
+                    agent,
+                    now=now,
+                    to_agent=True,
+                    in_reply_to=mail.message_id,
+                    references=mail.references,
+                )
+            ]
+        return [
+            self.compose(
+                "forward",
+                provider.template,
+                context,
+                [provider.address],
+                now=now,
+                to_agent=False,
+                attachments=mail.attachments,
+            ),
+            self.compose(
+                "acknowledgement",
+                "acknowledgement.j2",
+                context,
+                agent,
+                now=now,
+                to_agent=True,
+                in_reply_to=mail.message_id,
+                references=mail.references,
+            ),
+        ]
+
+    def _context(
+        self, case: CaseInfo, mail: ParsedMail, provider: Provider, decision: Decision
+    ) -> dict[str, Any]:
+        settings = self.config.settings
+        return {
+            "case": case,
+            "provider": provider,
+            # Every known field is present (empty when not given), so a template can test an
+            # optional one while a misspelt name still fails loudly (StrictUndefined).
+            "fields": {**{name: "" for name in settings.fields}, **mail.fields},
+            "labels": {name: spec.label for name, spec in settings.fields.items()},
+            "agent": {"name": mail.from_name, "address": mail.from_address},
+            "original_subject": mail.subject,
+            "attachments": mail.attachments,
+            "intake_address": settings.intake.address,
+            "missing": decision.missing,
+            "template_fields": [n for n in provider.required if n != "prioridad"],
+        }

@@ -1,0 +1,133 @@
+"""Route: which destination a parsed escalation goes to, and whether it may go at all.
+
+Pure decisions on a `ParsedMail` and the loaded `Config`: the sender check
+(allowed_senders), the first matching route rule, priority normalisation, and
+the provider's required fields. The result is a `Decision`; nothing here
+touches the database or the network.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mailrouter.config import PRIORITIES, Condition, Config, Provider, Route
+from mailrouter.parse import ParsedMail, normalize
+
+_PRIORITY_WORDS = {
+    "baja": "BAJA",
+    "low": "BAJA",
+    "media": "MEDIA",
+    "medio": "MEDIA",
+    "medium": "MEDIA",
+    "normal": "MEDIA",
+    "alta": "ALTA",
+    "alto": "ALTA",
+    "high": "ALTA",
+    "urgente": "URGENTE",
+    "urgent": "URGENTE",
+    "critica": "URGENTE",
+    "critical": "URGENTE",
+}
+_PRIORITY_EMOJI = {"🟢": "BAJA", "🟡": "MEDIA", "🟠": "ALTA", "🔴": "URGENTE"}
+
+
+def normalize_priority(value: str | None) -> str | None:
+    """BAJA/MEDIA/ALTA/URGENTE from any spelling, or None when not recognisable."""
+    if not value:
+        return None
+    for emoji, priority in _PRIORITY_EMOJI.items():
+        if emoji in value:
+            return priority
+    for word in normalize(value).split():
+        if word in _PRIORITY_WORDS:
+            return _PRIORITY_WORDS[word]
+    return None
+
+
+def sender_allowed(address: str, patterns: list[str]) -> bool:
+    address = address.lower()
+    return bool(address) and any(fnmatch.fnmatchcase(address, p.lower()) for p in patterns)
+
+
+def condition_matches(condition: Condition, mail: ParsedMail) -> bool:
+    if condition.subject is not None:
+        return re.search(condition.subject, mail.subject) is not None
+    if condition.sender is not None:
+        return fnmatch.fnmatchcase(mail.from_address, condition.sender.lower())
+    value = mail.fields.get(condition.field or "", "")
+    if condition.matches is not None:
+        return re.search(condition.matches, value) is not None
+    return normalize(value) in {normalize(v) for v in condition.equals_list}
+
+
+def choose_route(mail: ParsedMail, routes: list[Route]) -> Route:
+    """The first route whose condition holds; the last route is the default."""
+    for route in routes:
+        if route.when is None or condition_matches(route.when, mail):
+            return route
+    return routes[-1]
+
+
+@dataclass(frozen=True)
+class MissingField:
+    name: str
+    label: str
+    problem: str = ""
+
+
+Outcome = Literal["route", "needs_info", "ignore", "quarantine"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one inbound mail, and why (shown by `mailrouter route`)."""
+
+    outcome: Outcome
+    reason: str
+    route: Route | None = None
+    provider: Provider | None = None
+    priority: str = "MEDIA"
+    missing: list[MissingField] = field(default_factory=list)
+
+
+def _missing_fields(mail: ParsedMail, provider: Provider, config: Config) -> list[MissingField]:
+    specs = config.settings.fields
+    missing = [
+        MissingField(name, specs[name].label)
+        for name in provider.required
+        if not mail.fields.get(name, "").strip()
+    ]
+    given_priority = mail.fields.get("prioridad", "").strip()
+    if given_priority and normalize_priority(given_priority) is None:
+        missing.append(
+            MissingField(
+                "prioridad",
+                specs["prioridad"].label if "prioridad" in specs else "Prioridad",
+                f"«{given_priority}» no es una prioridad válida: {', '.join(PRIORITIES)}",
+            )
+        )
+    return missing
+
+
+def decide(mail: ParsedMail, config: Config) -> Decision:
+    """Loop protection first, then the sender check, then the route and its required fields."""
+    settings = config.settings
+    if mail.machine_reason:
+        return Decision("ignore", f"machine mail: {mail.machine_reason}")
+    if not sender_allowed(mail.from_address, settings.allowed_senders):
+        return Decision(
+            "quarantine", f"sender {mail.from_address or '(none)'} is not in allowed_senders"
+        )
+    route = choose_route(mail, settings.routes)
+    provider = config.providers[route.to]
+    priority = normalize_priority(mail.fields.get("prioridad")) or settings.default_priority
+    missing = _missing_fields(mail, provider, config)
+    if missing:
+        names = ", ".join(m.label for m in missing)
+        return Decision(
+            "needs_info", f"missing or invalid: {names}", route, provider, priority, missing
+        )
+    return Decision("route", f"route {route.name!r} matched", route, provider, priority)

@@ -1,0 +1,209 @@
+"""Store: the database schema and the few queries the other steps share.
+
+Owns cases, messages and the per-case event log (SQLAlchemy 2), schema
+migrations (Alembic, run on start), and the transaction boundary. Outgoing
+mail is a `messages` row with direction "out" and a delivery state: that
+table *is* the transactional outbox, so a case change and the mails it causes
+are committed together or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out, on every backend (SQLite drops zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; pass an aware one")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Case(Base):
+    __tablename__ = "cases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # open | needs_info | undeliverable | closed
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    provider: Mapped[str] = mapped_column(String(64), index=True)
+    route: Mapped[str] = mapped_column(String(128))
+    priority: Mapped[str] = mapped_column(String(16))
+    agent_address: Mapped[str] = mapped_column(String(320), index=True)
+    agent_name: Mapped[str] = mapped_column(String(320), default="")
+    client: Mapped[str] = mapped_column(String(320), default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    fields: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    follow_up_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    vendor_ticket: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+    def tag(self, prefix: str) -> str:
+        return f"{prefix}-{self.id:06d}"
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_imap", "imap_mailbox", "imap_uidvalidity", "imap_uid", unique=True),
+        Index("ix_messages_outbox", "delivery", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id"), nullable=True, index=True)
+    direction: Mapped[str] = mapped_column(String(3))  # in | out
+    # in: escalation | machine | ... ; out: forward | acknowledgement | needs_info | ...
+    kind: Mapped[str] = mapped_column(String(32))
+    message_id: Mapped[str | None] = mapped_column(String(998), nullable=True, index=True)
+    # Inbound identity independent of where the mail came from: Message-ID or content hash.
+    dedupe_key: Mapped[str | None] = mapped_column(String(1024), nullable=True, unique=True)
+    source: Mapped[str] = mapped_column(String(32), default="")
+    imap_mailbox: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    imap_uidvalidity: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    imap_uid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sender: Mapped[str] = mapped_column(String(320), default="")
+    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # in: routed | needs_info | ignored | quarantined
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # out (the outbox): pending | sent | failed
+    delivery: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class ImapState(Base):
+    """Per mailbox: the UIDVALIDITY we know and the highest UID whose outcome is committed."""
+
+    __tablename__ = "imap_state"
+
+    mailbox: Mapped[str] = mapped_column(String(512), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(Integer)
+    last_uid: Mapped[int] = mapped_column(Integer, default=0)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the sender read while intake writes; busy_timeout rides out short locks.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    """The database handle passed to every step that reads or writes state."""
+
+    def __init__(self, url: str, *, run_migrations: bool = True) -> None:
+        self.engine = make_engine(url)
+        if run_migrations:
+            migrate(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back on any exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def cases(self, limit: int = 200) -> list[Case]:
+        with self.transaction() as session:
+            query = select(Case).order_by(Case.id.desc()).limit(limit)
+            return list(session.scalars(query))
+
+    def events(self, case_id: int) -> list[Event]:
+        with self.transaction() as session:
+            query = select(Event).where(Event.case_id == case_id).order_by(Event.id)
+            return list(session.scalars(query))
+
+    def outbound(self, case_id: int | None = None) -> list[Message]:
+        with self.transaction() as session:
+            query = select(Message).where(Message.direction == "out").order_by(Message.id)
+            if case_id is not None:
+                query = query.where(Message.case_id == case_id)
+            return list(session.scalars(query))
+
+    def inbound(self) -> list[Message]:
+        with self.transaction() as session:
+            query = select(Message).where(Message.direction == "in").order_by(Message.id)
+            return list(session.scalars(query))
