@@ -58,7 +58,7 @@ class ParsedMail:
 
     @property
     def content_hash(self) -> str:
-        return hashlib.sha256(self.raw).hexdigest()
+        return content_hash(self.raw)
 
     @property
     def dedupe_key(self) -> str:
@@ -66,6 +66,11 @@ class ParsedMail:
         if self.message_id:
             return f"mid:{self.message_id}"
         return f"sha256:{self.content_hash}"
+
+
+def content_hash(raw: bytes) -> str:
+    """Hash of a mail's bytes, blind to CRLF vs LF (IMAP and files differ there)."""
+    return hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
 
 
 def clean_header(value: str) -> str:

@@ -11,7 +11,6 @@ raises is quarantined with the reason, so one bad mail never blocks the rest.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import traceback
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Config
-from mailrouter.parse import ParsedMail, alias_index, parse_message
+from mailrouter.parse import ParsedMail, alias_index, content_hash, parse_message
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.route import Decision, decide
 from mailrouter.store import Case, Event, ImapState, Message, Store
@@ -83,7 +82,7 @@ class Pipeline:
         except Exception as exc:
             log.exception("cannot parse mail (%d bytes)", len(raw))
             mail, failure = None, _summary(exc)
-        key = mail.dedupe_key if mail else f"sha256:{hashlib.sha256(raw).hexdigest()}"
+        key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
         try:
             with self.store.transaction() as session:
                 earlier = _find_earlier(session, key, source)

@@ -122,7 +122,10 @@ class Renderer:
             sender=sender,
             recipients=list(to),
             subject=subject,
-            data=msg.as_bytes(),
+            # The stdlib folds a long ASCII header as "Subject:\r\n value", which some parsers
+            # read with a leading space; ASCII needs no folding under 998 characters. Bodies
+            # were encoded (76-column lines) by set_content, so only headers are affected.
+            data=msg.as_bytes(policy=SMTP.clone(max_line_length=998 if subject.isascii() else 78)),
         )
 
     def decision_mails(

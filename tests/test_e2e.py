@@ -1,0 +1,183 @@
+"""End to end against real servers: escalations in, forwards and acknowledgements out."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrouter.store import Store
+
+from .conftest import DaemonThread, Dovecot, RecordingRelay, crlf, escalation, wait_until
+
+pytestmark = pytest.mark.integration
+
+# file -> (vendor address, priority, a value of the agent's that the forward must carry)
+EXPECTED = {
+    "01-hibot-basic.eml": ("soporte@hibot.us", "ALTA", "mrodriguez@lafise.com.ni"),
+    "02-panda-basic.eml": ("soporte_revendedores@clickpanda.com", "MEDIA", "compensar_mkt"),
+    "03-operaciones-encuestas.eml": ("support@example.hs-inbox.com", "MEDIA", "Incidencia"),
+    "04-tech-endoso.eml": ("tech@example.com", "URGENTE", "7781-22"),
+}
+AGENTS = {
+    "01-hibot-basic.eml": "laura.gomez@example.com",
+    "02-panda-basic.eml": "andres.perez@example.com",
+    "03-operaciones-encuestas.eml": "laura.gomez@example.com",
+    "04-tech-endoso.eml": "andres.perez@example.com",
+}
+
+
+def smtp_outbound(relay: RecordingRelay) -> dict[str, Any]:
+    return {
+        "transport": "smtp",
+        "smtp": {"host": relay.host, "port": relay.port, "security": "none"},
+    }
+
+
+def text_of(data: bytes) -> str:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    part = msg.get_body(preferencelist=("plain",))
+    assert part is not None
+    return str(part.get_content())
+
+
+def assert_delivered(relay: RecordingRelay, store: Store) -> None:
+    """Each vendor got exactly one forward with the tag and fields; each agent one ack per case."""
+    cases = {c.provider: c for c in store.cases()}
+    assert len(cases) == 4
+    for name, (vendor, priority, value) in EXPECTED.items():
+        forwards = relay.to(vendor)
+        assert len(forwards) == 1, f"{vendor} got {len(forwards)} forwards"
+        msg = email.message_from_bytes(forwards[0].data, policy=email.policy.default)
+        tag = f"[ESC-{int(msg['Subject'].split(']')[0].split('-')[1]):06d}]"
+        assert msg["Subject"].startswith(tag)
+        assert msg["Reply-To"] == "escalaciones@example.com"
+        assert msg["Message-ID"].endswith("@example.com>")
+        assert value in text_of(forwards[0].data)
+        assert msg["Auto-Submitted"] is None  # the vendor's ticket robot must still answer
+        case = next(c for c in cases.values() if f"{c.id:06d}" in tag)
+        assert case.priority == priority
+        assert case.status == "open"
+        stored_ids = [m.message_id for m in store.outbound(case.id)]
+        assert msg["Message-ID"].strip("<>") in stored_ids
+    for agent in set(AGENTS.values()):
+        acks = relay.to(agent)
+        expected = sum(1 for a in AGENTS.values() if a == agent)
+        assert len(acks) == expected
+        for ack in acks:
+            msg = email.message_from_bytes(ack.data, policy=email.policy.default)
+            assert msg["Auto-Submitted"] == "auto-generated"
+            assert "Prioridad:" in text_of(ack.data) and "Seguimiento:" in text_of(ack.data)
+    assert len(relay.messages) == 8
+
+
+def test_imap_intake_end_to_end(
+    dovecot: Dovecot,
+    relay: RecordingRelay,
+    write_config: Callable[..., Path],
+    run_daemon: Callable[[Path], DaemonThread],
+) -> None:
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    for name in EXPECTED:
+        mailbox.append("INBOX", escalation(name))
+    mailbox.append("INBOX", escalation("10-spoofed-sender.eml"))
+    config = write_config(
+        {
+            "intake": {"source": "imap", "imap": dovecot.imap_settings(user)},
+            "outbound": smtp_outbound(relay),
+        }
+    )
+
+    daemon = run_daemon(config)
+    assert wait_until(lambda: len(relay.messages) >= 8, timeout=30)
+    mailbox.select_folder("INBOX")
+    assert wait_until(lambda: not mailbox.noop() or not mailbox.search("ALL"), timeout=10)
+    daemon.stop()
+
+    store = Store(daemon.config.database_url)
+    assert_delivered(relay, store)
+    mailbox.select_folder("INBOX")
+    assert mailbox.search("ALL") == []
+    mailbox.select_folder("Processed")
+    assert len(mailbox.search("ALL")) == 4
+    mailbox.select_folder("Quarantine")
+    assert len(mailbox.search("ALL")) == 1
+    quarantined = [m for m in store.inbound() if m.outcome == "quarantined"]
+    assert len(quarantined) == 1 and "allowed_senders" in (quarantined[0].reason or "")
+
+    # A restart finds nothing new to do: no second case, no second forward.
+    mailbox.select_folder("Processed")
+    mailbox.copy(mailbox.search("ALL"), "INBOX")  # an admin drags them back to INBOX
+    daemon = run_daemon(config)
+    mailbox.select_folder("INBOX")
+    assert wait_until(lambda: not mailbox.noop() or not mailbox.search("ALL"), timeout=15)
+    daemon.stop()
+    assert len(store.cases()) == 4
+    assert len(relay.messages) == 8
+
+
+def test_imap_crash_between_commit_and_move(
+    dovecot: Dovecot, relay: RecordingRelay, write_config: Callable[..., Path]
+) -> None:
+    """Outcome committed but the daemon died before MOVE: the next pass only moves it."""
+    from mailrouter.config import load_config
+    from mailrouter.daemon import utc_now
+    from mailrouter.intake import ImapIntake
+    from mailrouter.pipeline import ImapSource, Pipeline
+
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    mailbox.append("INBOX", escalation("01-hibot-basic.eml"))
+    config = load_config(
+        write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
+    )
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, utc_now)
+    intake = ImapIntake(config.settings.intake.imap, pipeline)
+    info = mailbox.select_folder("INBOX")
+    (uid,) = mailbox.search("ALL")
+    raw = mailbox.fetch([uid], ["BODY.PEEK[]"])[uid][b"BODY[]"]
+    first = pipeline.process(raw, ImapSource(intake.mailbox, int(info[b"UIDVALIDITY"]), uid))
+    assert first.outcome == "routed"
+
+    client = intake.connect()
+    assert intake.run_pass(client) == 0  # nothing new processed...
+    client.logout()
+    mailbox.select_folder("INBOX")
+    assert mailbox.search("ALL") == []  # ...but the message was moved
+    assert len(store.cases()) == 1
+    assert len(store.outbound()) == 2
+
+
+def test_smtp_listener_end_to_end(
+    relay: RecordingRelay,
+    write_config: Callable[..., Path],
+    run_daemon: Callable[[Path], DaemonThread],
+) -> None:
+    from .conftest import free_port
+
+    port = free_port()
+    config = write_config(
+        {"intake": {"source": "smtp", "listen": {"port": port}}, "outbound": smtp_outbound(relay)}
+    )
+    daemon = run_daemon(config)
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        for name in EXPECTED:
+            client.sendmail(AGENTS[name], ["escalaciones@example.com"], crlf(escalation(name)))
+        # The same mail again (a client retry): accepted, but nothing is sent twice.
+        client.sendmail(
+            AGENTS["01-hibot-basic.eml"],
+            ["escalaciones@example.com"],
+            crlf(escalation("01-hibot-basic.eml")),
+        )
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("x@example.com", ["someone@else.example"], b"Subject: x\r\n\r\nhi")
+    assert wait_until(lambda: len(relay.messages) >= 8, timeout=20)
+    daemon.stop()
+    assert_delivered(relay, Store(daemon.config.database_url))
