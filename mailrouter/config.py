@@ -348,9 +348,9 @@ def _validate(
     except ValidationError as exc:
         for error in exc.errors():
             loc = tuple(error["loc"])
-            problems.append(
-                Problem(path, _line_of(node, loc), _field_name(loc), error["msg"].lower())
-            )
+            # pydantic prefixes our own checks with "Value error, "; the reason is enough.
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(Problem(path, _line_of(node, loc), _field_name(loc), message))
         return None, problems
 
 

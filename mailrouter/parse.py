@@ -126,7 +126,8 @@ def html_to_text(html: str) -> str:
         block.insert_before("\n")
         block.insert_after("\n")
     lines = (" ".join(line.split()) for line in soup.get_text().splitlines())
-    return "\n".join(lines).strip()
+    # Block tags leave runs of empty lines; one blank line is what separates paragraphs.
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 # Where the agent's own words end: the start of quoted or forwarded history, or a signature.

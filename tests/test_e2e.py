@@ -50,7 +50,7 @@ def assert_delivered(relay: RecordingRelay, store: Store) -> None:
     """Each vendor got exactly one forward with the tag and fields; each agent one ack per case."""
     cases = {c.provider: c for c in store.cases()}
     assert len(cases) == 4
-    for name, (vendor, priority, value) in EXPECTED.items():
+    for vendor, priority, value in EXPECTED.values():
         forwards = relay.to(vendor)
         assert len(forwards) == 1, f"{vendor} got {len(forwards)} forwards"
         msg = email.message_from_bytes(forwards[0].data, policy=email.policy.default)

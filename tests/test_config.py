@@ -1,0 +1,155 @@
+"""config.yaml and providers/*.yaml: valid as shipped, broken ones named by file:line: field."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mailrouter.cli import main
+from mailrouter.config import ConfigError, load_config
+
+from .conftest import PROJECT
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_shipped_config_is_valid() -> None:
+    config = load_config(PROJECT / "config.yaml")
+    assert set(config.providers) == {"hibot", "panda", "operaciones", "tech"}
+    assert config.providers["hibot"].address == "soporte@hibot.us"
+    assert config.providers["panda"].address == "soporte_revendedores@clickpanda.com"
+    assert config.settings.intake.source == "smtp"
+    assert config.settings.intake.listen.port == 2525
+    assert config.settings.outbound.transport == "file"
+    assert config.database_url == f"sqlite:///{PROJECT / 'var' / 'mailrouter.db'}"
+    assert config.outbox_dir == PROJECT / "var" / "outbox"
+
+
+def test_environment_interpolation(
+    write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MR_TEST_PASSWORD", "s3cret")
+    monkeypatch.delenv("MR_TEST_UNSET", raising=False)
+    path = write_config(
+        {
+            "intake": {"imap": {"password": "${MR_TEST_PASSWORD}", "username": "${MR_TEST_UNSET:-bot}"}},
+        }
+    )
+    config = load_config(path)
+    assert config.settings.intake.imap.password == "s3cret"
+    assert config.settings.intake.imap.username == "bot"
+
+
+def test_missing_environment_variable_is_named(
+    write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MR_TEST_UNSET", raising=False)
+    path = write_config({"outbound": {"smtp": {"password": "${MR_TEST_UNSET}"}}})
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:")
+    assert "outbound.smtp.password: environment variable ${MR_TEST_UNSET} is not set" in problem
+
+
+def line_of(path: Path, text: str) -> int:
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if text in line:
+            return number
+    raise AssertionError(f"{text!r} not in {path}")
+
+
+def test_broken_config_names_file_line_and_field(write_config: Callable[..., Path]) -> None:
+    path = write_config(
+        {
+            "intake": {"listen": {"port": "not-a-port"}},
+            "outbound": {"transport": "pigeon"},
+        }
+    )
+    found = problems_of(path)
+    assert f"{path}:{line_of(path, 'port: not-a-port')}: intake.listen.port:" in found[0]
+    assert any(
+        p.startswith(f"{path}:{line_of(path, 'transport: pigeon')}: outbound.transport:")
+        for p in found
+    )
+
+
+def test_unknown_provider_in_route(write_config: Callable[..., Path]) -> None:
+    path = write_config(
+        {"routes": [{"name": "x", "when": {"subject": "a"}, "to": "nobody"}, {"name": "d", "to": "hibot"}]}
+    )
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:{line_of(path, 'to: nobody')}: routes[0].to: unknown provider")
+
+
+def test_default_route_must_be_last(write_config: Callable[..., Path]) -> None:
+    path = write_config({"routes": [{"name": "catch-all", "to": "hibot"},
+                                    {"name": "never", "when": {"subject": "x"}, "to": "panda"}]})
+    found = problems_of(path)
+    assert any("routes" in p and "catch-all" in p for p in found)
+
+
+def test_bad_condition_and_regex(write_config: Callable[..., Path]) -> None:
+    path = write_config(
+        {"routes": [{"name": "r", "when": {"subject": "(unclosed"}, "to": "hibot"},
+                    {"name": "d", "to": "hibot"}]}
+    )
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:{line_of(path, 'when:')}: routes[0].when: ")
+    assert "bad regular expression '(unclosed'" in problem
+
+
+def test_yaml_syntax_error_gives_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("intake:\n  address: a@b.example\n  listen: [unclosed\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:")
+    assert "(syntax)" in problem
+
+
+def test_broken_provider_file_is_named(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    providers = tmp_path / "providers"
+    shutil.copytree(PROJECT / "providers", providers)
+    (providers / "panda.yaml").write_text(
+        "name: PANDA\naddress: not-an-address\nrequired: [cliente, sabor]\ntemplate: forward_panda.j2\n"
+    )
+    path = write_config({"providers_dir": str(providers)})
+    found = problems_of(path)
+    assert f"{providers / 'panda.yaml'}:2: address:" in found[0]
+
+
+def test_unknown_required_field_and_missing_template(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    providers = tmp_path / "providers"
+    shutil.copytree(PROJECT / "providers", providers)
+    (providers / "panda.yaml").write_text(
+        "name: PANDA\naddress: a@b.example\nrequired: [cliente, sabor]\ntemplate: nope.j2\n"
+    )
+    found = problems_of(write_config({"providers_dir": str(providers)}))
+    assert any(f"{providers / 'panda.yaml'}:3: required[1]: unknown field 'sabor'" in p for p in found)
+    assert any(f"{providers / 'panda.yaml'}:4: template: no such template" in p for p in found)
+
+
+def test_unknown_key_is_an_error(write_config: Callable[..., Path]) -> None:
+    path = write_config({"intake": {"adress": "typo@example.com"}})
+    found = problems_of(path)
+    assert any("intake.adress: Extra inputs are not permitted" in p for p in found)
+
+
+def test_check_config_command(
+    write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", str(write_config()), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "4 providers" in out
+
+    broken = write_config({"intake": {"listen": {"port": 99999}}}, name="broken.yaml")
+    assert main(["--config", str(broken), "check-config"]) == 1
+    err = capsys.readouterr().err
+    assert f"{broken}:{line_of(broken, 'port: 99999')}: intake.listen.port:" in err
