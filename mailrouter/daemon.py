@@ -47,7 +47,13 @@ class Daemon:
         self.store = Store(config.database_url)
         self.pipeline = Pipeline(config, self.store, clock)
         self.transport = make_transport(config)
-        self.sender = Sender(self.store, self.transport, config.settings.outbound.retry, clock)
+        self.sender = Sender(
+            self.store,
+            self.transport,
+            config.settings.outbound.retry,
+            clock,
+            on_failed=self.pipeline.delivery_failed,
+        )
         self.stopping = asyncio.Event()
         self.outbox_changed = asyncio.Event()
         self.ready = threading.Event()  # set once the intake is listening (tests wait on it)

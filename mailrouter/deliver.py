@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings
-from mailrouter.store import Case, Event, Message, Store
+from mailrouter.store import Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class SmtpTransport:
     def __init__(self, settings: SmtpSettings) -> None:
         self.settings = settings
         self._client: aiosmtplib.SMTP | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _connect(self) -> aiosmtplib.SMTP:
         s = self.settings
@@ -87,6 +88,9 @@ class SmtpTransport:
         return client
 
     async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        if self._loop is not asyncio.get_running_loop():
+            # A connection belongs to the loop that opened it (one-shot commands run several).
+            self._client, self._loop = None, asyncio.get_running_loop()
         try:
             if self._client is None or not self._client.is_connected:
                 self._client = await self._connect()
@@ -143,15 +147,18 @@ class Sender:
         retry: RetrySettings,
         clock: Callable[[], datetime],
         rng: random.Random | None = None,
+        on_failed: Callable[[Session, Message, str], None] | None = None,
     ) -> None:
+        """`on_failed(session, row, error)` runs in the transaction that marks a row failed."""
         self.store = store
+        self.on_failed = on_failed
         self.transport = transport
         self.retry = retry
         self.clock = clock
         self.rng = rng or random.Random()
 
-    def due_rows(self, limit: int = 100) -> list[int]:
-        """Ids of pending rows that are due, skipping any case with an earlier row still waiting."""
+    def due_rows(self, limit: int = 100) -> list[tuple[int, int | None]]:
+        """(id, case id) of due pending rows, skipping cases with an earlier row still waiting."""
         now = self.clock()
         with self.store.transaction() as session:
             rows = session.execute(
@@ -160,7 +167,7 @@ class Sender:
                 .order_by(Message.id)
             ).all()
         blocked: set[int] = set()
-        due: list[int] = []
+        due: list[tuple[int, int | None]] = []
         for row_id, case_id, next_at in rows:
             if case_id is not None and case_id in blocked:
                 continue
@@ -168,7 +175,7 @@ class Sender:
                 if case_id is not None:
                     blocked.add(case_id)
                 continue
-            due.append(row_id)
+            due.append((row_id, case_id))
             if len(due) >= limit:
                 break
         return due
@@ -185,11 +192,16 @@ class Sender:
     async def deliver_due(self, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Send every row that is due now; return how many were sent."""
         sent = 0
-        for row_id in await asyncio.to_thread(self.due_rows):
+        failed_cases: set[int] = set()
+        for row_id, case_id in await asyncio.to_thread(self.due_rows):
             if should_stop():
                 break
+            if case_id in failed_cases:
+                continue  # a case's mails leave in order: wait behind its failed one
             if await self.deliver_one(row_id):
                 sent += 1
+            elif case_id is not None:
+                failed_cases.add(case_id)
         return sent
 
     async def deliver_one(self, row_id: int) -> bool:
@@ -249,12 +261,6 @@ class Sender:
                 self._mark_failed(session, row, error)
 
     def _mark_failed(self, session: Session, row: Message, error: str) -> None:
-        now = self.clock()
         row.delivery, row.last_error = "failed", error
-        if row.case_id is None:
-            return
-        case = session.get(Case, row.case_id)
-        detail = f"{row.kind} to {', '.join(row.recipients)} failed: {error}"
-        session.add(Event(case_id=row.case_id, at=now, kind="delivery_failed", detail=detail))
-        if case is not None and row.kind == "forward":
-            case.status, case.updated_at = "undeliverable", now
+        if self.on_failed is not None:
+            self.on_failed(session, row, error)

@@ -79,15 +79,50 @@ def clean_header(value: str) -> str:
     return re.sub(r"\s{2,}", " ", value).strip()
 
 
+# Labels mail software puts on charsets that Python knows under another name,
+# or supersets that decode what the label's strict codec refuses.
+_CHARSET_ALIASES = {
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "ks_c_5601-1987": "cp949",
+    "iso-8859-8-i": "iso-8859-8",
+    "unknown-8bit": "latin-1",
+    "x-unknown": "latin-1",
+    "us-ascii": "utf-8",
+    "ascii": "utf-8",
+}
+
+
+def decode_bytes(payload: bytes, charset: str | None) -> str:
+    """Text from bytes in a declared charset; never raises (unknown charsets fall back)."""
+    name = (charset or "utf-8").strip().strip('"').lower()
+    name = _CHARSET_ALIASES.get(name, name)
+    try:
+        return payload.decode(name, errors="replace")
+    except LookupError:
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return payload.decode("latin-1")
+
+
 def decode_header_text(raw: str | None) -> str:
+    """A header as one clean line of text, RFC 2047 words decoded, whatever their charset."""
     if raw is None:
         return ""
     raw = str(raw)
     try:
         text = str(make_header(decode_header(raw)))
     except (LookupError, UnicodeError, ValueError, AssertionError, TypeError):
-        # An unknown charset or a split encoded-word: keep what is readable.
-        text = raw
+        # A bad byte in a declared charset, or an unknown one: decode chunk by chunk, leniently.
+        try:
+            chunks = decode_header(raw)
+        except Exception:
+            chunks = [(raw, None)]
+        text = "".join(
+            chunk if isinstance(chunk, str) else decode_bytes(chunk, charset)
+            for chunk, charset in chunks
+        )
     return clean_header(text)
 
 
@@ -229,13 +264,6 @@ def machine_reason(msg: email.message.Message, from_address: str, loop_token: st
     return None
 
 
-def _decode_bytes(payload: bytes, charset: str | None) -> str:
-    try:
-        return payload.decode(charset or "utf-8", errors="replace")
-    except LookupError:
-        return payload.decode("latin-1", errors="replace")
-
-
 def _bodies_stdlib(msg: email.message.Message) -> tuple[str, str, list[Attachment]]:
     plain: list[str] = []
     html: list[str] = []
@@ -254,9 +282,9 @@ def _bodies_stdlib(msg: email.message.Message) -> tuple[str, str, list[Attachmen
                 Attachment(decode_header_text(filename) or "adjunto", ctype, payload)
             )
         elif ctype == "text/html":
-            html.append(_decode_bytes(payload, part.get_content_charset()))
+            html.append(decode_bytes(payload, part.get_content_charset()))
         else:
-            plain.append(_decode_bytes(payload, part.get_content_charset()))
+            plain.append(decode_bytes(payload, part.get_content_charset()))
     return "\n".join(plain), "\n".join(html), attachments
 
 

@@ -209,11 +209,11 @@ class Pipeline:
         for outgoing in self.renderer.decision_mails(self._case_info(case), mail, decision, now):
             self._send(session, case, now, outgoing)
         if needs_info:
-            _event(session, case, now, "needs_info", decision.reason)
+            _event(session, case.id, now, "needs_info", decision.reason)
         else:
             _event(
                 session,
-                case,
+                case.id,
                 now,
                 "opened",
                 f"{decision.reason}; forwarded to {provider.name} <{provider.address}>",
@@ -227,6 +227,49 @@ class Pipeline:
             decision.priority,
         )
         return Result(outcome, decision.reason, case.id)
+
+    def delivery_failed(self, session: Session, row: Message, error: str) -> None:
+        """A mail of a case was refused for good (5xx or retries exhausted): record it, and
+        when it was the forward, mark the case undeliverable and tell the agent, instead of
+        the acknowledgement that would have said it was sent."""
+        now = self.clock()
+        if row.case_id is None:
+            return
+        detail = f"{row.kind} to {', '.join(row.recipients)} failed: {error}"
+        case = session.get(Case, row.case_id)
+        _event(session, row.case_id, now, "delivery_failed", detail)
+        if case is None or row.kind != "forward":
+            return
+        case.status, case.updated_at = "undeliverable", now
+        pending_acks = session.scalars(
+            select(Message).where(
+                Message.case_id == case.id,
+                Message.kind == "acknowledgement",
+                Message.delivery == "pending",
+            )
+        )
+        for ack in pending_acks:
+            ack.delivery, ack.last_error = "cancelled", "the forward was refused"
+        provider = self.config.providers.get(case.provider)
+        if provider is None:
+            return
+        context = self.renderer.case_context(
+            self._case_info(case),
+            provider,
+            case.fields,
+            case.agent_name,
+            case.agent_address,
+            case.subject,
+        )
+        notice = self.renderer.compose(
+            "undeliverable",
+            "undeliverable.j2",
+            {**context, "error": error},
+            [case.agent_address],
+            now=now,
+            to_agent=True,
+        )
+        self._send(session, case, now, notice)
 
     def _case_info(self, case: Case) -> CaseInfo:
         settings = self.config.settings
@@ -309,5 +352,5 @@ def _result_of(message: Message, duplicate: bool = False) -> Result:
     )
 
 
-def _event(session: Session, case: Case, now: datetime, kind: str, detail: str) -> None:
-    session.add(Event(case_id=case.id, at=now, kind=kind, detail=detail))
+def _event(session: Session, case_id: int, now: datetime, kind: str, detail: str) -> None:
+    session.add(Event(case_id=case_id, at=now, kind=kind, detail=detail))

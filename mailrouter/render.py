@@ -86,6 +86,9 @@ class Renderer:
         references: Sequence[str] = (),
     ) -> OutgoingMail:
         subject, body = self.render(template, context)
+        # Literal "=?charset?...?=" text left in a subject (an undecodable original) would be
+        # re-read as an encoded word by the stdlib and fail to encode; break the syntax.
+        subject = subject.replace("=?", "= ?")
         settings = self.config.settings
         sender_header = settings.outbound.from_
         sender = parseaddr(sender_header)[1] or settings.intake.address
@@ -171,21 +174,36 @@ class Renderer:
             ),
         ]
 
-    def _context(
-        self, case: CaseInfo, mail: ParsedMail, provider: Provider, decision: Decision
+    def case_context(
+        self,
+        case: CaseInfo,
+        provider: Provider,
+        fields: dict[str, str],
+        agent_name: str,
+        agent_address: str,
+        original_subject: str,
     ) -> dict[str, Any]:
+        """What every template about a case can use."""
         settings = self.config.settings
         return {
             "case": case,
             "provider": provider,
             # Every known field is present (empty when not given), so a template can test an
             # optional one while a misspelt name still fails loudly (StrictUndefined).
-            "fields": {**{name: "" for name in settings.fields}, **mail.fields},
+            "fields": {**{name: "" for name in settings.fields}, **fields},
             "labels": {name: spec.label for name, spec in settings.fields.items()},
-            "agent": {"name": mail.from_name, "address": mail.from_address},
-            "original_subject": mail.subject,
-            "attachments": mail.attachments,
+            "agent": {"name": agent_name, "address": agent_address},
+            "original_subject": original_subject,
+            "attachments": [],
             "intake_address": settings.intake.address,
-            "missing": decision.missing,
+            "missing": [],
             "template_fields": [n for n in provider.required if n != "prioridad"],
         }
+
+    def _context(
+        self, case: CaseInfo, mail: ParsedMail, provider: Provider, decision: Decision
+    ) -> dict[str, Any]:
+        context = self.case_context(
+            case, provider, mail.fields, mail.from_name, mail.from_address, mail.subject
+        )
+        return {**context, "attachments": mail.attachments, "missing": decision.missing}

@@ -39,7 +39,9 @@ def test_environment_interpolation(
     monkeypatch.delenv("MR_TEST_UNSET", raising=False)
     path = write_config(
         {
-            "intake": {"imap": {"password": "${MR_TEST_PASSWORD}", "username": "${MR_TEST_UNSET:-bot}"}},
+            "intake": {
+                "imap": {"password": "${MR_TEST_PASSWORD}", "username": "${MR_TEST_UNSET:-bot}"}
+            },
         }
     )
     config = load_config(path)
@@ -81,23 +83,40 @@ def test_broken_config_names_file_line_and_field(write_config: Callable[..., Pat
 
 def test_unknown_provider_in_route(write_config: Callable[..., Path]) -> None:
     path = write_config(
-        {"routes": [{"name": "x", "when": {"subject": "a"}, "to": "nobody"}, {"name": "d", "to": "hibot"}]}
+        {
+            "routes": [
+                {"name": "x", "when": {"subject": "a"}, "to": "nobody"},
+                {"name": "d", "to": "hibot"},
+            ]
+        }
     )
     (problem,) = problems_of(path)
-    assert problem.startswith(f"{path}:{line_of(path, 'to: nobody')}: routes[0].to: unknown provider")
+    assert problem.startswith(
+        f"{path}:{line_of(path, 'to: nobody')}: routes[0].to: unknown provider"
+    )
 
 
 def test_default_route_must_be_last(write_config: Callable[..., Path]) -> None:
-    path = write_config({"routes": [{"name": "catch-all", "to": "hibot"},
-                                    {"name": "never", "when": {"subject": "x"}, "to": "panda"}]})
+    path = write_config(
+        {
+            "routes": [
+                {"name": "catch-all", "to": "hibot"},
+                {"name": "never", "when": {"subject": "x"}, "to": "panda"},
+            ]
+        }
+    )
     found = problems_of(path)
     assert any("routes" in p and "catch-all" in p for p in found)
 
 
 def test_bad_condition_and_regex(write_config: Callable[..., Path]) -> None:
     path = write_config(
-        {"routes": [{"name": "r", "when": {"subject": "(unclosed"}, "to": "hibot"},
-                    {"name": "d", "to": "hibot"}]}
+        {
+            "routes": [
+                {"name": "r", "when": {"subject": "(unclosed"}, "to": "hibot"},
+                {"name": "d", "to": "hibot"},
+            ]
+        }
     )
     (problem,) = problems_of(path)
     assert problem.startswith(f"{path}:{line_of(path, 'when:')}: routes[0].when: ")
@@ -116,7 +135,7 @@ def test_broken_provider_file_is_named(tmp_path: Path, write_config: Callable[..
     providers = tmp_path / "providers"
     shutil.copytree(PROJECT / "providers", providers)
     (providers / "panda.yaml").write_text(
-        "name: PANDA\naddress: not-an-address\nrequired: [cliente, sabor]\ntemplate: forward_panda.j2\n"
+        "name: PANDA\naddress: not-an-address\nrequired: [cliente]\ntemplate: forward_panda.j2\n"
     )
     path = write_config({"providers_dir": str(providers)})
     found = problems_of(path)
@@ -132,7 +151,9 @@ def test_unknown_required_field_and_missing_template(
         "name: PANDA\naddress: a@b.example\nrequired: [cliente, sabor]\ntemplate: nope.j2\n"
     )
     found = problems_of(write_config({"providers_dir": str(providers)}))
-    assert any(f"{providers / 'panda.yaml'}:3: required[1]: unknown field 'sabor'" in p for p in found)
+    assert any(
+        f"{providers / 'panda.yaml'}:3: required[1]: unknown field 'sabor'" in p for p in found
+    )
     assert any(f"{providers / 'panda.yaml'}:4: template: no such template" in p for p in found)
 
 

@@ -182,7 +182,7 @@ def test_route_command_explains_each_sample(
     out = capsys.readouterr().out
     assert "Dry run: nothing was sent or written." in out
     if name in ROUTES:
-        outcome, rule, provider, priority = ROUTES[name]
+        outcome, rule, _provider, priority = ROUTES[name]
         assert f"Rule:        {rule}\n" in out
         assert f"Priority:    {priority}\n" in out
         kind = "forward" if outcome == "route" else "needs_info"

@@ -1,0 +1,104 @@
+"""The shipped defaults as `make run` starts them: a real `mailrouter run` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import PROJECT, crlf, escalation, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def install(tmp_path: Path) -> Path:
+    """A copy of the shipped config.yaml, providers and templates, as an admin deploys them."""
+    shutil.copy(PROJECT / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(PROJECT / "providers", tmp_path / "providers")
+    shutil.copytree(PROJECT / "templates", tmp_path / "templates")
+    return tmp_path / "config.yaml"
+
+
+def mailrouter(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailrouter", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_run_with_shipped_defaults(tmp_path: Path) -> None:
+    config = install(tmp_path)
+    port = free_port()
+    env = {**os.environ, "MAILROUTER_LISTEN_PORT": str(port), "MAILROUTER_CONFIG": str(config)}
+    for name in list(env):
+        if name.startswith("MAILROUTER_") and name not in (
+            "MAILROUTER_LISTEN_PORT",
+            "MAILROUTER_CONFIG",
+        ):
+            del env[name]
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "mailrouter", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+
+        def listening() -> bool:
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=2) as probe:
+                    probe.noop()
+                return True
+            except OSError:
+                return False
+
+        assert wait_until(listening, timeout=30), "the daemon did not start listening"
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail(
+                "laura.gomez@example.com",
+                ["escalaciones@example.com"],
+                crlf(escalation("01-hibot-basic.eml")),
+            )
+        outbox = tmp_path / "var" / "outbox"
+        assert wait_until(lambda: outbox.is_dir() and len(list(outbox.glob("*.eml"))) == 2)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, stderr
+    assert "listening on 127.0.0.1" in stderr and "mailrouter stopped" in stderr
+
+    files = sorted(p.name for p in outbox.glob("*.eml"))
+    assert files[0].endswith("-forward-soporte@hibot.us.eml")
+    assert files[1].endswith("-acknowledgement-laura.gomez@example.com.eml")
+    assert (tmp_path / "var" / "mailrouter.db").is_file()
+
+    listing = mailrouter("cases", env=env)
+    assert listing.returncode == 0, listing.stderr
+    row = listing.stdout.splitlines()[1].split()
+    assert row[0] == "ESC-000001"
+    assert row[3:] == ["laura.gomez@example.com", "hibot", "ALTA", "open"]
+
+
+def test_route_writes_nothing(tmp_path: Path) -> None:
+    config = install(tmp_path)
+    env = {**os.environ, "MAILROUTER_CONFIG": str(config)}
+    result = mailrouter(
+        "route", str(PROJECT.parent / "shared" / "escalations" / "01-hibot-basic.eml"), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Destination: HIBOT <soporte@hibot.us>" in result.stdout
+    assert not (tmp_path / "var").exists()
+
+
+def test_check_config_via_module(tmp_path: Path) -> None:
+    config = install(tmp_path)
+    (tmp_path / "providers" / "tech.yaml").write_text("name: Tech\naddress: tech@example.com\n")
+    result = mailrouter("--config", str(config), "check-config", env=dict(os.environ))
+    assert result.returncode == 1
+    assert f"{tmp_path / 'providers' / 'tech.yaml'}:1: template: Field required" in result.stderr

@@ -1,0 +1,155 @@
+"""The outbox sender against a real aiosmtpd relay and a real folder."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailrouter.config import RetrySettings, load_config
+from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_delay
+from mailrouter.pipeline import Pipeline
+from mailrouter.store import Store
+
+from .conftest import RecordingRelay, escalation
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 16, 19, 5, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def smtp_setup(
+    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock
+) -> tuple[Pipeline, Sender]:
+    config = load_config(
+        write_config(
+            {
+                "outbound": {
+                    "transport": "smtp",
+                    "smtp": {"host": relay.host, "port": relay.port, "security": "none"},
+                }
+            }
+        )
+    )
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, clock)
+    sender = Sender(
+        store,
+        SmtpTransport(config.settings.outbound.smtp),
+        config.settings.outbound.retry,
+        clock,
+        random.Random(1),
+        on_failed=pipeline.delivery_failed,
+    )
+    return pipeline, sender
+
+
+def test_file_transport_writes_each_row_once(
+    write_config: Callable[..., Path], clock: Clock, tmp_path: Path
+) -> None:
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, clock)
+    pipeline.process(escalation("01-hibot-basic.eml"))
+    sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
+    assert asyncio.run(sender.deliver_due()) == 2
+    assert asyncio.run(sender.deliver_due()) == 0
+    files = sorted(p.name for p in config.outbox_dir.iterdir())
+    assert files == [
+        "000002-forward-soporte@hibot.us.eml",
+        "000003-acknowledgement-laura.gomez@example.com.eml",
+    ]
+    text = (config.outbox_dir / files[0]).read_bytes()
+    assert b"X-Envelope-To: soporte@hibot.us" in text
+    assert all(m.delivery == "sent" and m.sent_at == clock.now for m in store.outbound())
+
+
+def test_smtp_temporary_failure_is_retried_with_backoff(
+    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock
+) -> None:
+    pipeline, sender = smtp_setup(write_config, relay, clock)
+    pipeline.process(escalation("01-hibot-basic.eml"))
+    relay.fail_data_times = 1
+    assert asyncio.run(sender.deliver_due()) == 0
+    forward, ack = sender.store.outbound()
+    assert forward.delivery == "pending" and forward.attempts == 1
+    assert "451" in (forward.last_error or "")
+    assert forward.next_attempt_at is not None and forward.next_attempt_at > clock.now
+    # The acknowledgement of the same case waits behind its forward: order per case.
+    assert ack.delivery == "pending" and relay.messages == []
+    clock.now = forward.next_attempt_at
+    assert asyncio.run(sender.deliver_due()) == 2
+    assert [m.rcpt_tos for m in relay.messages] == [
+        ["soporte@hibot.us"],
+        ["laura.gomez@example.com"],
+    ]
+
+
+def test_smtp_permanent_failure_marks_case_undeliverable(
+    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock
+) -> None:
+    pipeline, sender = smtp_setup(write_config, relay, clock)
+    relay.refuse["soporte@hibot.us"] = "550 5.1.1 no such mailbox"
+    hibot = pipeline.process(escalation("01-hibot-basic.eml")).case_id
+    panda = pipeline.process(escalation("02-panda-basic.eml")).case_id
+    asyncio.run(sender.deliver_due())
+    asyncio.run(sender.deliver_due())  # the failure notice queued by the first pass
+    by_case = {c.id: c for c in sender.store.cases()}
+    assert by_case[hibot].status == "undeliverable"
+    assert by_case[panda].status == "open"
+    forward = sender.store.outbound(hibot)[0]
+    assert forward.delivery == "failed" and "550" in (forward.last_error or "")
+    assert "delivery_failed" in [e.kind for e in sender.store.events(hibot)]
+    # The agent is told it failed, never that it was sent; everything else still went out.
+    kinds = {m.kind: m.delivery for m in sender.store.outbound(hibot)}
+    assert kinds == {"forward": "failed", "acknowledgement": "cancelled", "undeliverable": "sent"}
+    (notice,) = relay.to("laura.gomez@example.com")
+    assert b"NO se pudo entregar a HIBOT" in notice.data or b"NO se pudo entregar" in notice.data
+    assert b"550 5.1.1 no such mailbox" in notice.data
+    assert len(relay.to("soporte_revendedores@clickpanda.com")) == 1
+    assert len(relay.to("andres.perez@example.com")) == 1
+    assert len(relay.messages) == 3
+
+
+def test_relay_down_is_temporary(
+    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock
+) -> None:
+    pipeline, sender = smtp_setup(write_config, relay, clock)
+    sender.transport = SmtpTransport(sender.transport.settings.model_copy(update={"port": 1}))  # type: ignore[attr-defined]
+    pipeline.process(escalation("02-panda-basic.eml"))
+    asyncio.run(sender.deliver_due())
+    assert all(m.delivery == "pending" and m.attempts <= 1 for m in sender.store.outbound())
+
+
+def test_gives_up_after_the_configured_time(
+    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock
+) -> None:
+    pipeline, sender = smtp_setup(write_config, relay, clock)
+    pipeline.process(escalation("02-panda-basic.eml"))
+    relay.fail_data_times = 10_000
+    clock.now += timedelta(hours=25)
+    asyncio.run(sender.deliver_due())
+    forward = sender.store.outbound()[0]
+    assert forward.delivery == "failed" and "gave up" in (forward.last_error or "")
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    retry = RetrySettings(first_delay=30, max_delay=3600, give_up_after=86400)
+    rng = random.Random(0)
+    delays = [backoff_delay(n, retry, rng) for n in range(1, 12)]
+    assert 15 <= delays[0] <= 30
+    assert 60 <= delays[2] <= 120
+    assert all(1800 <= d <= 3600 for d in delays[8:])

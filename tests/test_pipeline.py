@@ -1,0 +1,145 @@
+"""The pipeline on a real SQLite file: outcomes, the outbox, idempotency, quarantine."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailrouter.config import load_config
+from mailrouter.pipeline import ImapSource, Pipeline
+from mailrouter.store import Store
+
+from .conftest import escalation
+
+NOW = datetime(2026, 11, 16, 19, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def pipeline(write_config: Callable[..., Path]) -> Pipeline:
+    config = load_config(write_config())
+    return Pipeline(config, Store(config.database_url), lambda: NOW)
+
+
+def test_escalation_opens_case_and_queues_forward_and_ack(pipeline: Pipeline) -> None:
+    result = pipeline.process(escalation("01-hibot-basic.eml"))
+    assert result.outcome == "routed" and result.case_id == 1 and not result.duplicate
+    (case,) = pipeline.store.cases()
+    assert (case.provider, case.priority, case.status) == ("hibot", "ALTA", "open")
+    assert case.agent_address == "laura.gomez@example.com"
+    assert case.client == "Lafise Nicaragua"
+    assert case.follow_up_due == NOW + timedelta(hours=24)
+    forward, ack = pipeline.store.outbound(case.id)
+    assert (forward.kind, forward.recipients, forward.delivery) == (
+        "forward",
+        ["soporte@hibot.us"],
+        "pending",
+    )
+    assert (ack.kind, ack.recipients) == ("acknowledgement", ["laura.gomez@example.com"])
+    # The Message-ID is fixed at decision time and is the one in the stored bytes.
+    stored = email.message_from_bytes(forward.raw, policy=email.policy.default)
+    assert stored["Message-ID"] == f"<{forward.message_id}>"
+    assert stored["Subject"].startswith("[ESC-000001] ")
+    ack_text = ack.raw.decode()
+    assert "ESC-000001" in ack_text and "ALTA" in ack_text
+    assert (
+        "2026-11-17 14:05 (-05)"
+        in email.message_from_bytes(ack.raw).get_payload(decode=True).decode()
+    )  # due time shown in the configured time zone
+    (inbound,) = pipeline.store.inbound()
+    assert inbound.raw == escalation("01-hibot-basic.eml")
+    assert inbound.case_id == case.id and inbound.outcome == "routed"
+    assert [e.kind for e in pipeline.store.events(case.id)] == ["opened"]
+
+
+def test_same_mail_twice_is_processed_once(pipeline: Pipeline) -> None:
+    first = pipeline.process(escalation("01-hibot-basic.eml"))
+    # Same Message-ID arriving again, e.g. through IMAP after the SMTP listener.
+    again = pipeline.process(
+        escalation("01-hibot-basic.eml").replace(b"\n", b"\r\n"), ImapSource("imap://x", 1, 7)
+    )
+    assert again.duplicate and again.case_id == first.case_id
+    assert len(pipeline.store.cases()) == 1
+    assert len(pipeline.store.outbound()) == 2
+
+
+def test_mail_without_message_id_dedupes_on_content(pipeline: Pipeline) -> None:
+    raw = b"\n".join(
+        line
+        for line in escalation("02-panda-basic.eml").split(b"\n")
+        if not line.startswith(b"Message-ID")
+    )
+    assert not pipeline.process(raw).duplicate
+    assert pipeline.process(raw).duplicate
+    assert len(pipeline.store.cases()) == 1
+
+
+def test_missing_fields_answer_agent_and_send_nothing_to_vendor(pipeline: Pipeline) -> None:
+    result = pipeline.process(escalation("06-hibot-missing-correo.eml"))
+    assert result.outcome == "needs_info"
+    (case,) = pipeline.store.cases()
+    assert case.status == "needs_info" and case.follow_up_due is None
+    (reply,) = pipeline.store.outbound()
+    assert reply.recipients == ["andres.perez@example.com"]
+    body = email.message_from_bytes(reply.raw).get_payload(decode=True).decode()
+    assert "- Correo asociado al usuario" in body
+    # The template to fill, with the gap where the missing value goes.
+    assert "Correo asociado al usuario:" in [line.rstrip() for line in body.splitlines()]
+    assert "Cliente: Claro" in body
+
+
+@pytest.mark.parametrize(
+    ("name", "outcome", "reason"),
+    [
+        ("09-agent-out-of-office.eml", "ignored", "Auto-Submitted: auto-replied"),
+        ("10-spoofed-sender.eml", "quarantined", "not in allowed_senders"),
+    ],
+)
+def test_no_reply_to_machines_or_strangers(
+    pipeline: Pipeline, name: str, outcome: str, reason: str
+) -> None:
+    result = pipeline.process(escalation(name))
+    assert result.outcome == outcome and reason in result.reason
+    assert pipeline.store.cases() == [] and pipeline.store.outbound() == []
+    (kept,) = pipeline.store.inbound()
+    assert kept.raw == escalation(name) and kept.outcome == outcome
+
+
+def test_poison_message_is_quarantined_with_reason(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    for source in (Path(__file__).parents[1] / "templates").iterdir():
+        (templates / source.name).write_text(source.read_text())
+    (templates / "forward_hibot.j2").write_text("Subject: {{ fields.no_such_field }}\n\nx\n")
+    config = load_config(write_config({"templates_dir": str(templates)}))
+    pipeline = Pipeline(config, Store(config.database_url), lambda: NOW)
+
+    bad = pipeline.process(escalation("01-hibot-basic.eml"))
+    assert bad.outcome == "quarantined"
+    assert "UndefinedError" in bad.reason and "no_such_field" in bad.reason
+    # Nothing half-done survives the failure, and the next mail still flows.
+    assert pipeline.store.cases() == [] and pipeline.store.outbound() == []
+    assert pipeline.process(escalation("02-panda-basic.eml")).outcome == "routed"
+    # The poison is remembered: seeing it again does not retry it forever.
+    assert pipeline.process(escalation("01-hibot-basic.eml")).duplicate
+
+
+def test_oversized_mail_is_quarantined(write_config: Callable[..., Path]) -> None:
+    config = load_config(write_config({"intake": {"max_message_bytes": 500}}))
+    pipeline = Pipeline(config, Store(config.database_url), lambda: NOW)
+    result = pipeline.process(escalation("01-hibot-basic.eml"))
+    assert result.outcome == "quarantined" and "over the 500-byte limit" in result.reason
+
+
+def test_unparseable_bytes_are_kept(pipeline: Pipeline) -> None:
+    raw = b"\xff\xfe\x00garbage without headers\x00\r\n\r\n\xff"
+    result = pipeline.process(raw)
+    assert result.outcome in {"quarantined", "ignored"}
+    (kept,) = pipeline.store.inbound()
+    assert kept.raw == raw
