@@ -2,7 +2,8 @@
 
 `run` starts the daemon; `check-config` validates the configuration;
 `route FILE.eml` explains what would happen to a mail without sending or
-writing anything; `cases` lists the cases in the database.
+writing anything; `cases` lists the cases; `quarantine` lists the mail that
+was kept aside, with the reason.
 """
 
 from __future__ import annotations
@@ -128,6 +129,29 @@ def cmd_cases(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = Store(config.database_url)
+    rows = [m for m in store.inbound() if m.outcome == "quarantined"]
+    if args.show is not None:
+        chosen = next((m for m in rows if m.id == args.show), None)
+        if chosen is None:
+            print(f"no quarantined message #{args.show}", file=sys.stderr)
+            return 1
+        sys.stdout.buffer.write(chosen.raw)
+        return 0
+    print(f"{'#':>6} {'received (UTC)':<17} {'from':<32} reason / subject")
+    for message in rows[-args.limit :]:
+        print(
+            f"{message.id:>6} {message.created_at:%Y-%m-%d %H:%M} {message.sender[:32]:<32} "
+            f"{message.reason}\n{'':>58}{message.subject[:80]}"
+        )
+    if not rows:
+        print("(nothing in quarantine)")
+    store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailrouter", description="Email escalation router: one intake address for agents."
@@ -151,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     cases = commands.add_parser("cases", help="list cases")
     cases.add_argument("--limit", type=int, default=200)
     cases.set_defaults(func=cmd_cases)
+    quarantine = commands.add_parser(
+        "quarantine", help="list quarantined mail with the reason, or print one with --show ID"
+    )
+    quarantine.add_argument("--limit", type=int, default=200)
+    quarantine.add_argument("--show", type=int, metavar="ID", help="write that raw mail to stdout")
+    quarantine.set_defaults(func=cmd_quarantine)
     return parser
 
 
@@ -160,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # aiosmtpd logs every SMTP command at INFO, and Alembic every start: keep the log for us.
+    for noisy in ("mail.log", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -65,6 +65,11 @@ def test_run_with_shipped_defaults(tmp_path: Path) -> None:
                 ["escalaciones@example.com"],
                 crlf(escalation("01-hibot-basic.eml")),
             )
+            client.sendmail(
+                "soporte@ejemplo-falso.example",
+                ["escalaciones@example.com"],
+                crlf(escalation("10-spoofed-sender.eml")),
+            )
         outbox = tmp_path / "var" / "outbox"
         assert wait_until(lambda: outbox.is_dir() and len(list(outbox.glob("*.eml"))) == 2)
     finally:
@@ -83,6 +88,13 @@ def test_run_with_shipped_defaults(tmp_path: Path) -> None:
     row = listing.stdout.splitlines()[1].split()
     assert row[0] == "ESC-000001"
     assert row[3:] == ["laura.gomez@example.com", "hibot", "ALTA", "open"]
+
+    kept = mailrouter("quarantine", env=env)
+    assert kept.returncode == 0, kept.stderr
+    assert "soporte@ejemplo-falso.example is not in allowed_senders" in kept.stdout
+    message_id = kept.stdout.splitlines()[1].split()[0]
+    raw = mailrouter("quarantine", "--show", message_id, env=env)
+    assert raw.stdout.replace("\r\n", "\n") == escalation("10-spoofed-sender.eml").decode()
 
 
 def test_route_writes_nothing(tmp_path: Path) -> None:
