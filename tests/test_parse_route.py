@@ -189,3 +189,16 @@ def test_route_command_explains_each_sample(
         assert f"----- {kind} to " in out
     else:
         assert "Rule:" not in out and "-----" not in out
+
+
+def test_sender_and_regex_conditions(config: Config) -> None:
+    from mailrouter.config import Condition
+    from mailrouter.route import condition_matches
+
+    mail = parsed(config, "04-tech-endoso.eml")
+    assert condition_matches(Condition(sender="*@example.com"), mail)
+    assert not condition_matches(Condition(sender="*@ventas.example.com"), mail)
+    assert condition_matches(Condition(field="poliza", matches=r"^\d{4}-\d{2}$"), mail)
+    assert not condition_matches(Condition(field="usuario", matches="."), mail)
+    assert condition_matches(Condition(subject=r"(?i)^tech\b"), mail)
+    assert condition_matches(Condition(field="proveedor", equals=["TÉCH", "x"]), mail)
