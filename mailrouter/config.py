@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ class ImapSettings(_Model):
     quarantine_folder: str = "Quarantine"
     poll_interval: float = Field(30.0, gt=0)
     timeout: float = Field(60.0, gt=0)
+    ca_file: str = ""
 
 
 class IntakeSettings(_Model):
@@ -75,6 +77,7 @@ class SmtpSettings(_Model):
     username: str = ""
     password: str = ""
     timeout: float = Field(60.0, gt=0)
+    ca_file: str = ""
 
 
 class RetrySettings(_Model):
@@ -204,6 +207,11 @@ class Provider(_Model):
         if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
             raise ValueError(f"{value!r} is not an email address")
         return value
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """Verifying TLS context: the system's trusted CAs, or only `ca_file` when given."""
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
 @dataclass(frozen=True)

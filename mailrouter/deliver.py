@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import re
-import ssl
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,7 +24,7 @@ import aiosmtplib
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mailrouter.config import RetrySettings, SmtpSettings
+from mailrouter.config import RetrySettings, SmtpSettings, tls_context
 from mailrouter.store import Message, Store
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class SmtpTransport:
             timeout=s.timeout,
             use_tls=s.security == "tls",
             start_tls=s.security == "starttls",
-            tls_context=ssl.create_default_context() if s.security != "none" else None,
+            tls_context=tls_context(s.ca_file) if s.security != "none" else None,
         )
         await client.connect()
         if s.username:
@@ -95,6 +94,11 @@ class SmtpTransport:
             if self._client is None or not self._client.is_connected:
                 self._client = await self._connect()
             errors, _ = await self._client.sendmail(sender, recipients, data)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # A refused login is the relay's or our configuration, not this mail's fault:
+            # keep the mail and retry, so fixing the password delivers the backlog.
+            await self.close()
+            raise TemporaryFailure(f"relay refused our login: {exc.code} {exc.message}") from exc
         except aiosmtplib.SMTPRecipientsRefused as exc:
             await self.close()
             codes = [r.code for r in exc.recipients]

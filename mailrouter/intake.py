@@ -24,7 +24,7 @@ from typing import Any
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
-from mailrouter.config import ImapSettings
+from mailrouter.config import ImapSettings, tls_context
 from mailrouter.pipeline import ImapSource, Pipeline, Result
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class ImapIntake:
 
     def connect(self) -> IMAPClient:
         s = self.settings
-        context = ssl.create_default_context() if s.security != "none" else None
+        context = tls_context(s.ca_file) if s.security != "none" else None
         client = IMAPClient(
             s.host, port=s.port, ssl=s.security == "tls", ssl_context=context, timeout=s.timeout
         )
