@@ -1,7 +1,8 @@
 """Daemon: runs the intake and the outbox sender together until told to stop.
 
 Owns the asyncio loop, the wiring of config -> store -> pipeline -> sender,
-and shutdown: on SIGTERM/SIGINT the intake stops taking new mail, the message
+reload on SIGHUP (a broken configuration is refused and the last good one
+kept), and shutdown: on SIGTERM/SIGINT the intake stops taking new mail, the message
 in hand and the outbox row in flight are finished, and the process exits 0.
 The IMAP poller, which blocks, runs in its own thread.
 """
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP
 
-from mailrouter.config import Config
+from mailrouter.config import Config, ConfigError, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, Transport
 from mailrouter.intake import ImapIntake, SmtpIntake
 from mailrouter.pipeline import Pipeline
@@ -45,6 +46,7 @@ class Daemon:
         self.config = config
         self.clock = clock
         self.store = Store(config.database_url)
+        # Replaced whole on reload; intakes fetch it per mail, so each mail sees one config.
         self.pipeline = Pipeline(config, self.store, clock)
         self.transport = make_transport(config)
         self.sender = Sender(
@@ -52,7 +54,9 @@ class Daemon:
             self.transport,
             config.settings.outbound.retry,
             clock,
-            on_failed=self.pipeline.delivery_failed,
+            on_failed=lambda session, row, error: self.pipeline.delivery_failed(
+                session, row, error
+            ),
         )
         self.stopping = asyncio.Event()
         self.outbox_changed = asyncio.Event()
@@ -61,12 +65,44 @@ class Daemon:
     def stop(self) -> None:
         self.stopping.set()
 
+    def current_pipeline(self) -> Pipeline:
+        return self.pipeline
+
+    def reload(self) -> bool:
+        """Re-read the configuration; a broken one is refused and the running one kept.
+
+        Routes, providers, templates, fields, SLA and allowed senders apply at once;
+        the intake, outbound and database settings in use need a restart to change.
+        """
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("configuration reload refused; still running the last good one:\n%s", exc)
+            return False
+        running = self.config.settings
+        fixed = {name: getattr(running, name) for name in ("intake", "outbound", "database")}
+        changed = [name for name, value in fixed.items() if getattr(new.settings, name) != value]
+        if changed:
+            log.warning("changes to %s take effect after a restart", ", ".join(changed))
+        self.config = Config(
+            path=new.path, settings=new.settings.model_copy(update=fixed), providers=new.providers
+        )
+        self.pipeline = Pipeline(self.config, self.store, self.clock)
+        log.info(
+            "configuration reloaded: %d providers, %d routes",
+            len(self.config.providers),
+            len(self.config.settings.routes),
+        )
+        return True
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Outside the main thread (tests) this is refused: the caller uses stop().
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, self.stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
 
         def wake_sender() -> None:
             loop.call_soon_threadsafe(self.outbox_changed.set)
@@ -88,7 +124,7 @@ class Daemon:
 
     async def _serve_smtp(self, wake_sender: Callable[[], None]) -> None:
         intake = self.config.settings.intake
-        handler = SmtpIntake(self.pipeline, intake.address, wake_sender)
+        handler = SmtpIntake(self.current_pipeline, intake.address, wake_sender)
         server = await asyncio.get_running_loop().create_server(
             lambda: SMTP(
                 handler,
@@ -117,7 +153,7 @@ class Daemon:
     async def _serve_imap(self, wake_sender: Callable[[], None]) -> None:
         settings = self.config.settings.intake.imap
         stop_thread = threading.Event()
-        poller = ImapIntake(settings, self.pipeline, wake_sender, stop_thread)
+        poller = ImapIntake(settings, self.current_pipeline, wake_sender, stop_thread)
         log.info(
             "mailrouter polling %s; outbound: %s", poller.mailbox, self._outbound_description()
         )

@@ -36,8 +36,10 @@ FETCH_BATCH = 50
 class SmtpIntake:
     """aiosmtpd handler: the built-in intake listener."""
 
-    def __init__(self, pipeline: Pipeline, address: str, on_committed: Callable[[], None]) -> None:
-        self.pipeline = pipeline
+    def __init__(
+        self, pipeline: Callable[[], Pipeline], address: str, on_committed: Callable[[], None]
+    ) -> None:
+        self.pipeline = pipeline  # the current one: it is replaced when the config reloads
         self.address = address.lower()
         self.on_committed = on_committed
 
@@ -54,7 +56,7 @@ class SmtpIntake:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
         try:
-            result = await asyncio.to_thread(self.pipeline.process, raw)
+            result = await asyncio.to_thread(self.pipeline().process, raw)
         except Exception:
             log.exception("could not store an incoming mail; asking the client to retry")
             return "451 4.3.0 Temporary failure storing the message, try again later"
@@ -68,7 +70,7 @@ class ImapIntake:
     def __init__(
         self,
         settings: ImapSettings,
-        pipeline: Pipeline,
+        pipeline: Callable[[], Pipeline],
         on_committed: Callable[[], None] = lambda: None,
         stop: threading.Event | None = None,
     ) -> None:
@@ -124,7 +126,7 @@ class ImapIntake:
             destinations: dict[str, list[int]] = {}
             unknown: list[int] = []
             for uid in batch:
-                known = self.pipeline.known_outcome(ImapSource(self.mailbox, uidvalidity, uid))
+                known = self.pipeline().known_outcome(ImapSource(self.mailbox, uidvalidity, uid))
                 if known is not None:
                     # Committed before a crash, not yet moved: finish the move only.
                     destinations.setdefault(self._folder_for(known), []).append(uid)
@@ -138,7 +140,8 @@ class ImapIntake:
                 raw = data.get(b"BODY[]")
                 if raw is None:  # expunged by someone else meanwhile
                     continue
-                result = self.pipeline.process(raw, ImapSource(self.mailbox, uidvalidity, uid))
+                source = ImapSource(self.mailbox, uidvalidity, uid)
+                result = self.pipeline().process(raw, source)
                 if not result.duplicate:
                     processed += 1
                 self.on_committed()

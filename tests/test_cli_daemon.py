@@ -114,3 +114,50 @@ def test_check_config_via_module(tmp_path: Path) -> None:
     result = mailrouter("--config", str(config), "check-config", env=dict(os.environ))
     assert result.returncode == 1
     assert f"{tmp_path / 'providers' / 'tech.yaml'}:1: template: Field required" in result.stderr
+
+
+def test_sighup_reload_keeps_last_good_config(tmp_path: Path) -> None:
+    config = install(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
+    env.update(MAILROUTER_LISTEN_PORT=str(port), MAILROUTER_CONFIG=str(config))
+    log = tmp_path / "daemon.log"
+    outbox = tmp_path / "var" / "outbox"
+
+    def send(name: str) -> None:
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail(
+                "andres.perez@example.com", ["escalaciones@example.com"], crlf(escalation(name))
+            )
+
+    def forwards() -> list[str]:
+        return sorted(p.name for p in outbox.glob("*-forward-*.eml")) if outbox.is_dir() else []
+
+    with open(log, "w") as stderr:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "mailrouter", "run"], env=env, stderr=stderr
+        )
+    try:
+        assert wait_until(lambda: "listening on" in log.read_text(), timeout=30)
+        panda = tmp_path / "providers" / "panda.yaml"
+        good = panda.read_text()
+        panda.write_text(good.replace("required:", "requird:"))
+        daemon.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload refused" in log.read_text())
+        assert f"{panda}:" in log.read_text() and "requird: Extra inputs" in log.read_text()
+        send("02-panda-basic.eml")  # the last good config still routes
+        assert wait_until(lambda: len(forwards()) == 1)
+        assert forwards()[0].endswith("-forward-soporte_revendedores@clickpanda.com.eml")
+
+        panda.write_text(
+            good.replace("soporte_revendedores@clickpanda.com", "nuevo@clickpanda.example")
+        )
+        daemon.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "configuration reloaded" in log.read_text())
+        send("07-panda-no-accents.eml")
+        assert wait_until(lambda: len(forwards()) == 2)
+        assert forwards()[1].endswith("-forward-nuevo@clickpanda.example.eml")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    assert daemon.returncode == 0, log.read_text()

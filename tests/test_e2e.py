@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def test_imap_crash_between_commit_and_move(
     )
     store = Store(config.database_url)
     pipeline = Pipeline(config, store, utc_now)
-    intake = ImapIntake(config.settings.intake.imap, pipeline)
+    intake = ImapIntake(config.settings.intake.imap, lambda: pipeline)
     info = mailbox.select_folder("INBOX")
     (uid,) = mailbox.search("ALL")
     raw = mailbox.fetch([uid], ["BODY.PEEK[]"])[uid][b"BODY[]"]
@@ -181,3 +182,28 @@ def test_smtp_listener_end_to_end(
     assert wait_until(lambda: len(relay.messages) >= 8, timeout=20)
     daemon.stop()
     assert_delivered(relay, Store(daemon.config.database_url))
+
+
+def test_imap_idle_takes_new_mail_without_waiting_for_the_poll(
+    dovecot: Dovecot,
+    relay: RecordingRelay,
+    write_config: Callable[..., Path],
+    run_daemon: Callable[[Path], DaemonThread],
+) -> None:
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    config = write_config(
+        {
+            "intake": {"source": "imap", "imap": dovecot.imap_settings(user, poll_interval=120)},
+            "outbound": smtp_outbound(relay),
+        }
+    )
+    daemon = run_daemon(config)
+    # Let the first sweep of the empty INBOX finish and the IDLE begin.
+    assert wait_until(lambda: mailbox.folder_exists("Processed"), timeout=15)
+    time.sleep(0.5)
+    mailbox.append("INBOX", escalation("02-panda-basic.eml"))
+    # Far sooner than the 120 s poll: only IDLE can have woken the daemon.
+    assert wait_until(lambda: len(relay.messages) == 2, timeout=20)
+    daemon.stop()
+    assert len(relay.to("soporte_revendedores@clickpanda.com")) == 1
