@@ -33,18 +33,23 @@ class ListenSettings(_Model):
     port: int = Field(2525, ge=0, le=65535)
 
 
-class ImapSettings(_Model):
+class _ServerSettings(_Model):
+    """A mail server we connect to: certificates are always verified (ca_file to pin a CA)."""
+
     host: str = "127.0.0.1"
-    port: int = Field(993, ge=1, le=65535)
-    security: Literal["tls", "starttls", "none"] = "tls"
     username: str = ""
     password: str = ""
+    timeout: float = Field(60.0, gt=0)
+    ca_file: str = ""
+
+
+class ImapSettings(_ServerSettings):
+    port: int = Field(993, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "tls"
     folder: str = "INBOX"
     processed_folder: str = "Processed"
     quarantine_folder: str = "Quarantine"
     poll_interval: float = Field(30.0, gt=0)
-    timeout: float = Field(60.0, gt=0)
-    ca_file: str = ""
 
 
 class IntakeSettings(_Model):
@@ -70,14 +75,9 @@ class FileTransportSettings(_Model):
     dir: str = "var/outbox"
 
 
-class SmtpSettings(_Model):
-    host: str = "127.0.0.1"
+class SmtpSettings(_ServerSettings):
     port: int = Field(587, ge=1, le=65535)
     security: Literal["tls", "starttls", "none"] = "starttls"
-    username: str = ""
-    password: str = ""
-    timeout: float = Field(60.0, gt=0)
-    ca_file: str = ""
 
 
 class RetrySettings(_Model):

@@ -49,6 +49,17 @@ class ImapSource:
 
 
 @dataclass(frozen=True)
+class Arrival:
+    """One inbound mail as processing knows it: bytes, identity, origin, time, parse."""
+
+    raw: bytes
+    key: str
+    source: ImapSource | None
+    now: datetime
+    mail: ParsedMail | None
+
+
+@dataclass(frozen=True)
 class Result:
     outcome: str  # routed | needs_info | ignored | quarantined
     reason: str
@@ -83,6 +94,7 @@ class Pipeline:
             log.exception("cannot parse mail (%d bytes)", len(raw))
             mail, failure = None, _summary(exc)
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
+        arrival = Arrival(raw, key, source, now, mail)
         try:
             with self.store.transaction() as session:
                 earlier = _find_earlier(session, key, source)
@@ -90,14 +102,12 @@ class Pipeline:
                     _remember_uid(session, source)
                     return _result_of(earlier, duplicate=True)
                 if mail is None:
-                    return self._quarantine(
-                        session, raw, key, source, now, f"parse error: {failure}"
-                    )
-                if len(raw) > self.config.settings.intake.max_message_bytes:
-                    limit = self.config.settings.intake.max_message_bytes
+                    return self._quarantine(session, arrival, f"parse error: {failure}")
+                limit = self.config.settings.intake.max_message_bytes
+                if len(raw) > limit:
                     reason = f"message of {len(raw)} bytes is over the {limit}-byte limit"
-                    return self._quarantine(session, raw, key, source, now, reason, mail)
-                return self._apply(session, mail, decide(mail, self.config), key, source, now)
+                    return self._quarantine(session, arrival, reason)
+                return self._apply(session, arrival, mail, decide(mail, self.config))
         except IntegrityError:
             # Another worker committed the same mail between our lookup and our insert.
             with self.store.transaction() as session:
@@ -111,27 +121,17 @@ class Pipeline:
                 earlier = _find_earlier(session, key, source)
                 if earlier is not None:
                     return _result_of(earlier, duplicate=True)
-                reason = f"processing error: {_summary(exc)}"
-                return self._quarantine(session, raw, key, source, now, reason, mail)
+                return self._quarantine(session, arrival, f"processing error: {_summary(exc)}")
 
-    def _inbound(
-        self,
-        session: Session,
-        raw: bytes,
-        key: str,
-        source: ImapSource | None,
-        now: datetime,
-        mail: ParsedMail | None,
-        outcome: str,
-        reason: str,
-        kind: str,
-    ) -> Message:
+    def _inbound(self, session: Session, arrival: Arrival, outcome: str, reason: str) -> Message:
+        mail, source = arrival.mail, arrival.source
+        kind = {"quarantined": "quarantined", "ignored": "machine"}.get(outcome, "escalation")
         message = Message(
-            created_at=now,
+            created_at=arrival.now,
             direction="in",
             kind=kind,
             message_id=mail.message_id if mail else None,
-            dedupe_key=key,
+            dedupe_key=arrival.key,
             source="imap" if source else "smtp",
             imap_mailbox=source.mailbox if source else None,
             imap_uidvalidity=source.uidvalidity if source else None,
@@ -139,7 +139,7 @@ class Pipeline:
             sender=mail.from_address if mail else "",
             recipients=mail.to if mail else [],
             subject=mail.subject if mail else "",
-            raw=raw,
+            raw=arrival.raw,
             outcome=outcome,
             reason=reason,
             attempts=0,
@@ -148,45 +148,27 @@ class Pipeline:
         _remember_uid(session, source)
         return message
 
-    def _quarantine(
-        self,
-        session: Session,
-        raw: bytes,
-        key: str,
-        source: ImapSource | None,
-        now: datetime,
-        reason: str,
-        mail: ParsedMail | None = None,
-    ) -> Result:
+    def _quarantine(self, session: Session, arrival: Arrival, reason: str) -> Result:
         log.warning("quarantined: %s", reason)
-        self._inbound(session, raw, key, source, now, mail, "quarantined", reason, "quarantined")
+        self._inbound(session, arrival, "quarantined", reason)
         return Result("quarantined", reason)
 
     def _apply(
-        self,
-        session: Session,
-        mail: ParsedMail,
-        decision: Decision,
-        key: str,
-        source: ImapSource | None,
-        now: datetime,
+        self, session: Session, arrival: Arrival, mail: ParsedMail, decision: Decision
     ) -> Result:
+        now = arrival.now
         if decision.outcome == "quarantine":
-            return self._quarantine(session, mail.raw, key, source, now, decision.reason, mail)
+            return self._quarantine(session, arrival, decision.reason)
         if decision.outcome == "ignore":
             log.info("ignored %s from %s: %s", mail.message_id, mail.from_address, decision.reason)
-            self._inbound(
-                session, mail.raw, key, source, now, mail, "ignored", decision.reason, "machine"
-            )
+            self._inbound(session, arrival, "ignored", decision.reason)
             return Result("ignored", decision.reason)
 
         provider = decision.provider
         assert provider is not None and decision.route is not None
         needs_info = decision.outcome == "needs_info"
         outcome = "needs_info" if needs_info else "routed"
-        inbound = self._inbound(
-            session, mail.raw, key, source, now, mail, outcome, decision.reason, "escalation"
-        )
+        inbound = self._inbound(session, arrival, outcome, decision.reason)
         case = Case(
             created_at=now,
             updated_at=now,

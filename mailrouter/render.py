@@ -138,41 +138,32 @@ class Renderer:
         provider = decision.provider
         assert provider is not None
         context = self._context(case, mail, provider, decision)
-        agent = [mail.from_address]
-        if decision.outcome == "needs_info":
-            return [
-                self.compose(
-                    "needs_info",
-                    "needs_info.j2",
-                    context,
-                    agent,
-                    now=now,
-                    to_agent=True,
-                    in_reply_to=mail.message_id,
-                    references=mail.references,
-                )
-            ]
-        return [
-            self.compose(
-                "forward",
-                provider.template,
+
+        def to_agent(kind: str, template: str) -> OutgoingMail:
+            # Threaded under the agent's own mail, so it lands in the same conversation.
+            return self.compose(
+                kind,
+                template,
                 context,
-                [provider.address],
-                now=now,
-                to_agent=False,
-                attachments=mail.attachments,
-            ),
-            self.compose(
-                "acknowledgement",
-                "acknowledgement.j2",
-                context,
-                agent,
+                [mail.from_address],
                 now=now,
                 to_agent=True,
                 in_reply_to=mail.message_id,
                 references=mail.references,
-            ),
-        ]
+            )
+
+        if decision.outcome == "needs_info":
+            return [to_agent("needs_info", "needs_info.j2")]
+        forward = self.compose(
+            "forward",
+            provider.template,
+            context,
+            [provider.address],
+            now=now,
+            to_agent=False,
+            attachments=mail.attachments,
+        )
+        return [forward, to_agent("acknowledgement", "acknowledgement.j2")]
 
     def case_context(
         self,
