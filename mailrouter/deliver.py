@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -141,8 +142,36 @@ def file_name(message: Message) -> str:
     return f"{message.id:06d}-{message.kind}-{recipient}"
 
 
+def process_identity() -> str:
+    """`host:pid:start` of this process; `start` tells a live process from a reused pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    # Field 22 (starttime), counted after the parenthesised command name.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _claim_is_dead(claimed_by: str, here: str) -> bool:
+    """Whether a claim was made by a process on this host that no longer runs."""
+    host, _, rest = claimed_by.partition(":")
+    pid, _, start = rest.partition(":")
+    start = start.split(":", 1)[0]
+    if host != here or not pid.isdigit():
+        return False  # another machine's claim: only its lease can expire it
+    return _start_ticks(int(pid)) != start
+
+
 class Sender:
-    """Delivers due outbox rows; one instance per daemon."""
+    """Delivers due outbox rows. Several senders (daemons) may share one database: a sender
+    claims rows before sending them, so no row is sent by two. A claim whose process died
+    on this host is released at once; one from another host when its lease runs out."""
+
+    LEASE = timedelta(minutes=10)
 
     def __init__(
         self,
@@ -155,34 +184,78 @@ class Sender:
     ) -> None:
         """`on_failed(session, row, error)` runs in the transaction that marks a row failed."""
         self.store = store
-        self.on_failed = on_failed
         self.transport = transport
         self.retry = retry
         self.clock = clock
         self.rng = rng or random.Random()
+        self.on_failed = on_failed
+        self.identity = process_identity()
+        self._batches = 0
 
-    def due_rows(self, limit: int = 100) -> list[tuple[int, int | None]]:
-        """(id, case id) of due pending rows, skipping cases with an earlier row still waiting."""
+    def release_stale_claims(self) -> int:
+        """Put back rows claimed by a sender that died before sending or recording them."""
+        now, here = self.clock(), socket.gethostname()
+        with self.store.transaction() as session:
+            claimed = session.execute(
+                select(Message.id, Message.claimed_by, Message.claimed_until).where(
+                    Message.delivery == "sending"
+                )
+            ).all()
+            stale = [
+                row_id
+                for row_id, owner, until in claimed
+                if owner is None
+                or (until is not None and until < now)
+                or _claim_is_dead(owner, here)
+            ]
+            if stale:
+                session.execute(
+                    update(Message)
+                    .where(Message.id.in_(stale), Message.delivery == "sending")
+                    .values(delivery="pending", claimed_by=None, claimed_until=None)
+                )
+        if stale:
+            log.warning("released %d outbox rows claimed by a sender that stopped", len(stale))
+        return len(stale)
+
+    def claim_due(self, limit: int = 100) -> list[tuple[int, int | None]]:
+        """Claim the due pending rows, in order, skipping every case that has an earlier row
+        waiting or being sent; return (id, case id) of the rows now ours."""
         now = self.clock()
+        self._batches += 1
+        token = f"{self.identity}:{self._batches}"
         with self.store.transaction() as session:
             rows = session.execute(
-                select(Message.id, Message.case_id, Message.next_attempt_at)
-                .where(Message.delivery == "pending")
+                select(Message.id, Message.case_id, Message.delivery, Message.next_attempt_at)
+                .where(Message.delivery.in_(("pending", "sending")))
                 .order_by(Message.id)
             ).all()
-        blocked: set[int] = set()
-        due: list[tuple[int, int | None]] = []
-        for row_id, case_id, next_at in rows:
-            if case_id is not None and case_id in blocked:
-                continue
-            if next_at is not None and next_at > now:
-                if case_id is not None:
-                    blocked.add(case_id)
-                continue
-            due.append((row_id, case_id))
-            if len(due) >= limit:
-                break
-        return due
+            blocked: set[int] = set()
+            due: list[int] = []
+            for row_id, case_id, delivery, next_at in rows:
+                if case_id is not None and case_id in blocked:
+                    continue
+                waiting = delivery == "sending" or (next_at is not None and next_at > now)
+                if waiting:
+                    if case_id is not None:
+                        blocked.add(case_id)
+                    continue
+                due.append(row_id)
+                if len(due) >= limit:
+                    break
+            if not due:
+                return []
+            session.execute(
+                update(Message)
+                .where(Message.id.in_(due), Message.delivery == "pending")
+                .values(delivery="sending", claimed_by=token, claimed_until=now + self.LEASE)
+            )
+            mine = session.execute(
+                select(Message.id, Message.case_id)
+                .where(Message.claimed_by == token, Message.delivery == "sending")
+                .order_by(Message.id)
+            ).all()
+        return [(row_id, case_id) for row_id, case_id in mine]
 
     def next_wakeup(self) -> datetime | None:
         with self.store.transaction() as session:
@@ -195,23 +268,44 @@ class Sender:
 
     async def deliver_due(self, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Send every row that is due now; return how many were sent."""
+        await asyncio.to_thread(self.release_stale_claims)
+        claimed = await asyncio.to_thread(self.claim_due)
         sent = 0
         failed_cases: set[int] = set()
-        for row_id, case_id in await asyncio.to_thread(self.due_rows):
-            if should_stop():
-                break
-            if case_id in failed_cases:
-                continue  # a case's mails leave in order: wait behind its failed one
-            if await self.deliver_one(row_id):
-                sent += 1
-            elif case_id is not None:
-                failed_cases.add(case_id)
+        try:
+            for row_id, case_id in claimed:
+                if should_stop():
+                    break
+                if case_id in failed_cases:
+                    continue  # a case's mails leave in order: wait behind its failed one
+                if await self.deliver_one(row_id):
+                    sent += 1
+                elif case_id is not None:
+                    failed_cases.add(case_id)
+        finally:
+            # Whatever we claimed but did not try goes back for the next pass (or daemon).
+            await asyncio.to_thread(self._unclaim, [row_id for row_id, _ in claimed])
         return sent
 
+    def _unclaim(self, row_ids: list[int]) -> None:
+        if not row_ids:
+            return
+        with self.store.transaction() as session:
+            session.execute(
+                update(Message)
+                .where(
+                    Message.id.in_(row_ids),
+                    Message.delivery == "sending",
+                    Message.claimed_by.like(f"{self.identity}:%"),
+                )
+                .values(delivery="pending", claimed_by=None, claimed_until=None)
+            )
+
     async def deliver_one(self, row_id: int) -> bool:
+        """Send one row this sender has claimed."""
         with self.store.transaction() as session:
             row = session.get(Message, row_id)
-            if row is None or row.delivery != "pending":
+            if row is None or row.delivery != "sending":
                 return False
             sender, recipients, data, name = row.sender, row.recipients, row.raw, file_name(row)
         try:
@@ -231,7 +325,13 @@ class Sender:
             session.execute(
                 update(Message)
                 .where(Message.id == row_id)
-                .values(delivery="sent", sent_at=self.clock(), last_error=None)
+                .values(
+                    delivery="sent",
+                    sent_at=self.clock(),
+                    last_error=None,
+                    claimed_by=None,
+                    claimed_until=None,
+                )
             )
 
     def _retry_later(self, row_id: int, error: str) -> None:
@@ -242,6 +342,7 @@ class Sender:
                 return
             row.attempts += 1
             row.last_error = error
+            row.claimed_by = row.claimed_until = None
             if (now - row.created_at).total_seconds() >= self.retry.give_up_after:
                 log.error(
                     "giving up on outbox row %s after %d tries: %s", row_id, row.attempts, error
@@ -249,6 +350,7 @@ class Sender:
                 self._mark_failed(session, row, f"gave up after {row.attempts} tries: {error}")
                 return
             delay = backoff_delay(row.attempts, self.retry, self.rng)
+            row.delivery = "pending"
             row.next_attempt_at = now + timedelta(seconds=delay)
             log.warning(
                 "outbox row %s: temporary failure (%s); retry in %.0f s", row_id, error, delay
@@ -259,6 +361,7 @@ class Sender:
             row = session.get(Message, row_id)
             if row is not None:
                 row.attempts += 1
+                row.claimed_by = row.claimed_until = None
                 log.error(
                     "outbox row %s to %s failed permanently: %s", row_id, row.recipients, error
                 )

@@ -20,7 +20,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import (
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as DBTimeoutError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Config
@@ -30,6 +36,9 @@ from mailrouter.route import Decision, decide
 from mailrouter.store import Case, Event, ImapState, Message, Store
 
 log = logging.getLogger(__name__)
+
+# The database is down, locked or gone: the mail is not at fault, it must be retried.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, DBTimeoutError)
 
 Clock = Callable[[], datetime]
 
@@ -87,6 +96,8 @@ class Pipeline:
             return _result_of(found) if found is not None else None
 
     def process(self, raw: bytes, source: ImapSource | None = None) -> Result:
+        """Commit the outcome of one mail, exactly once. Raises only when the database cannot
+        be used (then nothing was committed and the caller retries the mail later)."""
         now = self.clock()
         try:
             mail: ParsedMail | None = self.parse(raw)
@@ -95,33 +106,38 @@ class Pipeline:
             mail, failure = None, _summary(exc)
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
         arrival = Arrival(raw, key, source, now, mail)
-        try:
-            with self.store.transaction() as session:
-                earlier = _find_earlier(session, key, source)
-                if earlier is not None:
-                    _remember_uid(session, source)
-                    return _result_of(earlier, duplicate=True)
-                if mail is None:
-                    return self._quarantine(session, arrival, f"parse error: {failure}")
-                limit = self.config.settings.intake.max_message_bytes
-                if len(raw) > limit:
-                    reason = f"message of {len(raw)} bytes is over the {limit}-byte limit"
-                    return self._quarantine(session, arrival, reason)
-                return self._apply(session, arrival, mail, decide(mail, self.config))
-        except IntegrityError:
-            # Another worker committed the same mail between our lookup and our insert.
-            with self.store.transaction() as session:
-                earlier = _find_earlier(session, key, source)
-                if earlier is None:
+        for attempt in range(3):
+            try:
+                with self.store.transaction() as session:
+                    earlier = _find_earlier(session, key, source)
+                    if earlier is not None:
+                        _remember_uid(session, source)
+                        return _result_of(earlier, duplicate=True)
+                    if mail is None:
+                        return self._quarantine(session, arrival, f"parse error: {failure}")
+                    return self._decide_and_apply(session, arrival, mail)
+            except IntegrityError:
+                # Another worker committed this mail, or the same mailbox's state, between
+                # our lookup and our insert: look again.
+                if attempt == 2:
                     raise
-                return _result_of(earlier, duplicate=True)
+        raise AssertionError("unreachable")
+
+    def _decide_and_apply(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
+        limit = self.config.settings.intake.max_message_bytes
+        if len(arrival.raw) > limit:
+            reason = f"message of {len(arrival.raw)} bytes is over the {limit}-byte limit"
+            return self._quarantine(session, arrival, reason)
+        try:
+            with session.begin_nested():
+                return self._apply(session, arrival, mail, decide(mail, self.config))
+        except (IntegrityError, *INFRASTRUCTURE_ERRORS):
+            raise
         except Exception as exc:
+            # A poison mail: this mail makes our code raise. Keep it aside with the reason
+            # (the savepoint dropped whatever it had half-written) and go on with the rest.
             log.exception("processing failed; quarantining the mail")
-            with self.store.transaction() as session:
-                earlier = _find_earlier(session, key, source)
-                if earlier is not None:
-                    return _result_of(earlier, duplicate=True)
-                return self._quarantine(session, arrival, f"processing error: {_summary(exc)}")
+            return self._quarantine(session, arrival, f"processing error: {_summary(exc)}")
 
     def _inbound(self, session: Session, arrival: Arrival, outcome: str, reason: str) -> Message:
         mail, source = arrival.mail, arrival.source
@@ -130,13 +146,13 @@ class Pipeline:
             created_at=arrival.now,
             direction="in",
             kind=kind,
-            message_id=mail.message_id if mail else None,
-            dedupe_key=arrival.key,
+            message_id=mail.message_id[:998] if mail and mail.message_id else None,
+            dedupe_key=arrival.key[:1024],
             source="imap" if source else "smtp",
             imap_mailbox=source.mailbox if source else None,
             imap_uidvalidity=source.uidvalidity if source else None,
             imap_uid=source.uid if source else None,
-            sender=mail.from_address if mail else "",
+            sender=mail.from_address[:320] if mail else "",
             recipients=mail.to if mail else [],
             subject=mail.subject if mail else "",
             raw=arrival.raw,
@@ -176,9 +192,9 @@ class Pipeline:
             provider=provider.id,
             route=decision.route.name,
             priority=decision.priority,
-            agent_address=mail.from_address,
-            agent_name=mail.from_name,
-            client=mail.fields.get("cliente", ""),
+            agent_address=mail.from_address[:320],
+            agent_name=mail.from_name[:320],
+            client=mail.fields.get("cliente", "")[:320],
             subject=mail.subject,
             fields=dict(mail.fields),
             follow_up_due=None
@@ -227,11 +243,12 @@ class Pipeline:
             select(Message).where(
                 Message.case_id == case.id,
                 Message.kind == "acknowledgement",
-                Message.delivery == "pending",
+                Message.delivery.in_(("pending", "sending")),
             )
         )
         for ack in pending_acks:
             ack.delivery, ack.last_error = "cancelled", "the forward was refused"
+            ack.claimed_by = ack.claimed_until = None
         provider = self.config.providers.get(case.provider)
         if provider is None:
             return

@@ -109,8 +109,10 @@ class Message(Base):
     # in: routed | needs_info | ignored | quarantined
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # out (the outbox): pending | sent | failed
+    # out (the outbox): pending | sending (claimed by a sender) | sent | failed | cancelled
     delivery: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -138,6 +140,8 @@ class ImapState(Base):
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not the sqlite3 module, say when transactions begin (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets the sender read while intake writes; busy_timeout rides out short locks.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -147,12 +151,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(connection: Any) -> None:
+    # Take the write lock up front: a read transaction that later writes would fail at
+    # once (SQLITE_BUSY, no waiting) when another process committed in between.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 

@@ -143,3 +143,19 @@ def test_unparseable_bytes_are_kept(pipeline: Pipeline) -> None:
     assert result.outcome in {"quarantined", "ignored"}
     (kept,) = pipeline.store.inbound()
     assert kept.raw == raw
+
+
+def test_database_failure_is_retried_not_quarantined(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def locked(*args: object) -> None:
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr("mailrouter.pipeline.decide", locked)
+    with pytest.raises(OperationalError):
+        pipeline.process(escalation("01-hibot-basic.eml"))
+    assert pipeline.store.inbound() == []  # nothing recorded: the next try starts afresh
+    monkeypatch.undo()
+    assert pipeline.process(escalation("01-hibot-basic.eml")).outcome == "routed"
