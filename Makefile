@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint check-config system-deps clean
+.PHONY: run test chaos lint check-config system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -30,6 +30,10 @@ system-deps:
 ## Install what is missing, then run the whole suite.
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+## The long fault-injection runs (300 escalations, 20 kill -9, a 30 s IMAP outage...).
+chaos: $(STAMP) system-deps
+	CHAOS_SCALE=full $(BIN)/python -m pytest -q -m chaos tests/test_chaos.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -50,6 +50,7 @@ class ImapSettings(_ServerSettings):
     processed_folder: str = "Processed"
     quarantine_folder: str = "Quarantine"
     poll_interval: float = Field(30.0, gt=0)
+    reconnect_max: float = Field(60.0, gt=0)
 
 
 class IntakeSettings(_Model):

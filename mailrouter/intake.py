@@ -198,7 +198,7 @@ class ImapIntake:
                 _logout(client)
                 client = None
                 self.stop.wait(delay)
-                delay = min(delay * 2, 60.0)
+                delay = min(delay * 2, self.settings.reconnect_max)
         _logout(client)
 
 

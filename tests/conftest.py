@@ -150,6 +150,22 @@ class Dovecot:
 
     password = "secret"
 
+    def start(self) -> None:
+        """(Re)start this instance on its own config, port and maildir."""
+        binary = _dovecot_binary()
+        assert binary is not None
+        with open(self.base / "startup.log", "ab") as log:
+            subprocess.run(
+                [binary, "-c", str(self.base / "dovecot.conf")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=30,
+                check=True,
+            )
+
+    def stop(self) -> None:
+        stop_dovecot(self)
+
     def new_user(self) -> str:
         return f"u{uuid.uuid4().hex[:10]}"
 
@@ -247,6 +263,21 @@ def stop_dovecot(server: Dovecot) -> None:
         wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
 
 
+@pytest.fixture
+def private_dovecot() -> Iterator[Dovecot]:
+    """A Dovecot of the test's own, which it may stop and start."""
+    binary = _dovecot_binary()
+    if binary is None:
+        pytest.fail("Dovecot is not installed: `make test` installs dovecot-imapd (as root)")
+    server, result = _start_dovecot(binary)
+    assert result.returncode == 0, (server.base / "startup.log").read_text(errors="replace")
+    try:
+        yield server
+    finally:
+        stop_dovecot(server)
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Dovecot]:
     binary = _dovecot_binary()
@@ -315,3 +346,13 @@ def run_daemon() -> Iterator[Callable[[Path], DaemonThread]]:
     yield start
     for daemon in started:
         daemon.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault-injection table (its figures go in the README's Reliability section)."""
+    from . import test_chaos
+
+    if test_chaos.REPORT:
+        form = "full" if test_chaos.FULL else "short"
+        terminalreporter.write_sep("=", f"fault-injection summary ({form} form)")
+        terminalreporter.write_line(test_chaos.summary_table())
