@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
-from datetime import UTC, datetime, timedelta
 
 AGENTS = [
     ("Laura Gómez", "laura.gomez@example.com"),
