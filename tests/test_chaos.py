@@ -123,7 +123,7 @@ class Rig:
 def rig_for(
     tmp_path: Path, relay: RecordingRelay, write_config: Callable[..., Path]
 ) -> Callable[..., Rig]:
-    def make(imap: Dovecot, folder: str = "INBOX", **imap_extra: Any) -> Rig:
+    def make(imap: Dovecot, folder: str = "INBOX", password: str = "", **imap_extra: Any) -> Rig:
         user = imap.new_user()
         client = imap.client(user)
         if not client.folder_exists(folder):
@@ -133,9 +133,12 @@ def rig_for(
             {
                 "intake": {
                     "source": "imap",
-                    "imap": imap.imap_settings(
-                        user, folder=folder, poll_interval=0.5, reconnect_max=2, **imap_extra
-                    ),
+                    "imap": {
+                        **imap.imap_settings(
+                            user, folder=folder, poll_interval=0.5, reconnect_max=2, **imap_extra
+                        ),
+                        **({"password": password} if password else {}),
+                    },
                 },
                 "outbound": {
                     "transport": "smtp",
@@ -353,3 +356,29 @@ def summary_table() -> str:
         for r in REPORT
     ]
     return "\n".join(lines)
+
+
+def test_login_refused_keeps_outbox_flowing(dovecot: Dovecot, rig_for: Callable[..., Rig]) -> None:
+    from mailrouter.config import load_config
+    from mailrouter.daemon import utc_now
+    from mailrouter.pipeline import Pipeline
+    from mailrouter.store import Store
+
+    from .conftest import escalation
+
+    rig = rig_for(dovecot, password="wrong")
+    # Mail already decided (e.g. before a password rotation) waits in the outbox.
+    config = load_config(rig.config)
+    store = Store(config.database_url)
+    Pipeline(config, store, utc_now).process(escalation("01-hibot-basic.eml"))
+    store.close()
+    daemon = rig.daemon().start()
+    started = time.monotonic()
+    assert wait_until(lambda: len(rig.relay.messages) == 2, timeout=30), rig.log()
+    time.sleep(4)  # several reconnection tries (1 s, 2 s, 2 s...)
+    assert daemon.alive()
+    assert daemon.terminate() == 0
+    refusals = [line for line in rig.log().splitlines() if "retrying with backoff" in line]
+    assert len(refusals) == 1, refusals  # once per change of state, not once per try
+    assert "LoginError" in refusals[0] or "authentication" in refusals[0].lower()
+    report("IMAP login refused", 1, "wrong password", 0, 0, time.monotonic() - started)
