@@ -137,10 +137,12 @@ class Route(_Model):
 
 
 class FieldSpec(_Model):
-    """A canonical field: the label shown to agents and every alias accepted."""
+    """A canonical field: the label shown to agents, every alias accepted, and its kind
+    (`email` values must be an address; `priority` one of BAJA/MEDIA/ALTA/URGENTE)."""
 
     label: str
     aliases: list[str] = []
+    type: Literal["text", "email", "priority"] = "text"
 
 
 class Settings(_Model):

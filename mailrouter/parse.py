@@ -165,22 +165,30 @@ def html_to_text(html: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-# Where the agent's own words end: the start of quoted or forwarded history, or a signature.
+# Where the agent's own words end: the start of quoted or forwarded history, a signature,
+# or a sign-off line ("Gracias,", "Saludos cordiales", "Best regards"...).
 _CUT_MARKERS = [
     re.compile(
-        r"^-{2,}\s*(mensaje original|original message|forwarded message|mensaje reenviado)", re.I
+        r"^-{2,}\s*(mensaje original|original message|forwarded message|mensaje reenviado)",
+        re.I,
     ),
     re.compile(r"^(on|el)\s.+(wrote|escribi[oó]):\s*$", re.I),
     re.compile(r"^>"),
     re.compile(r"^-- ?$"),
     re.compile(r"^_{10,}\s*$"),
+    re.compile(
+        r"^(muchas |mil )?(gracias|saludos|saludos cordiales|cordial saludo|cordialmente|"
+        r"atentamente|un saludo|quedo atent[oa]|quedamos atentos|best regards|kind regards|"
+        r"regards|thanks|thank you|cheers)\b[^:]{0,40}$",
+        re.I,
+    ),
 ]
 _OUTLOOK_HEADER = re.compile(r"^(de|from)\s*:\s*\S", re.I)
 _OUTLOOK_FOLLOWER = re.compile(r"^(enviado el|enviado|sent|fecha|date)\s*:", re.I)
 
 
 def agent_part(text: str) -> str:
-    """The text before any quoted original, forwarded message or signature."""
+    """The text before any quoted original, forwarded message, signature or sign-off."""
     lines = text.splitlines()
     for index, line in enumerate(lines):
         stripped = line.strip() if not line.startswith("-- ") else line.rstrip("\n")
@@ -193,7 +201,11 @@ def agent_part(text: str) -> str:
     return text.rstrip()
 
 
-_LABEL_LINE = re.compile(r"^\s*[*_]*\s*(?P<label>[^:\n]{1,80}?)\s*[*_]*\s*:\s*[*_]*(?P<value>.*)$")
+# `Label: value`, `LABEL :`, `**Label:** value`, `Label - value` (spaced dash or en/em dash).
+_LABEL_FORMS = [
+    re.compile(r"^\s*[*_]*\s*(?P<label>[^:\n]{1,80}?)\s*[*_]*\s*:\s*[*_]*\s*(?P<value>.*)$"),
+    re.compile(r"^\s*[*_]*\s*(?P<label>[^:\n]{1,80}?)\s*[*_]*\s+[-–—]\s+(?P<value>.*)$"),
+]
 
 
 def alias_index(aliases: Mapping[str, list[str]]) -> dict[str, str]:
@@ -205,29 +217,39 @@ def alias_index(aliases: Mapping[str, list[str]]) -> dict[str, str]:
     return index
 
 
+def _labelled(line: str, aliases: Mapping[str, str]) -> tuple[str, str] | None:
+    """(canonical field, value) when the line starts with a known label."""
+    for form in _LABEL_FORMS:
+        match = form.match(line)
+        if match:
+            canonical = aliases.get(normalize(match.group("label")))
+            if canonical:
+                return canonical, match.group("value").strip(" *_")
+    return None
+
+
+def _join(lines: list[str]) -> str:
+    """Hard-wrapped lines become one line per paragraph; paragraphs keep a blank line."""
+    paragraphs = " ".join(line.strip() or "\n\n" for line in lines).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
+
+
 def extract_fields(text: str, aliases: Mapping[str, str]) -> dict[str, str]:
-    """Labelled `Label: value` fields; a value continues on following lines up to a blank line
-    or the next known label. The first occurrence of a field wins."""
+    """Labelled fields of the agent's text. A value runs on over the following lines up to the
+    next known label or the end of the text. The first occurrence of a field wins."""
     fields: dict[str, str] = {}
     current: str | None = None
     parts: list[str] = []
-
-    def close() -> None:
+    for line in [*text.splitlines(), None]:
+        found = _labelled(line, aliases) if line is not None else None
+        if line is not None and found is None:
+            if current is not None:
+                parts.append(line)
+            continue
         if current is not None and current not in fields:
-            fields[current] = " ".join(" ".join(parts).split())
-
-    for line in text.splitlines():
-        match = _LABEL_LINE.match(line)
-        canonical = aliases.get(normalize(match.group("label"))) if match else None
-        if match and canonical:
-            close()
-            current, parts = canonical, [match.group("value").strip(" *_")]
-        elif current is not None and line.strip():
-            parts.append(line.strip())
-        else:
-            close()
-            current, parts = None, []
-    close()
+            fields[current] = _join(parts)
+        if found is not None:
+            current, parts = found[0], [found[1]]
     return fields
 
 

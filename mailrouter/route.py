@@ -93,22 +93,31 @@ class Decision:
     missing: list[MissingField] = field(default_factory=list)
 
 
+_ADDRESS = re.compile(r"[^@\s<>(),;:]+@[^@\s<>(),;:]+\.[^@\s<>(),;:]+")
+
+
+def invalid_value(kind: str, value: str) -> str | None:
+    """Why a present value is unusable for its field type (in Spanish, for the agent), or None."""
+    if kind == "email" and not _ADDRESS.fullmatch(value.strip().strip("<>")):
+        return f"«{value}» no es una dirección de correo"
+    if kind == "priority" and normalize_priority(value) is None:
+        return f"«{value}» no es una prioridad válida: {', '.join(PRIORITIES)}"
+    return None
+
+
 def _missing_fields(mail: ParsedMail, provider: Provider, config: Config) -> list[MissingField]:
+    """Required fields that are absent or empty, then given values that are invalid."""
     specs = config.settings.fields
     missing = [
         MissingField(name, specs[name].label)
         for name in provider.required
         if not mail.fields.get(name, "").strip()
     ]
-    given_priority = mail.fields.get("prioridad", "").strip()
-    if given_priority and normalize_priority(given_priority) is None:
-        missing.append(
-            MissingField(
-                "prioridad",
-                specs["prioridad"].label if "prioridad" in specs else "Prioridad",
-                f"«{given_priority}» no es una prioridad válida: {', '.join(PRIORITIES)}",
-            )
-        )
+    for name, value in mail.fields.items():
+        spec = specs.get(name)
+        problem = invalid_value(spec.type, value) if spec and value.strip() else None
+        if spec is not None and problem is not None:
+            missing.append(MissingField(name, spec.label, problem))
     return missing
 
 

@@ -153,13 +153,51 @@ def test_sender_globs() -> None:
     assert not sender_allowed("", ["*"])
 
 
+ALIASES = {
+    normalize("Cliente"): "cliente",
+    normalize("Descripción"): "descripcion",
+    normalize("Prioridad"): "prioridad",
+}
+
+
 def test_extract_fields_rules() -> None:
-    aliases = {normalize("Cliente"): "cliente", normalize("Descripción"): "descripcion"}
-    text = "**Cliente:** ACME\nDESCRIPCION : línea uno\nlínea dos\n\nGracias"
-    assert extract_fields(text, aliases) == {
+    text = "**Cliente:** ACME\nDESCRIPCION : línea uno\nlínea dos\n\nsegundo párrafo\n"
+    assert extract_fields(text, ALIASES) == {
         "cliente": "ACME",
-        "descripcion": "línea uno línea dos",
+        "descripcion": "línea uno línea dos\n\nsegundo párrafo",
     }
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Cliente - ACME",
+        "cliente – ACME",
+        "CLIENTE : ACME",
+        "__Cliente__: ACME",
+        "Cliente:ACME",
+        "* Cliente: ACME",
+        "Cliente.: ACME",
+    ],
+)
+def test_label_forms(line: str) -> None:
+    assert extract_fields(line, ALIASES) == {"cliente": "ACME"}
+
+
+def test_unknown_label_continues_the_value_and_first_wins() -> None:
+    text = "Descripción: falla\nNota: revisar hoy\nCliente: A\nCliente: B"
+    assert extract_fields(text, ALIASES) == {
+        "descripcion": "falla Nota: revisar hoy",
+        "cliente": "A",
+    }
+
+
+def test_sign_off_ends_agent_part() -> None:
+    text = "Cliente: A\nDescripción: no entra\n\nGracias,\nLaura\nCustomer Success"
+    assert extract_fields(agent_part(text), ALIASES)["descripcion"] == "no entra"
+    # A sentence that merely starts like a sign-off is kept.
+    long = "Descripción: x\nGracias a la actualización de ayer el módulo de pagos dejó de cargar"
+    assert "módulo de pagos" in extract_fields(agent_part(long), ALIASES)["descripcion"]
 
 
 def test_agent_part_cuts_quotes_and_signature() -> None:

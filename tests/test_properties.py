@@ -1,0 +1,101 @@
+"""Property-based tests of field extraction: random labels, values, whitespace, accents and
+quoted blocks. It never raises and never takes a field from a quoted block."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailrouter.config import load_config
+from mailrouter.parse import agent_part, extract_fields, parse_message
+from mailrouter.pipeline import field_aliases
+
+from .conftest import PROJECT
+
+CONFIG = load_config(PROJECT / "config.yaml")
+ALIASES = field_aliases(CONFIG)
+LABELS = {name: [spec.label, *spec.aliases] for name, spec in CONFIG.settings.fields.items()}
+
+VALUE_ALPHABET = st.sampled_from(list("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789áéíóúñÑ.,@#/()"))
+values = (
+    st.text(VALUE_ALPHABET, min_size=1, max_size=30)
+    .map(lambda v: " ".join(v.split()) or "x")
+    .filter(lambda v: v.strip(".,@#/()") != "")
+)
+
+
+def strip_accents(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+@st.composite
+def label_line(draw: st.DrawFn, name: str, value: str) -> str:
+    label = draw(st.sampled_from(LABELS[name]))
+    label = draw(st.sampled_from([label, label.upper(), label.lower(), strip_accents(label)]))
+    bold = draw(st.booleans())
+    shown = f"**{label}**" if bold else label
+    separator = draw(st.sampled_from([": ", ":", " : ", "  :   ", " - ", " – "]))
+    indent = draw(st.sampled_from(["", " ", "  ", "\t"]))
+    trailing = draw(st.sampled_from(["", " ", "  "]))
+    return f"{indent}{shown}{separator}{value}{trailing}"
+
+
+QUOTE_STARTS = [
+    "-----Mensaje original-----",
+    "---------- Forwarded message ---------",
+    "On Mon, 16 Nov 2026 at 09:12, Cliente <c@x.example> wrote:",
+    "El lun, 16 nov 2026 a las 9:12, Cliente (<c@x.example>) escribió:",
+    "-- ",
+    "De: Cliente <c@x.example>\nEnviado el: lunes, 16 de noviembre de 2026 9:12",
+]
+
+
+@st.composite
+def fragment(draw: st.DrawFn) -> tuple[str, dict[str, str], dict[str, str]]:
+    names = draw(st.lists(st.sampled_from(sorted(LABELS)), min_size=1, max_size=6, unique=True))
+    agent = {name: draw(values) for name in names}
+    lines = [draw(st.sampled_from(["", "Hola equipo,", "Buen día,"]))]
+    for name in names:
+        lines.append(draw(label_line(name, agent[name])))
+        lines.extend([""] * draw(st.integers(0, 1)))
+    quoted = {
+        name: f"CITADO {draw(values)}"
+        for name in draw(
+            st.lists(st.sampled_from(sorted(LABELS)), min_size=1, max_size=4, unique=True)
+        )
+    }
+    quote_lines = [draw(label_line(name, value)) for name, value in quoted.items()]
+    if draw(st.booleans()):
+        lines += ["", "> " + "\n> ".join(quote_lines)]
+    else:
+        lines += ["", draw(st.sampled_from(QUOTE_STARTS)), *quote_lines]
+    return "\n".join(lines), agent, quoted
+
+
+@given(fragment())
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_agent_fields_found_and_quoted_never_taken(
+    case: tuple[str, dict[str, str], dict[str, str]],
+) -> None:
+    text, agent, quoted = case
+    fields = extract_fields(agent_part(text), ALIASES)
+    assert fields == agent
+    assert not any(value in fields.values() for value in quoted.values())
+    assert not any("CITADO" in value for value in fields.values())
+
+
+@given(st.text(max_size=400))
+@settings(max_examples=300, deadline=None)
+def test_extraction_never_raises(text: str) -> None:
+    fields = extract_fields(agent_part(text), ALIASES)
+    assert all(isinstance(v, str) for v in fields.values())
+    assert set(fields) <= set(LABELS)
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=200, deadline=None)
+def test_parsing_arbitrary_bytes_never_raises(raw: bytes) -> None:
+    mail = parse_message(b"From: a@example.com\r\nSubject: x\r\n\r\n" + raw, ALIASES, "i@x.example")
+    assert "\n" not in mail.subject and "\r" not in mail.subject
