@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -34,6 +34,7 @@ from mailrouter.parse import ParsedMail, alias_index, content_hash, parse_messag
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.route import Decision, decide
 from mailrouter.store import Case, Event, ImapState, Message, Store
+from mailrouter.thread import case_by_thread, find_resent_case
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Arrival:
 
 @dataclass(frozen=True)
 class Result:
-    outcome: str  # routed | needs_info | ignored | quarantined
+    outcome: str  # routed | needs_info | threaded | ignored | quarantined
     reason: str
     case_id: int | None = None
     duplicate: bool = False
@@ -124,10 +125,8 @@ class Pipeline:
         raise AssertionError("unreachable")
 
     def _decide_and_apply(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
-        limit = self.config.settings.intake.max_message_bytes
-        if len(arrival.raw) > limit:
-            reason = f"message of {len(arrival.raw)} bytes is over the {limit}-byte limit"
-            return self._quarantine(session, arrival, reason)
+        if len(arrival.raw) > self.config.settings.intake.max_message_bytes:
+            return self._too_large(session, arrival, mail)
         try:
             with session.begin_nested():
                 return self._apply(session, arrival, mail, decide(mail, self.config))
@@ -172,50 +171,66 @@ class Pipeline:
     def _apply(
         self, session: Session, arrival: Arrival, mail: ParsedMail, decision: Decision
     ) -> Result:
-        now = arrival.now
         if decision.outcome == "quarantine":
             return self._quarantine(session, arrival, decision.reason)
         if decision.outcome == "ignore":
             log.info("ignored %s from %s: %s", mail.message_id, mail.from_address, decision.reason)
             self._inbound(session, arrival, "ignored", decision.reason)
             return Result("ignored", decision.reason)
+        prefix = self.config.settings.case_tag_prefix
+        threaded = case_by_thread(session, mail, prefix)
+        if threaded is not None and threaded.agent_address == mail.from_address:
+            if threaded.status == "needs_info":
+                return self._complete(session, arrival, mail, threaded)
+            return self._record_reply(session, arrival, mail, threaded)
+        waiting = find_resent_case(session, mail, decision)
+        if waiting is not None:
+            return self._complete(session, arrival, mail, waiting)
+        case = Case(
+            created_at=arrival.now,
+            agent_address=mail.from_address[:320],
+            agent_name=mail.from_name[:320],
+            subject=mail.subject,
+        )
+        return self._open(session, arrival, mail, decision, case)
 
-        provider = decision.provider
-        assert provider is not None and decision.route is not None
+    def _open(
+        self,
+        session: Session,
+        arrival: Arrival,
+        mail: ParsedMail,
+        decision: Decision,
+        case: Case,
+    ) -> Result:
+        """Give `case` the decision's destination, status and due time, and queue its mails:
+        the forward and acknowledgement, or the missing-fields reply."""
+        now = arrival.now
+        provider, route = decision.provider, decision.route
+        assert provider is not None and route is not None
         needs_info = decision.outcome == "needs_info"
         outcome = "needs_info" if needs_info else "routed"
         inbound = self._inbound(session, arrival, outcome, decision.reason)
-        case = Case(
-            created_at=now,
-            updated_at=now,
-            status="needs_info" if needs_info else "open",
-            provider=provider.id,
-            route=decision.route.name,
-            priority=decision.priority,
-            agent_address=mail.from_address[:320],
-            agent_name=mail.from_name[:320],
-            client=mail.fields.get("cliente", "")[:320],
-            subject=mail.subject,
-            fields=dict(mail.fields),
-            follow_up_due=None
-            if needs_info
-            else now + timedelta(hours=self.config.settings.sla_hours[decision.priority]),
-        )
-        session.add(case)
-        session.flush()  # the case id is the case tag, needed by the templates below
+        case.updated_at = now
+        case.status = "needs_info" if needs_info else "open"
+        case.provider, case.route, case.priority = provider.id, route.name, decision.priority
+        case.client = mail.fields.get("cliente", "")[:320]
+        case.fields = dict(mail.fields)
+        hours = self.config.settings.sla_hours[decision.priority]
+        case.follow_up_due = None if needs_info else now + timedelta(hours=hours)
+        if case.id is None:
+            session.add(case)
+            session.flush()  # the case id is the case tag, needed by the templates below
         inbound.case_id = case.id
         for outgoing in self.renderer.decision_mails(self._case_info(case), mail, decision, now):
-            self._send(session, case, now, outgoing)
-        if needs_info:
-            _event(session, case.id, now, "needs_info", decision.reason)
-        else:
-            _event(
-                session,
-                case.id,
-                now,
-                "opened",
-                f"{decision.reason}; forwarded to {provider.name} <{provider.address}>",
-            )
+            self._send(session, case.id, now, outgoing)
+        detail = f"{decision.reason}; forwarded to {provider.name} <{provider.address}>"
+        _event(
+            session,
+            case.id,
+            now,
+            "needs_info" if needs_info else "opened",
+            decision.reason if needs_info else detail,
+        )
         log.info(
             "%s %s: %s -> %s (%s)",
             case.tag(self.config.settings.case_tag_prefix),
@@ -225,6 +240,70 @@ class Pipeline:
             decision.priority,
         )
         return Result(outcome, decision.reason, case.id)
+
+    def _complete(self, session: Session, arrival: Arrival, mail: ParsedMail, case: Case) -> Result:
+        """The agent's corrected resend of a `needs_info` case: merge what it adds (new values
+        win), keep the first mail's attachments, and decide again on the whole."""
+        fields = {**case.fields, **{k: v for k, v in mail.fields.items() if v.strip()}}
+        earlier = [
+            attachment
+            for raw in session.scalars(
+                select(Message.raw).where(Message.case_id == case.id, Message.direction == "in")
+            )
+            for attachment in self.parse(raw).attachments
+        ]
+        attachments = list(
+            {(a.filename, a.payload): a for a in [*earlier, *mail.attachments]}.values()
+        )
+        whole = replace(mail, fields=fields, attachments=attachments)
+        _event(
+            session,
+            case.id,
+            arrival.now,
+            "agent_update",
+            f"resent by {mail.from_address}: {', '.join(sorted(mail.fields)) or 'no fields'}",
+        )
+        return self._open(session, arrival, whole, decide(whole, self.config), case)
+
+    def _record_reply(
+        self, session: Session, arrival: Arrival, mail: ParsedMail, case: Case
+    ) -> Result:
+        """The agent wrote on the thread of an open case: keep it on the case, open nothing."""
+        tag = case.tag(self.config.settings.case_tag_prefix)
+        reason = f"agent reply recorded on {tag}"
+        inbound = self._inbound(session, arrival, "threaded", reason)
+        inbound.case_id = case.id
+        case.updated_at = arrival.now
+        _event(session, case.id, arrival.now, "agent_reply", mail.subject)
+        log.info("%s: reply from %s recorded", tag, mail.from_address)
+        return Result("threaded", reason, case.id)
+
+    def _too_large(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
+        limit = self.config.settings.intake.max_message_bytes
+        reason = f"message of {len(arrival.raw)} bytes is over the {limit}-byte limit"
+        result = self._quarantine(session, arrival, reason)
+        if decide(mail, self.config).outcome not in ("route", "needs_info"):
+            return result  # no answer to machines or strangers
+        settings = self.config.settings
+        context = {
+            "agent": {"name": mail.from_name, "address": mail.from_address},
+            "original_subject": mail.subject,
+            "size_mb": f"{len(arrival.raw) / 1_048_576:.1f}",
+            "limit_mb": f"{limit / 1_048_576:.1f}",
+            "intake_address": settings.intake.address,
+        }
+        reply = self.renderer.compose(
+            "too_large",
+            "too_large.j2",
+            context,
+            [mail.from_address],
+            now=arrival.now,
+            to_agent=True,
+            in_reply_to=mail.message_id,
+            references=mail.references,
+        )
+        self._send(session, None, arrival.now, reply)
+        return result
 
     def delivery_failed(self, session: Session, row: Message, error: str) -> None:
         """A mail of a case was refused for good (5xx or retries exhausted): record it, and
@@ -268,7 +347,7 @@ class Pipeline:
             now=now,
             to_agent=True,
         )
-        self._send(session, case, now, notice)
+        self._send(session, case.id, now, notice)
 
     def _case_info(self, case: Case) -> CaseInfo:
         settings = self.config.settings
@@ -284,12 +363,14 @@ class Pipeline:
             else "",
         )
 
-    def _send(self, session: Session, case: Case, now: datetime, mail: OutgoingMail) -> None:
+    def _send(
+        self, session: Session, case_id: int | None, now: datetime, mail: OutgoingMail
+    ) -> None:
         """Queue one mail in the outbox, inside the caller's transaction."""
         session.add(
             Message(
                 created_at=now,
-                case_id=case.id,
+                case_id=case_id,
                 direction="out",
                 kind=mail.kind,
                 message_id=mail.message_id,

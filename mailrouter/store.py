@@ -106,7 +106,7 @@ class Message(Base):
     recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
     subject: Mapped[str] = mapped_column(Text, default="")
     raw: Mapped[bytes] = mapped_column(LargeBinary)
-    # in: routed | needs_info | ignored | quarantined
+    # in: routed | needs_info | threaded | ignored | quarantined
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     # out (the outbox): pending | sending (claimed by a sender) | sent | failed | cancelled
