@@ -225,13 +225,13 @@ def test_route_command_explains_each_sample(
         assert f"Priority:    {priority}\n" in out
         kind = "forward" if outcome == "route" else "needs_info"
         assert f"----- {kind} to " in out
+    else:
+        assert "Rule:" not in out and "-----" not in out
     if name == "06-hibot-missing-correo.eml":
         # Exactly what the agent would be told: the missing field, and the template to fill.
         reply = out.split("----- needs_info to andres.perez@example.com")[1]
         assert "  - Correo asociado al usuario\n" in reply
         assert "---------- Plantilla HIBOT ----------" in reply
-    else:
-        assert "Rule:" not in out and "-----" not in out
 
 
 def test_sender_and_regex_conditions(config: Config) -> None:
