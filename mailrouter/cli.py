@@ -66,7 +66,7 @@ def _text_of(data: bytes) -> str:
         if part.is_multipart():
             continue
         if part.get_content_maintype() == "text" and not part.get_filename():
-            lines += ["", str(part.get_content()).rstrip()]
+            lines += ["", str(part.get_content()).replace("\r\n", "\n").rstrip()]
         else:
             size = len(part.get_payload(decode=True) or b"")
             lines += [
