@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # aiosmtpd logs every SMTP command at INFO, and Alembic every start: keep the log for us.
-    for noisy in ("mail.log", "alembic"):
+    for noisy in ("mail.log", "alembic", "mailparser"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.func(args))

@@ -145,6 +145,13 @@ class FieldSpec(_Model):
     type: Literal["text", "email", "priority"] = "text"
 
 
+class LoopSettings(_Model):
+    """Last-resort brakes for a loop that slips past every header check."""
+
+    max_per_sender_per_hour: int = Field(120, ge=0, description="0: no limit")
+    max_relays_per_case_per_hour: int = Field(20, ge=0, description="0: no limit")
+
+
 class Settings(_Model):
     intake: IntakeSettings
     allowed_senders: list[str] = Field(min_length=1)
@@ -163,6 +170,7 @@ class Settings(_Model):
     }
     fields: dict[str, FieldSpec]
     routes: list[Route] = Field(min_length=1)
+    loop_protection: LoopSettings = LoopSettings()
 
     @field_validator("sla_hours")
     @classmethod
@@ -203,6 +211,32 @@ class Provider(_Model):
     address: str
     required: list[str] = []
     template: str
+    # Who writes back for this destination (globs); default: anyone at the address's domain.
+    senders: list[str] = []
+    # The vendor's own ticket number in its replies: a regex whose group 1 is the number.
+    ticket_number: str | None = None
+    # Subject of what we relay to the vendor once its ticket is known ({tag}, {ticket},
+    # {subject} = the forward's subject); without it, "Re: <the forward's subject>".
+    ticket_subject: str | None = None
+    # Fields that identify "the same case" for duplicate detection (normalised compare);
+    # a key that one of the two mails lacks is not compared.
+    duplicate_keys: list[str] = ["cliente"]
+
+    @field_validator("ticket_number")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                groups = re.compile(value).groups
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {value!r}: {exc}") from exc
+            if groups < 1:
+                raise ValueError("needs a group (...) around the number")
+        return value
+
+    @property
+    def sender_patterns(self) -> list[str]:
+        return self.senders or [f"*@{self.address.rsplit('@', 1)[1].lower()}"]
 
     @field_validator("address")
     @classmethod
@@ -397,13 +431,15 @@ def load_config(path: Path | str) -> Config:
             continue
         provider.id = provider_path.stem
         providers[provider.id] = provider
-        for index, name in enumerate(provider.required):
+        for index, name in enumerate([*provider.required, *provider.duplicate_keys]):
+            key = "required" if index < len(provider.required) else "duplicate_keys"
+            position = index if key == "required" else index - len(provider.required)
             if name not in settings.fields:
                 problems.append(
                     Problem(
                         provider_path,
-                        _line_of(pnode, ("required", index)),
-                        f"required[{index}]",
+                        _line_of(pnode, (key, position)),
+                        f"{key}[{position}]",
                         f"unknown field {name!r} (known: {', '.join(sorted(settings.fields))})",
                     )
                 )

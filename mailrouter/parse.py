@@ -187,12 +187,14 @@ _OUTLOOK_HEADER = re.compile(r"^(de|from)\s*:\s*\S", re.I)
 _OUTLOOK_FOLLOWER = re.compile(r"^(enviado el|enviado|sent|fecha|date)\s*:", re.I)
 
 
-def agent_part(text: str) -> str:
-    """The text before any quoted original, forwarded message, signature or sign-off."""
+def agent_part(text: str, *, sign_offs: bool = True) -> str:
+    """The text before any quoted original, forwarded message, signature or (when `sign_offs`,
+    for reading fields) a sign-off line. Relays keep the sign-off: it is part of a reply."""
+    markers = _CUT_MARKERS if sign_offs else _CUT_MARKERS[:-1]
     lines = text.splitlines()
     for index, line in enumerate(lines):
         stripped = line.strip() if not line.startswith("-- ") else line.rstrip("\n")
-        if any(marker.match(stripped) for marker in _CUT_MARKERS):
+        if any(marker.match(stripped) for marker in markers):
             return "\n".join(lines[:index]).rstrip()
         if _OUTLOOK_HEADER.match(stripped) and any(
             _OUTLOOK_FOLLOWER.match(following.strip()) for following in lines[index + 1 : index + 4]
@@ -253,6 +255,20 @@ def extract_fields(text: str, aliases: Mapping[str, str]) -> dict[str, str]:
     return fields
 
 
+_AUTO_SUBJECT = re.compile(
+    r"^(auto(matic)?[ -]?(reply|response|antwort)|respuesta autom[aá]tica|out of (the )?office|"
+    r"fuera de (la )?oficina|r[ée]ponse automatique|abwesenheitsnotiz|undeliver(able|ed)|"
+    r"delivery (status notification|failure|has failed)|mail delivery failed|returned mail|"
+    r"failure notice|non[- ]?delivery)",
+    re.I,
+)
+_ROBOT_SENDER = re.compile(
+    r"^(mailer-daemon|postmaster|post_master|no-?reply|do-?not-?reply|bounces?|"
+    r"mail-?daemon)([+._-].*)?$",
+    re.I,
+)
+
+
 def machine_reason(msg: email.message.Message, from_address: str, loop_token: str) -> str | None:
     """Why this mail was written by a machine (and so must never be answered), or None."""
 
@@ -270,20 +286,79 @@ def machine_reason(msg: email.message.Message, from_address: str, loop_token: st
     for name in ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress"):
         if header(name):
             return f"{name} header"
+    if header("X-Apple-Action") == "vacation":
+        return "vacation reply (X-Apple-Action)"
     precedence = header("Precedence")
     if precedence in {"bulk", "junk", "list", "auto_reply"}:
         return f"Precedence: {precedence}"
-    for name in ("List-Id", "List-Unsubscribe"):
+    for name in ("List-Id", "List-Unsubscribe", "List-Subscribe", "List-Post", "X-MLServer"):
         if header(name):
             return f"mailing list mail ({name})"
     if msg.get_content_type() == "multipart/report":
         return "delivery or read report (multipart/report)"
-    local = from_address.split("@", 1)[0]
+    if header("Return-Path") == "<>":
+        return "null return path (a bounce)"
     if not from_address:
         return "no sender address"
-    if local in {"mailer-daemon", "postmaster"}:
-        return f"sent by {local}"
+    local = from_address.split("@", 1)[0]
+    if _ROBOT_SENDER.match(local):
+        return f"sent by an automatic address ({local})"
+    subject = decode_header_text(msg.get("Subject"))
+    if _AUTO_SUBJECT.match(subject):
+        return f"automatic reply or bounce (subject {subject[:60]!r})"
     return None
+
+
+_BOUNCE_REASON = re.compile(
+    r"report|bounce|null return|mailer-daemon|postmaster|post_master|undeliver|delivery|"
+    r"returned mail|failure",
+    re.I,
+)
+
+
+def is_bounce(mail: ParsedMail) -> bool:
+    """Machine mail that reports a delivery failure (a DSN or an old-style bounce)."""
+    return bool(mail.machine_reason) and bool(_BOUNCE_REASON.search(mail.machine_reason or ""))
+
+
+@dataclass(frozen=True)
+class Bounce:
+    """What a delivery failure report says: who failed, why, and which mails bounced."""
+
+    recipients: list[str]
+    reason: str
+    original_ids: list[str]
+
+
+def bounce_details(msg: email.message.Message) -> Bounce:
+    """Recipients, status and diagnostic of a DSN (RFC 3464), and every Message-ID quoted in
+    the report (the bounced original's, in a DSN part or in a free-text bounce)."""
+    recipients: list[str] = []
+    reasons: list[str] = []
+    for part in msg.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        payload = part.get_payload()
+        blocks = payload if isinstance(payload, list) else []
+        for block in blocks:
+            if not isinstance(block, email.message.Message):
+                continue
+            recipient = str(block.get("Final-Recipient") or block.get("Original-Recipient") or "")
+            if not recipient or str(block.get("Action", "")).lower() not in ("failed", ""):
+                continue
+            address = recipient.split(";", 1)[-1].strip().strip("<>").lower()
+            recipients.append(address)
+            status = clean_header(str(block.get("Status", "")))
+            diagnostic = clean_header(str(block.get("Diagnostic-Code", "")))
+            reasons.append(f"{address}: {status} {diagnostic.split(';', 1)[-1].strip()}".strip())
+    try:
+        text = msg.as_bytes(policy=email.policy.compat32).decode("utf-8", "replace")
+    except Exception:  # a report too broken to re-serialise: its parts still told us enough
+        text = ""
+    # The report's own Message-ID is not the bounced mail's.
+    own = _msgid(msg.get("Message-ID"))
+    quoted = [i for i in dict.fromkeys(re.findall(r"<([^<>\s]+@[^<>\s]+)>", text)) if i != own]
+    return Bounce(recipients, "; ".join(reasons) or "the mail server returned the mail", quoted)
 
 
 def _bodies_stdlib(msg: email.message.Message) -> tuple[str, str, list[Attachment]]:

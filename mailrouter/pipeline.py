@@ -11,15 +11,16 @@ raises is quarantined with the reason, so one bad mail never blocks the rest.
 
 from __future__ import annotations
 
+import email
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import (
     DisconnectionError,
     IntegrityError,
@@ -29,14 +30,39 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as DBTimeoutError
 from sqlalchemy.orm import Session
 
-from mailrouter.config import Config
-from mailrouter.parse import ParsedMail, alias_index, content_hash, parse_message
+from mailrouter.config import PRIORITIES, Config, Provider
+from mailrouter.parse import (
+    Attachment,
+    ParsedMail,
+    agent_part,
+    alias_index,
+    bounce_details,
+    content_hash,
+    is_bounce,
+    normalize,
+    parse_message,
+)
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
-from mailrouter.route import Decision, decide
+from mailrouter.route import Decision, decide, sender_allowed
 from mailrouter.store import Case, Event, ImapState, Message, Store
-from mailrouter.thread import case_by_thread, find_resent_case
+from mailrouter.thread import (
+    OPEN_STATUSES,
+    ThreadHeaders,
+    agent_thread,
+    case_by_thread,
+    case_by_ticket,
+    find_duplicate,
+    find_resent_case,
+    is_vendor,
+    parse_commands,
+    ticket_in,
+    vendor_thread,
+    vendors_of,
+)
 
 log = logging.getLogger(__name__)
+
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 
 # The database is down, locked or gone: the mail is not at fault, it must be retried.
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, DBTimeoutError)
@@ -129,7 +155,7 @@ class Pipeline:
             return self._too_large(session, arrival, mail)
         try:
             with session.begin_nested():
-                return self._apply(session, arrival, mail, decide(mail, self.config))
+                return self._apply(session, arrival, mail)
         except (IntegrityError, *INFRASTRUCTURE_ERRORS):
             raise
         except Exception as exc:
@@ -138,10 +164,22 @@ class Pipeline:
             log.exception("processing failed; quarantining the mail")
             return self._quarantine(session, arrival, f"processing error: {_summary(exc)}")
 
-    def _inbound(self, session: Session, arrival: Arrival, outcome: str, reason: str) -> Message:
+    def _inbound(
+        self,
+        session: Session,
+        arrival: Arrival,
+        outcome: str,
+        reason: str,
+        kind: str | None = None,
+        case: Case | None = None,
+    ) -> Message:
+        """Store the inbound mail with its outcome (kind: escalation, agent_reply, vendor,
+        machine, bounce, quarantined), on its case when it has one."""
         mail, source = arrival.mail, arrival.source
-        kind = {"quarantined": "quarantined", "ignored": "machine"}.get(outcome, "escalation")
+        if kind is None:
+            kind = {"quarantined": "quarantined", "ignored": "machine"}.get(outcome, "escalation")
         message = Message(
+            case_id=case.id if case is not None else None,
             created_at=arrival.now,
             direction="in",
             kind=kind,
@@ -168,31 +206,222 @@ class Pipeline:
         self._inbound(session, arrival, "quarantined", reason)
         return Result("quarantined", reason)
 
-    def _apply(
-        self, session: Session, arrival: Arrival, mail: ParsedMail, decision: Decision
-    ) -> Result:
-        if decision.outcome == "quarantine":
-            return self._quarantine(session, arrival, decision.reason)
-        if decision.outcome == "ignore":
-            log.info("ignored %s from %s: %s", mail.message_id, mail.from_address, decision.reason)
-            self._inbound(session, arrival, "ignored", decision.reason)
-            return Result("ignored", decision.reason)
-        prefix = self.config.settings.case_tag_prefix
-        threaded = case_by_thread(session, mail, prefix)
-        if threaded is not None and threaded.agent_address == mail.from_address:
-            if threaded.status == "needs_info":
-                return self._complete(session, arrival, mail, threaded)
-            return self._record_reply(session, arrival, mail, threaded)
+    def _apply(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
+        """Which path a mail takes: a vendor's reply, machine mail, a stranger, an agent on a
+        case's thread, a duplicate or resend, or a new escalation."""
+        config, now = self.config, arrival.now
+        limits = config.settings.loop_protection
+        if limits.max_per_sender_per_hour and mail.from_address:
+            recent = session.scalar(
+                select(func.count(Message.id)).where(
+                    Message.direction == "in",
+                    Message.sender == mail.from_address[:320],
+                    Message.created_at >= now - timedelta(hours=1),
+                )
+            )
+            if (recent or 0) >= limits.max_per_sender_per_hour:
+                reason = (
+                    f"rate limit: {recent} mails from {mail.from_address} in the last hour "
+                    f"(loop_protection.max_per_sender_per_hour)"
+                )
+                return self._quarantine(session, arrival, reason)
+        case = case_by_thread(session, mail, config.settings.case_tag_prefix)
+        vendors = vendors_of(mail.from_address, config)
+        if case is None and vendors:
+            case = case_by_ticket(session, mail, vendors)
+        if case is not None and self._from_vendor(mail, case):
+            return self._vendor_reply(session, arrival, mail, case)
+        if mail.machine_reason:
+            if is_bounce(mail):
+                return self._bounce(session, arrival, mail)
+            log.info(
+                "ignored %s from %s: %s", mail.message_id, mail.from_address, mail.machine_reason
+            )
+            reason = f"machine mail: {mail.machine_reason}"
+            self._inbound(session, arrival, "ignored", reason, "machine", case)
+            return Result("ignored", reason, case.id if case else None)
+        if not sender_allowed(mail.from_address, config.settings.allowed_senders):
+            if vendors:
+                return self._quarantine(session, arrival, "unmatched vendor reply")
+            return self._quarantine(session, arrival, decide(mail, config).reason)
+        if case is not None:
+            if case.status == "needs_info":
+                return self._complete(session, arrival, mail, case)
+            return self._agent_reply(session, arrival, mail, case)
+        decision = decide(mail, config)
+        duplicate = find_duplicate(session, mail, decision)
+        if duplicate is not None:
+            return self._duplicate(session, arrival, mail, decision, duplicate)
         waiting = find_resent_case(session, mail, decision)
         if waiting is not None:
             return self._complete(session, arrival, mail, waiting)
         case = Case(
-            created_at=arrival.now,
+            created_at=now,
             agent_address=mail.from_address[:320],
             agent_name=mail.from_name[:320],
             subject=mail.subject,
         )
         return self._open(session, arrival, mail, decision, case)
+
+    def _from_vendor(self, mail: ParsedMail, case: Case) -> bool:
+        provider = self.config.providers.get(case.provider)
+        return (
+            provider is not None
+            and mail.from_address != case.agent_address
+            and is_vendor(mail.from_address, provider)
+        )
+
+    # --- replies on a case's thread ------------------------------------------------------
+
+    def _vendor_reply(
+        self, session: Session, arrival: Arrival, mail: ParsedMail, case: Case
+    ) -> Result:
+        """The vendor wrote on a case: record its ticket number the first time one shows
+        (even in an auto-reply, and then tell the agent once); relay a human reply."""
+        now, tag = arrival.now, case.tag(self.config.settings.case_tag_prefix)
+        provider = self.config.providers[case.provider]
+        ticket = ticket_in(mail, provider)
+        new_ticket = bool(ticket) and not case.vendor_ticket
+        if new_ticket:
+            case.vendor_ticket = ticket
+            _event(session, case.id, now, "vendor_ticket", f"{provider.name} ticket #{ticket}")
+        case.updated_at = now
+        text = agent_part(mail.body, sign_offs=False) or mail.body.strip()
+        if mail.machine_reason:
+            reason = f"vendor auto-reply on {tag}: {mail.machine_reason}"
+            self._inbound(session, arrival, "threaded", reason, "vendor", case)
+            if new_ticket:
+                self._to_agent(
+                    session,
+                    case,
+                    provider,
+                    "vendor_ticket",
+                    "vendor_ticket.j2",
+                    now,
+                    text=text,
+                    original_subject=mail.subject,
+                )
+            return Result("threaded", reason, case.id)
+        reason = f"vendor reply on {tag}"
+        self._inbound(session, arrival, "threaded", reason, "vendor", case)
+        if case.status in OPEN_STATUSES:
+            case.status = "vendor_replied"
+        _event(session, case.id, now, "vendor_reply", mail.subject)
+        if self._relay_allowed(session, case, now):
+            self._to_agent(
+                session,
+                case,
+                provider,
+                "relay_to_agent",
+                "relay_to_agent.j2",
+                now,
+                text=text,
+                original_subject=mail.subject,
+                attachments=mail.attachments,
+            )
+        return Result("threaded", reason, case.id)
+
+    def _agent_reply(
+        self, session: Session, arrival: Arrival, mail: ParsedMail, case: Case
+    ) -> Result:
+        """An agent wrote on a case's thread: apply its #commands, relay the rest to the
+        vendor in the vendor's thread."""
+        now, tag = arrival.now, case.tag(self.config.settings.case_tag_prefix)
+        commands = parse_commands(agent_part(mail.body, sign_offs=False))
+        self._inbound(session, arrival, "threaded", f"agent reply on {tag}", "agent_reply", case)
+        case.updated_at = now
+        for note in commands.notes:
+            _event(session, case.id, now, "note", f"{mail.from_address}: {note}")
+        if commands.priority and commands.priority != case.priority:
+            _event(session, case.id, now, "priority", f"{case.priority} -> {commands.priority}")
+            case.priority = commands.priority
+        relayable = commands.text and case.status not in ("closed", "undeliverable")
+        if relayable and self._relay_allowed(session, case, now):
+            self._to_vendor(
+                session,
+                case,
+                now,
+                commands.text,
+                mail.attachments,
+                mail.from_name,
+                mail.from_address,
+            )
+            case.status = "awaiting_vendor"
+        if commands.close:
+            case.status, case.follow_up_due = "closed", None
+            _event(session, case.id, now, "closed", f"closed by {mail.from_address}")
+        log.info("%s: agent reply from %s (%s)", tag, mail.from_address, case.status)
+        return Result("threaded", f"agent reply on {tag}", case.id)
+
+    def _duplicate(
+        self,
+        session: Session,
+        arrival: Arrival,
+        mail: ParsedMail,
+        decision: Decision,
+        case: Case,
+    ) -> Result:
+        """An escalation of a case that is already open: add it to that case, relay it to the
+        vendor in the case's thread, raise the priority if asked, tell the agent the case."""
+        now, tag = arrival.now, case.tag(self.config.settings.case_tag_prefix)
+        provider = self.config.providers[case.provider]
+        reason = f"duplicate of {tag}"
+        self._inbound(session, arrival, "threaded", reason, "escalation", case)
+        raised = None
+        if PRIORITY_RANK[decision.priority] > PRIORITY_RANK[case.priority]:
+            raised, case.priority = case.priority, decision.priority
+            hours = self.config.settings.sla_hours[case.priority]
+            case.follow_up_due = min(
+                case.follow_up_due or now + timedelta(hours=hours), now + timedelta(hours=hours)
+            )
+        case.updated_at = now
+        _event(
+            session,
+            case.id,
+            now,
+            "duplicate",
+            f"{mail.from_address}: {mail.subject}"
+            + (f"; priority {raised} -> {case.priority}" if raised else ""),
+        )
+        self._to_vendor(
+            session, case, now, mail.agent_text, mail.attachments, mail.from_name, mail.from_address
+        )
+        agent = {"name": mail.from_name, "address": mail.from_address}
+        self._to_agent(
+            session,
+            case,
+            provider,
+            "duplicate",
+            "duplicate.j2",
+            now,
+            original_subject=mail.subject,
+            raised=raised or "",
+            agent=agent,
+            thread=ThreadHeaders(mail.message_id, mail.references),
+        )
+        log.info("%s: duplicate escalation from %s attached", tag, mail.from_address)
+        return Result("threaded", reason, case.id)
+
+    def _bounce(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
+        """A delivery failure report: when it returns one of our mails to a vendor, the case
+        is undeliverable and its agent is told; any other bounce is only recorded."""
+        details = bounce_details(email.message_from_bytes(arrival.raw))
+        bounced = session.scalars(
+            select(Message).where(
+                Message.direction == "out",
+                Message.message_id.in_(details.original_ids or [""]),
+                Message.kind.in_(("forward", "relay_to_vendor")),
+            )
+        ).first()
+        case = session.get(Case, bounced.case_id) if bounced and bounced.case_id else None
+        if case is None:
+            reason = f"bounce not about a mail to a vendor: {details.reason}"
+            self._inbound(session, arrival, "ignored", reason, "bounce")
+            return Result("ignored", reason)
+        reason = f"bounce of {case.tag(self.config.settings.case_tag_prefix)}: {details.reason}"
+        self._inbound(session, arrival, "ignored", reason, "bounce", case)
+        self._undeliverable(session, case, arrival.now, details.reason)
+        return Result("ignored", reason, case.id)
 
     def _open(
         self,
@@ -214,6 +443,7 @@ class Pipeline:
         case.status = "needs_info" if needs_info else "open"
         case.provider, case.route, case.priority = provider.id, route.name, decision.priority
         case.client = mail.fields.get("cliente", "")[:320]
+        case.client_key = normalize(case.client)
         case.fields = dict(mail.fields)
         hours = self.config.settings.sla_hours[decision.priority]
         case.follow_up_due = None if needs_info else now + timedelta(hours=hours)
@@ -265,19 +495,6 @@ class Pipeline:
         )
         return self._open(session, arrival, whole, decide(whole, self.config), case)
 
-    def _record_reply(
-        self, session: Session, arrival: Arrival, mail: ParsedMail, case: Case
-    ) -> Result:
-        """The agent wrote on the thread of an open case: keep it on the case, open nothing."""
-        tag = case.tag(self.config.settings.case_tag_prefix)
-        reason = f"agent reply recorded on {tag}"
-        inbound = self._inbound(session, arrival, "threaded", reason)
-        inbound.case_id = case.id
-        case.updated_at = arrival.now
-        _event(session, case.id, arrival.now, "agent_reply", mail.subject)
-        log.info("%s: reply from %s recorded", tag, mail.from_address)
-        return Result("threaded", reason, case.id)
-
     def _too_large(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
         limit = self.config.settings.intake.max_message_bytes
         reason = f"message of {len(arrival.raw)} bytes is over the {limit}-byte limit"
@@ -307,17 +524,23 @@ class Pipeline:
 
     def delivery_failed(self, session: Session, row: Message, error: str) -> None:
         """A mail of a case was refused for good (5xx or retries exhausted): record it, and
-        when it was the forward, mark the case undeliverable and tell the agent, instead of
-        the acknowledgement that would have said it was sent."""
-        now = self.clock()
+        when it was the forward, mark the case undeliverable and tell the agent."""
         if row.case_id is None:
             return
+        now = self.clock()
         detail = f"{row.kind} to {', '.join(row.recipients)} failed: {error}"
-        case = session.get(Case, row.case_id)
         _event(session, row.case_id, now, "delivery_failed", detail)
-        if case is None or row.kind != "forward":
+        case = session.get(Case, row.case_id)
+        if case is not None and row.kind in ("forward", "relay_to_vendor"):
+            self._undeliverable(session, case, now, error)
+
+    def _undeliverable(self, session: Session, case: Case, now: datetime, error: str) -> None:
+        """The vendor cannot be reached: say so on the case and to the agent, instead of the
+        acknowledgement that would have said it was sent."""
+        if case.status == "undeliverable":
             return
         case.status, case.updated_at = "undeliverable", now
+        _event(session, case.id, now, "undeliverable", error)
         pending_acks = session.scalars(
             select(Message).where(
                 Message.case_id == case.id,
@@ -329,8 +552,32 @@ class Pipeline:
             ack.delivery, ack.last_error = "cancelled", "the forward was refused"
             ack.claimed_by = ack.claimed_until = None
         provider = self.config.providers.get(case.provider)
-        if provider is None:
-            return
+        if provider is not None:
+            self._to_agent(
+                session,
+                case,
+                provider,
+                "undeliverable",
+                "undeliverable.j2",
+                now,
+                error=error,
+                original_subject=case.subject,
+            )
+
+    def _to_agent(
+        self,
+        session: Session,
+        case: Case,
+        provider: Provider,
+        kind: str,
+        template: str,
+        now: datetime,
+        *,
+        thread: ThreadHeaders | None = None,
+        agent: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        """Queue a mail about a case to its agent, in the conversation the agent started."""
         context = self.renderer.case_context(
             self._case_info(case),
             provider,
@@ -339,20 +586,105 @@ class Pipeline:
             case.agent_address,
             case.subject,
         )
-        notice = self.renderer.compose(
-            "undeliverable",
-            "undeliverable.j2",
-            {**context, "error": error},
-            [case.agent_address],
+        context.update(extra)
+        if agent is not None:
+            context["agent"] = agent
+        thread = thread or agent_thread(session, case)
+        to = agent["address"] if agent else case.agent_address
+        mail = self.renderer.compose(
+            kind,
+            template,
+            context,
+            [to],
             now=now,
             to_agent=True,
+            attachments=extra.get("attachments", ()),
+            in_reply_to=thread.in_reply_to,
+            references=thread.references,
         )
-        self._send(session, case.id, now, notice)
+        self._send(session, case.id, now, mail)
+
+    def _to_vendor(
+        self,
+        session: Session,
+        case: Case,
+        now: datetime,
+        text: str,
+        attachments: Sequence[Attachment],
+        agent_name: str,
+        agent_address: str,
+    ) -> None:
+        """Relay an agent's words to the vendor, in the vendor's own thread for the case."""
+        provider = self.config.providers[case.provider]
+        thread = vendor_thread(session, case)
+        forward_subject = (
+            session.scalar(
+                select(Message.subject)
+                .where(Message.case_id == case.id, Message.kind == "forward")
+                .order_by(Message.id)
+                .limit(1)
+            )
+            or case.subject
+        )
+        info = self._case_info(case)
+        if case.vendor_ticket and provider.ticket_subject:
+            subject = provider.ticket_subject.format(
+                tag=info.tag, ticket=case.vendor_ticket, subject=forward_subject
+            )
+        else:
+            subject = (
+                forward_subject
+                if forward_subject.lower().startswith("re:")
+                else (f"Re: {forward_subject}")
+            )
+        context = self.renderer.case_context(
+            info, provider, case.fields, agent_name, agent_address, case.subject
+        )
+        context.update(text=text, subject=subject, attachments=list(attachments))
+        mail = self.renderer.compose(
+            "relay_to_vendor",
+            "relay_to_vendor.j2",
+            context,
+            [provider.address],
+            now=now,
+            to_agent=False,
+            attachments=attachments,
+            in_reply_to=thread.in_reply_to,
+            references=thread.references,
+        )
+        self._send(session, case.id, now, mail)
+        _event(session, case.id, now, "relayed_to_vendor", subject)
+
+    def _relay_allowed(self, session: Session, case: Case, now: datetime) -> bool:
+        """The last brake on a loop no header revealed: a case relays at most N mails an hour."""
+        limit = self.config.settings.loop_protection.max_relays_per_case_per_hour
+        if not limit:
+            return True
+        relays = (
+            session.scalar(
+                select(func.count(Message.id)).where(
+                    Message.case_id == case.id,
+                    Message.kind.in_(("relay_to_agent", "relay_to_vendor")),
+                    Message.created_at >= now - timedelta(hours=1),
+                )
+            )
+            or 0
+        )
+        if relays < limit:
+            return True
+        log.warning(
+            "%s: %d relays in the last hour; not relaying more (possible mail loop)",
+            case.tag(self.config.settings.case_tag_prefix),
+            relays,
+        )
+        _event(session, case.id, now, "rate_limited", f"{relays} relays in the last hour")
+        return False
 
     def _case_info(self, case: Case) -> CaseInfo:
         settings = self.config.settings
         due = case.follow_up_due
         return CaseInfo(
+            ticket=case.vendor_ticket or "",
             tag=case.tag(settings.case_tag_prefix),
             priority=case.priority,
             status=case.status,

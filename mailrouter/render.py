@@ -44,6 +44,7 @@ class CaseInfo:
     priority: str
     status: str
     follow_up_due: str
+    ticket: str = ""
 
 
 class TemplateShapeError(ValueError):

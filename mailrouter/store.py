@@ -73,10 +73,12 @@ class Case(Base):
     agent_address: Mapped[str] = mapped_column(String(320), index=True)
     agent_name: Mapped[str] = mapped_column(String(320), default="")
     client: Mapped[str] = mapped_column(String(320), default="")
+    # The client normalised (case, accents, spacing): what duplicate detection compares.
+    client_key: Mapped[str] = mapped_column(String(320), default="", index=True)
     subject: Mapped[str] = mapped_column(Text, default="")
     fields: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     follow_up_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    vendor_ticket: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    vendor_ticket: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
 
     def tag(self, prefix: str) -> str:
         return f"{prefix}-{self.id:06d}"
@@ -87,6 +89,7 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_imap", "imap_mailbox", "imap_uidvalidity", "imap_uid", unique=True),
         Index("ix_messages_outbox", "delivery", "next_attempt_at"),
+        Index("ix_messages_sender_time", "sender", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -1,21 +1,29 @@
-"""Thread: which existing case an incoming mail belongs to.
+"""Thread: which existing case an incoming mail belongs to, and what an agent's reply asks.
 
-Owns the matching of a mail to a case: by In-Reply-To/References against the
+Owns the matching of a mail to a case — by In-Reply-To/References against the
 Message-IDs the router stored for the case, by the case tag (`[ESC-000123]`)
-in the subject, and by the fragment's own keys (same agent, destination and
-client). Reads the store; changes nothing.
+in the subject, by the vendor's own ticket number, and by the fragment's keys
+for duplicates and resends — plus who is writing (the case's vendor or an
+agent), the agent's `#commands`, and the headers that keep a relay in its
+thread. Reads the store; changes nothing.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mailrouter.config import Config, Provider
 from mailrouter.parse import ParsedMail, normalize
-from mailrouter.route import Decision
+from mailrouter.route import Decision, normalize_priority
 from mailrouter.store import Case, Message
+
+# A case that is still being worked on, and so can receive duplicates and replies.
+OPEN_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
 
 
 def tagged_case_id(subject: str, prefix: str) -> int | None:
@@ -40,19 +48,159 @@ def case_by_thread(session: Session, mail: ParsedMail, prefix: str) -> Case | No
     return session.get(Case, tagged) if tagged is not None else None
 
 
+def is_vendor(address: str, provider: Provider) -> bool:
+    return any(fnmatch.fnmatchcase(address, p.lower()) for p in provider.sender_patterns)
+
+
+def vendors_of(address: str, config: Config) -> list[Provider]:
+    """The destinations this sender may write back for."""
+    return [p for p in config.providers.values() if is_vendor(address, p)]
+
+
+def ticket_in(mail: ParsedMail, provider: Provider) -> str | None:
+    """The vendor's ticket number in the subject or the new text of its mail."""
+    if not provider.ticket_number:
+        return None
+    for text in (mail.subject, mail.body):
+        match = re.search(provider.ticket_number, text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def case_by_ticket(session: Session, mail: ParsedMail, vendors: list[Provider]) -> Case | None:
+    """The case of a vendor reply that only carries the vendor's own ticket number."""
+    for provider in vendors:
+        ticket = ticket_in(mail, provider)
+        if ticket:
+            found = session.scalars(
+                select(Case)
+                .where(Case.provider == provider.id, Case.vendor_ticket == ticket)
+                .order_by(Case.id.desc())
+                .limit(1)
+            ).first()
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass
+class Commands:
+    """What an agent's reply asks besides the text to relay."""
+
+    close: bool = False
+    priority: str | None = None
+    notes: list[str] = field(default_factory=list)
+    text: str = ""
+
+
+_COMMAND = re.compile(r"^\s*#(resuelto|cerrar|prioridad|nota)\b[:\s]*(.*)$", re.I)
+
+
+def parse_commands(text: str) -> Commands:
+    """`#resuelto`/`#cerrar`, `#prioridad ALTA`, `#nota …` on lines of their own; every other
+    line is the text to relay."""
+    found = Commands()
+    kept: list[str] = []
+    for line in text.splitlines():
+        match = _COMMAND.match(line)
+        if match is None:
+            kept.append(line)
+            continue
+        command, argument = match.group(1).lower(), match.group(2).strip()
+        if command in ("resuelto", "cerrar"):
+            found.close = True
+        elif command == "prioridad":
+            found.priority = normalize_priority(argument)
+        elif argument:
+            found.notes.append(argument)
+    found.text = "\n".join(kept).strip()
+    return found
+
+
+def find_duplicate(session: Session, mail: ParsedMail, decision: Decision) -> Case | None:
+    """An open case for the same destination and the same client — and, for every other key
+    the destination declares that both mails give, the same value (seed 000: search first)."""
+    provider = decision.provider
+    client = normalize(mail.fields.get("cliente", ""))
+    if provider is None or not client:
+        return None
+    candidates = session.scalars(
+        select(Case)
+        .where(
+            Case.provider == provider.id,
+            Case.client_key == client,
+            Case.status.in_(OPEN_STATUSES),
+        )
+        .order_by(Case.id)
+    )
+    for case in candidates:
+        if all(
+            normalize(case.fields.get(key, "")) == normalize(mail.fields.get(key, ""))
+            for key in provider.duplicate_keys
+            if key != "cliente" and case.fields.get(key) and mail.fields.get(key)
+        ):
+            return case
+    return None
+
+
 def find_resent_case(session: Session, mail: ParsedMail, decision: Decision) -> Case | None:
     """The agent's own case still waiting for fields that this fresh mail resends: same
     destination and same client (ignoring case, accents and spacing)."""
     client = normalize(mail.fields.get("cliente", ""))
     if not client or decision.provider is None:
         return None
-    candidates = session.scalars(
+    return session.scalars(
         select(Case)
         .where(
             Case.status == "needs_info",
             Case.agent_address == mail.from_address,
             Case.provider == decision.provider.id,
+            Case.client_key == client,
         )
         .order_by(Case.id.desc())
+        .limit(1)
+    ).first()
+
+
+@dataclass(frozen=True)
+class ThreadHeaders:
+    in_reply_to: str | None
+    references: list[str]
+
+
+def vendor_thread(session: Session, case: Case) -> ThreadHeaders:
+    """Headers that put our next mail to the vendor in the vendor's thread: the forward, then
+    every mail the vendor sent on the case."""
+    ids = list(
+        session.scalars(
+            select(Message.message_id)
+            .where(
+                Message.case_id == case.id,
+                Message.message_id.is_not(None),
+                ((Message.direction == "out") & (Message.kind == "forward"))
+                | ((Message.direction == "in") & (Message.kind == "vendor")),
+            )
+            .order_by(Message.id)
+        )
     )
-    return next((case for case in candidates if normalize(case.client) == client), None)
+    clean = [i for i in ids if i]
+    return ThreadHeaders(clean[-1] if clean else None, clean)
+
+
+def agent_thread(session: Session, case: Case) -> ThreadHeaders:
+    """Headers that keep our mails to the agent in the conversation they started."""
+    ids = list(
+        session.scalars(
+            select(Message.message_id)
+            .where(
+                Message.case_id == case.id,
+                Message.message_id.is_not(None),
+                ((Message.direction == "in") & (Message.kind == "escalation"))
+                | ((Message.direction == "out") & (Message.kind == "acknowledgement")),
+            )
+            .order_by(Message.id)
+        )
+    )
+    clean = [i for i in ids if i]
+    return ThreadHeaders(clean[-1] if clean else None, clean)

@@ -134,15 +134,21 @@ def test_invalid_email_is_reported(pipeline: Pipeline) -> None:
     assert "«mrodriguez arroba lafise» no es una dirección de correo" in body_of(reply)
 
 
-def test_reply_on_an_open_case_is_recorded_not_a_new_case(pipeline: Pipeline) -> None:
+def test_reply_on_an_open_case_is_relayed_not_a_new_case(pipeline: Pipeline) -> None:
     pipeline.process(escalation("01-hibot-basic.eml"))
-    ack = next(m for m in pipeline.store.outbound() if m.kind == "acknowledgement")
+    forward, ack = pipeline.store.outbound()
     result = pipeline.process(
         reply_to(ack, "¿Alguna novedad?", sender="Laura Gómez <laura.gomez@example.com>")
     )
     assert result.outcome == "threaded" and result.case_id == 1
-    assert len(pipeline.store.cases()) == 1
-    assert len(pipeline.store.outbound()) == 2  # nothing more sent
+    (case,) = pipeline.store.cases()
+    assert case.status == "awaiting_vendor"
+    relay = pipeline.store.outbound()[-1]
+    assert relay.kind == "relay_to_vendor" and relay.recipients == ["soporte@hibot.us"]
+    parsed = email.message_from_bytes(relay.raw, policy=email.policy.default)
+    assert parsed["In-Reply-To"] == f"<{forward.message_id}>"
+    assert parsed["Subject"] == f"Re: {forward.subject}"
+    assert "¿Alguna novedad?" in body_of(relay)
 
 
 def test_oversized_mail_answers_the_agent_only(write_config: Callable[..., Path]) -> None:
