@@ -628,8 +628,9 @@ class Pipeline:
         )
         info = self._case_info(case)
         if case.vendor_ticket and provider.ticket_subject:
+            bare = forward_subject.replace(f"[{info.tag}]", "").strip()
             subject = provider.ticket_subject.format(
-                tag=info.tag, ticket=case.vendor_ticket, subject=forward_subject
+                tag=info.tag, ticket=case.vendor_ticket, subject=bare
             )
         else:
             subject = (
