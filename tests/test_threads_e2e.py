@@ -241,3 +241,47 @@ def test_robots_without_auto_headers_are_stopped_by_the_rate_limit(
     assert total == 22
     kinds = [m.kind for m in Store(daemon.config.database_url).outbound()]
     assert kinds.count("relay_to_agent") + kinds.count("relay_to_vendor") == 20
+
+
+def test_panda_round_trip_by_thread_alone(
+    dovecot: Dovecot,
+    relay: RecordingRelay,
+    write_config: Callable[..., Path],
+    run_daemon: Callable[[Path], DaemonThread],
+) -> None:
+    user = dovecot.new_user()
+    inbox = dovecot.client(user)
+    daemon = run_daemon(imap_config(write_config, dovecot, user, relay))
+    inbox.append("INBOX", escalation("02-panda-basic.eml"))
+    assert wait_until(lambda: len(relay.messages) == 2)
+    (forward,) = relay.to("soporte_revendedores@clickpanda.com")
+    # Panda answers with a subject of its own: no tag, no ticket, only the thread headers.
+    inbox.append(
+        "INBOX",
+        reply(
+            forward.data,
+            "Soporte Panda <soporte_revendedores@clickpanda.com>",
+            "El dominio del cliente no tiene SPF; por eso no llegan.",
+            subject="Consulta cliente",
+            auto=False,
+        ),
+    )
+    assert wait_until(lambda: len(relay.to("andres.perez@example.com")) == 2)
+    relayed = relay.to("andres.perez@example.com")[-1]
+    assert "SPF" in headers_of(relayed.data).get_body().get_content()
+    inbox.append(
+        "INBOX",
+        reply(
+            relayed.data,
+            "Andrés Pérez <andres.perez@example.com>",
+            "Gracias, ya le pedimos al cliente que lo configure.",
+            auto=False,
+        ),
+    )
+    assert wait_until(lambda: len(relay.to("soporte_revendedores@clickpanda.com")) == 2)
+    back = headers_of(relay.to("soporte_revendedores@clickpanda.com")[-1].data)
+    assert str(back["Subject"]).startswith("Re: [ESC-000001]")
+    assert headers_of(forward.data)["Message-ID"] in str(back["References"])
+    daemon.stop()
+    (case,) = Store(daemon.config.database_url).cases()
+    assert case.vendor_ticket is None and case.status == "awaiting_vendor"
