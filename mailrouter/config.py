@@ -11,12 +11,15 @@ import os
 import re
 import ssl
 from dataclasses import dataclass, field
+from datetime import date, time
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mailrouter.sla import DAY_NAMES, Calendar
 
 PRIORITIES = ("BAJA", "MEDIA", "ALTA", "URGENTE")
 
@@ -145,6 +148,53 @@ class FieldSpec(_Model):
     type: Literal["text", "email", "priority"] = "text"
 
 
+class BusinessHours(_Model):
+    """Count SLA windows only in working hours (the zone is `timezone`)."""
+
+    enabled: bool = False
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = [
+        "mon",
+        "tue",
+        "wed",
+        "thu",
+        "fri",
+    ]
+    start: time = time(8, 0)
+    end: time = time(18, 0)
+    holidays: list[date] = []
+
+    @model_validator(mode="after")
+    def _sane(self) -> BusinessHours:
+        if self.enabled and (not self.days or self.start >= self.end):
+            raise ValueError("business hours need at least one day and start before end")
+        return self
+
+
+class TeamMember(_Model):
+    name: str = ""
+
+
+class TeamSettings(_Model):
+    leads: list[str] = []
+    agents: dict[str, TeamMember] = {}
+
+
+class DigestSettings(_Model):
+    schedule: str = "0 8 * * mon-fri"  # crontab, in `timezone`
+    send_empty: bool = False
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab schedule ({exc})") from exc
+        return value
+
+
 class LoopSettings(_Model):
     """Last-resort brakes for a loop that slips past every header check."""
 
@@ -171,6 +221,14 @@ class Settings(_Model):
     fields: dict[str, FieldSpec]
     routes: list[Route] = Field(min_length=1)
     loop_protection: LoopSettings = LoopSettings()
+    business_hours: BusinessHours = BusinessHours()
+    # Vendors that open tickets and have not sent one this many hours after the forward
+    # are flagged "no vendor acknowledgement".
+    vendor_ack_hours: float = Field(2.0, gt=0)
+    # How often the daemon looks for cases that became overdue, in seconds.
+    reminder_check_seconds: float = Field(60.0, gt=0)
+    team: TeamSettings = TeamSettings()
+    digest: DigestSettings = DigestSettings()
 
     @field_validator("sla_hours")
     @classmethod
@@ -293,6 +351,21 @@ class Config:
         if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
             return prefix + str(self.resolve(url[len(prefix) :]))
         return url
+
+    def calendar(self) -> Calendar:
+        hours = self.settings.business_hours
+        return Calendar(
+            zone=ZoneInfo(self.settings.timezone),
+            business_hours=hours.enabled,
+            days=frozenset(DAY_NAMES.index(d) for d in hours.days),
+            start=hours.start,
+            end=hours.end,
+            holidays=frozenset(hours.holidays),
+        )
+
+    def agent_name(self, address: str, fallback: str = "") -> str:
+        member = self.settings.team.agents.get(address.lower())
+        return member.name if member and member.name else fallback
 
     @property
     def outbox_dir(self) -> Path:

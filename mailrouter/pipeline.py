@@ -44,6 +44,7 @@ from mailrouter.parse import (
 )
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.route import Decision, decide, sender_allowed
+from mailrouter.sla import due_after
 from mailrouter.store import Case, Event, ImapState, Message, Store
 from mailrouter.thread import (
     OPEN_STATUSES,
@@ -306,6 +307,7 @@ class Pipeline:
         self._inbound(session, arrival, "threaded", reason, "vendor", case)
         if case.status in OPEN_STATUSES:
             case.status = "vendor_replied"
+            case.follow_up_due = self._due(now, case.priority)
         _event(session, case.id, now, "vendor_reply", mail.subject)
         if self._relay_allowed(session, case, now):
             self._to_agent(
@@ -332,9 +334,16 @@ class Pipeline:
         case.updated_at = now
         for note in commands.notes:
             _event(session, case.id, now, "note", f"{mail.from_address}: {note}")
+        for followup in commands.followups:
+            _event(session, case.id, now, "follow_up", f"{mail.from_address}: {followup}")
         if commands.priority and commands.priority != case.priority:
             _event(session, case.id, now, "priority", f"{case.priority} -> {commands.priority}")
             case.priority = commands.priority
+            if case.priority == "URGENTE":
+                self._alert_leads(session, case, self.config.providers[case.provider], now)
+        if case.status in OPEN_STATUSES:
+            # Any word from the agent on the thread is a follow-up: the clock starts again.
+            case.follow_up_due = self._due(now, case.priority)
         relayable = commands.text and case.status not in ("closed", "undeliverable")
         if relayable and self._relay_allowed(session, case, now):
             self._to_vendor(
@@ -370,10 +379,10 @@ class Pipeline:
         raised = None
         if PRIORITY_RANK[decision.priority] > PRIORITY_RANK[case.priority]:
             raised, case.priority = case.priority, decision.priority
-            hours = self.config.settings.sla_hours[case.priority]
-            case.follow_up_due = min(
-                case.follow_up_due or now + timedelta(hours=hours), now + timedelta(hours=hours)
-            )
+            sooner = self._due(now, case.priority)
+            case.follow_up_due = min(case.follow_up_due or sooner, sooner)
+            if case.priority == "URGENTE":
+                self._alert_leads(session, case, provider, now)
         case.updated_at = now
         _event(
             session,
@@ -445,8 +454,7 @@ class Pipeline:
         case.client = mail.fields.get("cliente", "")[:320]
         case.client_key = normalize(case.client)
         case.fields = dict(mail.fields)
-        hours = self.config.settings.sla_hours[decision.priority]
-        case.follow_up_due = None if needs_info else now + timedelta(hours=hours)
+        case.follow_up_due = None if needs_info else self._due(now, decision.priority)
         if case.id is None:
             session.add(case)
             session.flush()  # the case id is the case tag, needed by the templates below
@@ -461,6 +469,8 @@ class Pipeline:
             "needs_info" if needs_info else "opened",
             decision.reason if needs_info else detail,
         )
+        if not needs_info and case.priority == "URGENTE":
+            self._alert_leads(session, case, provider, now)
         log.info(
             "%s %s: %s -> %s (%s)",
             case.tag(self.config.settings.case_tag_prefix),
@@ -655,6 +665,32 @@ class Pipeline:
         )
         self._send(session, case.id, now, mail)
         _event(session, case.id, now, "relayed_to_vendor", subject)
+
+    def _due(self, start: datetime, priority: str) -> datetime:
+        return due_after(start, self.config.settings.sla_hours[priority], self.config.calendar())
+
+    def _alert_leads(self, session: Session, case: Case, provider: Provider, now: datetime) -> None:
+        """An URGENTE case: the team lead(s) hear of it at once."""
+        leads = self.config.settings.team.leads
+        if not leads:
+            log.warning(
+                "URGENTE case %s but no team.leads configured to alert",
+                case.tag(self.config.settings.case_tag_prefix),
+            )
+            return
+        context = self.renderer.case_context(
+            self._case_info(case),
+            provider,
+            case.fields,
+            case.agent_name,
+            case.agent_address,
+            case.subject,
+        )
+        alert = self.renderer.compose(
+            "urgent_alert", "urgent_alert.j2", context, list(leads), now=now, to_agent=True
+        )
+        self._send(session, case.id, now, alert)
+        _event(session, case.id, now, "lead_alerted", ", ".join(leads))
 
     def _relay_allowed(self, session: Session, case: Case, now: datetime) -> bool:
         """The last brake on a loop no header revealed: a case relays at most N mails an hour."""

@@ -77,8 +77,12 @@ class Case(Base):
     client_key: Mapped[str] = mapped_column(String(320), default="", index=True)
     subject: Mapped[str] = mapped_column(Text, default="")
     fields: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    follow_up_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    follow_up_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     vendor_ticket: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    # The due time an overdue reminder (to the agent) and its escalation (to the lead) were
+    # sent for: one of each per overdue period, whatever the scheduler does.
+    reminded_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    escalated_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     def tag(self, prefix: str) -> str:
         return f"{prefix}-{self.id:06d}"
@@ -130,6 +134,19 @@ class Event(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     kind: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class DigestRecord(Base):
+    """A digest sent (queued) to one recipient for one scheduled period: never twice."""
+
+    __tablename__ = "digests"
+    __table_args__ = (Index("ix_digests_once", "recipient", "period", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    period: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    message_id: Mapped[str] = mapped_column(String(998))
 
 
 class ImapState(Base):

@@ -91,15 +91,16 @@ class Commands:
     close: bool = False
     priority: str | None = None
     notes: list[str] = field(default_factory=list)
+    followups: list[str] = field(default_factory=list)
     text: str = ""
 
 
-_COMMAND = re.compile(r"^\s*#(resuelto|cerrar|prioridad|nota)\b[:\s]*(.*)$", re.I)
+_COMMAND = re.compile(r"^\s*#(resuelto|cerrar|prioridad|nota|seguimiento)\b[:\s]*(.*)$", re.I)
 
 
 def parse_commands(text: str) -> Commands:
-    """`#resuelto`/`#cerrar`, `#prioridad ALTA`, `#nota …` on lines of their own; every other
-    line is the text to relay."""
+    """`#resuelto`/`#cerrar`, `#prioridad ALTA`, `#nota …`, `#seguimiento …` (the client was
+    contacted) on lines of their own; every other line is the text to relay."""
     found = Commands()
     kept: list[str] = []
     for line in text.splitlines():
@@ -112,6 +113,8 @@ def parse_commands(text: str) -> Commands:
             found.close = True
         elif command == "prioridad":
             found.priority = normalize_priority(argument)
+        elif command == "seguimiento":
+            found.followups.append(argument or "cliente contactado")
         elif argument:
             found.notes.append(argument)
     found.text = "\n".join(kept).strip()

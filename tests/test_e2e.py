@@ -74,7 +74,12 @@ def assert_delivered(relay: RecordingRelay, store: Store) -> None:
             msg = email.message_from_bytes(ack.data, policy=email.policy.default)
             assert msg["Auto-Submitted"] == "auto-generated"
             assert "Prioridad:" in text_of(ack.data) and "Seguimiento:" in text_of(ack.data)
-    assert len(relay.messages) == 8
+    # 04 is URGENTE: the team lead is alerted at once (one more mail).
+    (alert,) = relay.to("lider.soporte@example.com")
+    assert "URGENTE" in str(
+        email.message_from_bytes(alert.data, policy=email.policy.default)["Subject"]
+    )
+    assert len(relay.messages) == 9
 
 
 def test_imap_intake_end_to_end(
@@ -96,7 +101,7 @@ def test_imap_intake_end_to_end(
     )
 
     daemon = run_daemon(config)
-    assert wait_until(lambda: len(relay.messages) >= 8, timeout=30)
+    assert wait_until(lambda: len(relay.messages) >= 9, timeout=30)
     mailbox.select_folder("INBOX")
     assert wait_until(lambda: not mailbox.noop() or not mailbox.search("ALL"), timeout=10)
     daemon.stop()
@@ -120,7 +125,7 @@ def test_imap_intake_end_to_end(
     assert wait_until(lambda: not mailbox.noop() or not mailbox.search("ALL"), timeout=15)
     daemon.stop()
     assert len(store.cases()) == 4
-    assert len(relay.messages) == 8
+    assert len(relay.messages) == 9
 
 
 def test_imap_crash_between_commit_and_move(
@@ -179,7 +184,7 @@ def test_smtp_listener_end_to_end(
         )
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             client.sendmail("x@example.com", ["someone@else.example"], b"Subject: x\r\n\r\nhi")
-    assert wait_until(lambda: len(relay.messages) >= 8, timeout=20)
+    assert wait_until(lambda: len(relay.messages) >= 9, timeout=20)
     daemon.stop()
     assert_delivered(relay, Store(daemon.config.database_url))
 
