@@ -9,6 +9,7 @@ was kept aside, with the reason.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import email
 import email.policy
 import logging
@@ -152,6 +153,50 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_digest(args: argparse.Namespace) -> int:
+    from mailrouter.daemon import Daemon, utc_now
+    from mailrouter.digest import Followup
+
+    config = _load(args)
+    if not args.preview and not args.now:
+        print("give --preview DIR or --now", file=sys.stderr)
+        return 2
+    store = Store(config.database_url)
+    followup = Followup(config, store, utc_now)
+    if args.preview:
+        folder = Path(args.preview)
+        folder.mkdir(parents=True, exist_ok=True)
+        for digest in followup.digests_now():
+            if args.to and digest.recipient.lower() != args.to.lower():
+                continue
+            msg = email.message_from_bytes(
+                followup.render_digest(digest).data, policy=email.policy.default
+            )
+            for subtype in ("html", "plain"):
+                part = msg.get_body(preferencelist=(subtype,))
+                suffix = "html" if subtype == "html" else "txt"
+                target = folder / f"{digest.recipient}.{suffix}"
+                target.write_text(str(part.get_content()) if part else "", encoding="utf-8")
+                print(target)
+        return 0
+    period = f"manual {utc_now():%Y-%m-%dT%H:%M}"
+    run = followup.queue_digests(period, only_to=args.to, dry_run=args.dry_run)
+    for digest, mail in run.rendered:
+        print(f"{digest.recipient}: {mail.subject}")
+        if args.dry_run:
+            print(_text_of(mail.data), end="\n\n")
+    for recipient in run.already_sent:
+        print(f"{recipient}: already sent for {period}")
+    if not args.dry_run and run.queued:
+        daemon = Daemon(config)
+        sent = asyncio.run(daemon.sender.deliver_due())
+        asyncio.run(daemon.transport.close())
+        print(f"{len(run.queued)} digests queued, {sent} mails sent")
+    if not run.rendered:
+        print("(no digest to send: nobody has open cases)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailrouter", description="Email escalation router: one intake address for agents."
@@ -175,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     cases = commands.add_parser("cases", help="list cases")
     cases.add_argument("--limit", type=int, default=200)
     cases.set_defaults(func=cmd_cases)
+    digest = commands.add_parser("digest", help="preview or send the digests now")
+    digest.add_argument("--preview", metavar="DIR", help="write each digest's HTML and text here")
+    digest.add_argument("--now", action="store_true", help="send the digests now")
+    digest.add_argument("--to", metavar="ADDRESS", help="only the digest of this recipient")
+    digest.add_argument("--dry-run", action="store_true", help="with --now: show, send nothing")
+    digest.set_defaults(func=cmd_digest)
     quarantine = commands.add_parser(
         "quarantine", help="list quarantined mail with the reason, or print one with --show ID"
     )

@@ -1,4 +1,4 @@
-"""Daemon: runs the intake and the outbox sender together until told to stop.
+"""Daemon: runs the intake, the outbox sender and the scheduler until told to stop.
 
 Owns the asyncio loop, the wiring of config -> store -> pipeline -> sender,
 reload on SIGHUP (a broken configuration is refused and the last good one
@@ -18,9 +18,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
 from mailrouter.config import Config, ConfigError, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, Transport
+from mailrouter.digest import Followup
 from mailrouter.intake import ImapIntake, SmtpIntake
 from mailrouter.pipeline import Pipeline
 from mailrouter.store import Store
@@ -58,6 +61,7 @@ class Daemon:
                 session, row, error
             ),
         )
+        self.followup = Followup(config, self.store, clock)
         self.stopping = asyncio.Event()
         self.outbox_changed = asyncio.Event()
         self.ready = threading.Event()  # set once the intake is listening (tests wait on it)
@@ -88,6 +92,7 @@ class Daemon:
             path=new.path, settings=new.settings.model_copy(update=fixed), providers=new.providers
         )
         self.pipeline = Pipeline(self.config, self.store, self.clock)
+        self.followup = Followup(self.config, self.store, self.clock)
         log.info(
             "configuration reloaded: %d providers, %d routes",
             len(self.config.providers),
@@ -108,6 +113,7 @@ class Daemon:
             loop.call_soon_threadsafe(self.outbox_changed.set)
 
         sender_task = asyncio.create_task(self._sender_loop())
+        scheduler = self._start_scheduler(wake_sender)
         settings = self.config.settings
         try:
             if settings.intake.source == "smtp":
@@ -117,10 +123,51 @@ class Daemon:
         finally:
             self.stopping.set()
             self.outbox_changed.set()
+            scheduler.shutdown(wait=False)
             await sender_task
             await self.transport.close()
             self.store.close()
             log.info("mailrouter stopped")
+
+    def _start_scheduler(self, wake_sender: Callable[[], None]) -> AsyncIOScheduler:
+        """Reminders every `reminder_check_seconds`; digests on the `digest.schedule` cron,
+        plus once at start for a run missed while the daemon was down (never twice: each
+        digest is recorded per recipient and period)."""
+        settings = self.config.settings
+        scheduler = AsyncIOScheduler(timezone=self.config.calendar().zone)
+
+        async def remind() -> None:
+            try:
+                if await asyncio.to_thread(lambda: self.followup.remind()):
+                    wake_sender()
+            except Exception:
+                log.exception("reminder run failed; trying again at the next one")
+
+        async def digests() -> None:
+            try:
+                run = await asyncio.to_thread(lambda: self.followup.scheduled_digests())
+                if run.queued:
+                    wake_sender()
+            except Exception:
+                log.exception("digest run failed; the next start or run catches up")
+
+        scheduler.add_job(
+            remind,
+            IntervalTrigger(seconds=settings.reminder_check_seconds),
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=3600,
+        )
+        scheduler.add_job(
+            digests,
+            self.followup.digest_trigger(),
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=3600,
+        )
+        scheduler.add_job(digests)  # now: catch up on a run missed while we were down
+        scheduler.start()
+        return scheduler
 
     async def _serve_smtp(self, wake_sender: Callable[[], None]) -> None:
         intake = self.config.settings.intake

@@ -735,24 +735,29 @@ class Pipeline:
     def _send(
         self, session: Session, case_id: int | None, now: datetime, mail: OutgoingMail
     ) -> None:
-        """Queue one mail in the outbox, inside the caller's transaction."""
-        session.add(
-            Message(
-                created_at=now,
-                case_id=case_id,
-                direction="out",
-                kind=mail.kind,
-                message_id=mail.message_id,
-                source="router",
-                sender=mail.sender,
-                recipients=mail.recipients,
-                subject=mail.subject,
-                raw=mail.data,
-                delivery="pending",
-                attempts=0,
-                next_attempt_at=now,
-            )
+        queue_mail(session, case_id, now, mail)
+
+
+def queue_mail(session: Session, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
+    """Put one mail in the outbox, inside the caller's transaction: it leaves only if that
+    transaction commits, and the sender delivers it as stored."""
+    session.add(
+        Message(
+            created_at=now,
+            case_id=case_id,
+            direction="out",
+            kind=mail.kind,
+            message_id=mail.message_id,
+            source="router",
+            sender=mail.sender,
+            recipients=mail.recipients,
+            subject=mail.subject,
+            raw=mail.data,
+            delivery="pending",
+            attempts=0,
+            next_attempt_at=now,
         )
+    )
 
 
 def _summary(exc: BaseException) -> str:

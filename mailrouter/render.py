@@ -60,7 +60,8 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
-            autoescape=False,
+            # Only HTML templates (`*.html.j2`) escape what they are given.
+            autoescape=lambda name: name is not None and ".html" in name,
         )
 
     def render(self, template: str, context: dict[str, Any]) -> tuple[str, str]:
@@ -85,7 +86,10 @@ class Renderer:
         attachments: Sequence[Attachment] = (),
         in_reply_to: str | None = None,
         references: Sequence[str] = (),
+        html_template: str | None = None,
     ) -> OutgoingMail:
+        """A complete mail from `template` (text) and, when given, `html_template` (its HTML
+        alternative, rendered from the same context)."""
         subject, body = self.render(template, context)
         # Literal "=?charset?...?=" text left in a subject (an undecodable original) would be
         # re-read as an encoded word by the stdlib and fail to encode; break the syntax.
@@ -112,6 +116,9 @@ class Renderer:
         if refs:
             msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(refs))
         msg.set_content(body, charset="utf-8")
+        if html_template is not None:
+            html = self.env.get_template(html_template).render(**context)
+            msg.add_alternative(html, subtype="html", charset="utf-8")
         for item in attachments:
             maintype, _, subtype = item.content_type.partition("/")
             msg.add_attachment(
