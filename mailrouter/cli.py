@@ -191,7 +191,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
         daemon = Daemon(config)
         sent = asyncio.run(daemon.sender.deliver_due())
         asyncio.run(daemon.transport.close())
-        print(f"{len(run.queued)} digests queued, {sent} mails sent")
+        print(f"{len(run.queued)} digests queued; {sent} mails sent (everything due in the outbox)")
     if not run.rendered:
         print("(no digest to send: nobody has open cases)")
     return 0
