@@ -172,38 +172,28 @@ class ThreadHeaders:
     references: list[str]
 
 
-def vendor_thread(session: Session, case: Case) -> ThreadHeaders:
-    """Headers that put our next mail to the vendor in the vendor's thread: the forward, then
-    every mail the vendor sent on the case."""
-    ids = list(
-        session.scalars(
-            select(Message.message_id)
-            .where(
-                Message.case_id == case.id,
-                Message.message_id.is_not(None),
-                ((Message.direction == "out") & (Message.kind == "forward"))
-                | ((Message.direction == "in") & (Message.kind == "vendor")),
-            )
-            .order_by(Message.id)
+def _thread(session: Session, case: Case, ours: str, theirs: str) -> ThreadHeaders:
+    """In-Reply-To the latest, References all: our `ours` mails and their `theirs` mails."""
+    ids = session.scalars(
+        select(Message.message_id)
+        .where(
+            Message.case_id == case.id,
+            Message.message_id.is_not(None),
+            ((Message.direction == "out") & (Message.kind == ours))
+            | ((Message.direction == "in") & (Message.kind == theirs)),
         )
+        .order_by(Message.id)
     )
     clean = [i for i in ids if i]
     return ThreadHeaders(clean[-1] if clean else None, clean)
+
+
+def vendor_thread(session: Session, case: Case) -> ThreadHeaders:
+    """Headers that put our next mail to the vendor in the vendor's thread: the forward, then
+    every mail the vendor sent on the case."""
+    return _thread(session, case, ours="forward", theirs="vendor")
 
 
 def agent_thread(session: Session, case: Case) -> ThreadHeaders:
     """Headers that keep our mails to the agent in the conversation they started."""
-    ids = list(
-        session.scalars(
-            select(Message.message_id)
-            .where(
-                Message.case_id == case.id,
-                Message.message_id.is_not(None),
-                ((Message.direction == "in") & (Message.kind == "escalation"))
-                | ((Message.direction == "out") & (Message.kind == "acknowledgement")),
-            )
-            .order_by(Message.id)
-        )
-    )
-    clean = [i for i in ids if i]
-    return ThreadHeaders(clean[-1] if clean else None, clean)
+    return _thread(session, case, ours="acknowledgement", theirs="escalation")
