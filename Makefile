@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test chaos lint check-config system-deps clean
+.PHONY: run test chaos bench lint check-config system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -34,6 +34,10 @@ test: $(STAMP) system-deps
 ## The long fault-injection runs (300 escalations, 20 kill -9, a 30 s IMAP outage...).
 chaos: $(STAMP) system-deps
 	CHAOS_SCALE=full $(BIN)/python -m pytest -q -m chaos tests/test_chaos.py
+
+## Throughput, latency and memory against the same-run ceiling (writes var/bench/results.json).
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

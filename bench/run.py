@@ -1,0 +1,603 @@
+"""`make bench`: throughput, latency and memory of the real path, against the machine's own
+ceiling measured in the same run. Real servers on loopback only, started here: a private
+Dovecot as the intake mailbox, an aiosmtpd relay in its own process, SQLite as the store.
+
+    python -m bench.run [--n 2000] [--runs 3] [--quick]
+
+Prints a table and writes var/bench/results.json. Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email
+import email.policy
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import smtplib
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import yaml
+from imapclient import IMAPClient
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from tests.conftest import Dovecot, _dovecot_binary, _start_dovecot, free_port, stop_dovecot  # noqa: E402
+from tests.factory import VENDORS, escalations  # noqa: E402
+
+OUT = PROJECT / "var" / "bench"
+
+
+# --- the relay, in a process of its own --------------------------------------------------
+
+
+def _relay_main(port: int, log_path: str, ready: Any) -> None:
+    """Records one line per mail received: arrival time, recipients, Message-ID, attachment
+    hashes. Runs until killed."""
+    import email.header
+
+    from aiosmtpd.controller import Controller
+
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    class Recorder:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            msg = email.message_from_bytes(envelope.original_content)
+            hashes = [
+                hashlib.sha256(part.get_payload(decode=True) or b"").hexdigest()
+                for part in msg.walk()
+                if part.get_filename()
+            ]
+            subject = str(
+                email.header.make_header(email.header.decode_header(msg.get("Subject", "")))
+            )
+            log.write(
+                json.dumps(
+                    {
+                        "t": time.time(),
+                        "to": envelope.rcpt_tos,
+                        "id": msg.get("Message-ID", ""),
+                        "subject": subject,
+                        "hashes": hashes,
+                    }
+                )
+                + "\n"
+            )
+            return "250 OK"
+
+    controller = Controller(
+        Recorder(), hostname="127.0.0.1", port=port, data_size_limit=200 * 1024 * 1024
+    )
+    controller.start()
+    ready.set()
+    signal.sigwait({signal.SIGTERM})
+    controller.stop()
+
+
+class Relay:
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.log = folder / f"relay-{self.port}.jsonl"
+        self.log.touch()
+        ready = multiprocessing.Event()
+        self.process = multiprocessing.Process(
+            target=_relay_main, args=(self.port, str(self.log), ready), daemon=True
+        )
+        self.process.start()
+        ready.wait(20)
+
+    def records(self) -> list[dict[str, Any]]:
+        lines = self.log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def count(self) -> int:
+        with open(self.log, "rb") as f:
+            return sum(1 for _ in f)
+
+    def reset(self) -> None:
+        self.log.write_text("")
+
+    def stop(self) -> None:
+        if self.process.pid:
+            os.kill(self.process.pid, signal.SIGTERM)
+        self.process.join(10)
+
+
+# --- the daemon under test ---------------------------------------------------------------
+
+
+def write_config(
+    folder: Path,
+    dovecot: Dovecot,
+    user: str,
+    relay: Relay,
+    source: str = "imap",
+    listen_port: int = 0,
+) -> Path:
+    data = yaml.safe_load((PROJECT / "config.yaml").read_text(encoding="utf-8"))
+    data["intake"]["source"] = source
+    data["intake"]["listen"] = {"host": "127.0.0.1", "port": listen_port or free_port()}
+    data["intake"]["imap"] = dovecot.imap_settings(user, poll_interval=5)
+    data["intake"]["max_message_bytes"] = 100 * 1024 * 1024
+    data["outbound"] = {
+        "transport": "smtp",
+        "from": "Mesa <escalaciones@example.com>",
+        "smtp": {"host": "127.0.0.1", "port": relay.port, "security": "none"},
+    }
+    data["database"] = f"sqlite:///{folder / 'bench.db'}"
+    data["providers_dir"] = str(PROJECT / "providers")
+    data["templates_dir"] = str(PROJECT / "templates")
+    # A burst of thousands from a few agents is the point here, not a loop.
+    data["loop_protection"] = {"max_per_sender_per_hour": 0, "max_relays_per_case_per_hour": 0}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mailrouter",
+                "--log-level",
+                "WARNING",
+                "--config",
+                str(config),
+                "run",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT,
+        )
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def folder_count(dovecot: Dovecot, user: str, folder: str) -> int:
+    client = dovecot.client(user)
+    try:
+        if not client.folder_exists(folder):
+            return 0
+        return int(client.folder_status(folder, [b"MESSAGES"])[b"MESSAGES"])
+    finally:
+        client.logout()
+
+
+def append_all(dovecot: Dovecot, user: str, mails: list[bytes]) -> None:
+    client = dovecot.client(user)
+    for raw in mails:
+        client.append("INBOX", raw)
+    client.logout()
+
+
+def seed_cases(db: Path, count: int) -> None:
+    """`count` existing open cases (and their messages), as a busy year leaves them."""
+    from mailrouter.store import Store
+
+    Store(f"sqlite:///{db}").close()  # schema
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    with sqlite3.connect(db) as c:
+        c.executemany(
+            "INSERT INTO cases (created_at, updated_at, status, provider, route, priority, "
+            "agent_address, agent_name, client, client_key, subject, fields, follow_up_due) "
+            "VALUES (?, ?, 'open', ?, 'seed', 'MEDIA', ?, '', ?, ?, 'seed', '{}', ?)",
+            [
+                (
+                    now,
+                    now,
+                    ("hibot", "panda", "operaciones", "tech")[i % 4],
+                    f"agent{i % 40}@example.com",
+                    f"Seed Client {i}",
+                    f"seed client {i}",
+                    now,
+                )
+                for i in range(count)
+            ],
+        )
+        c.executemany(
+            "INSERT INTO messages (created_at, case_id, direction, kind, message_id, source, "
+            "sender, recipients, subject, raw, attempts, delivery) VALUES "
+            "(?, ?, 'out', 'forward', ?, 'router', 'x', '[]', 's', x'00', 0, 'sent')",
+            [(now, i + 1, f"seed-{i}@example.com") for i in range(count)],
+        )
+
+
+# --- the measurements --------------------------------------------------------------------
+
+
+def burst(
+    dovecot: Dovecot, relay: Relay, work: Path, n: int, existing: int = 0
+) -> dict[str, float]:
+    user = dovecot.new_user()
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    config = write_config(run_dir, dovecot, user, relay)
+    if existing:
+        seed_cases(run_dir / "bench.db", existing)
+    append_all(dovecot, user, [raw for _, raw in escalations(n, seed=hash(user) % 1000)])
+    relay.reset()
+    started = time.monotonic()
+    daemon = start_daemon(config, run_dir / "daemon.log")
+    done = wait_for(lambda: relay.count() >= 2 * n, timeout=max(120, n)) and wait_for(
+        lambda: folder_count(dovecot, user, "Processed") == n, timeout=60, step=0.2
+    )
+    elapsed = time.monotonic() - started
+    rss = peak_rss_mb(daemon.pid)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(60)
+    if not done:
+        raise RuntimeError(f"burst did not finish: {(run_dir / 'daemon.log').read_text()[-2000:]}")
+    return {"msg_per_s": n / elapsed, "seconds": elapsed, "peak_rss_mb": rss}
+
+
+def ceiling(dovecot: Dovecot, relay: Relay, work: Path, n: int) -> dict[str, float]:
+    """The bare minimum on the same servers: batched FETCH, stdlib parse, one SQLite commit per
+    message, two aiosmtplib sends over one reused connection. No routing, no templates."""
+    import aiosmtplib
+
+    user = dovecot.new_user()
+    append_all(dovecot, user, [raw for _, raw in escalations(n, seed=5)])
+    db = sqlite3.connect(work / f"ceiling-{user}.db")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE m (id INTEGER PRIMARY KEY, mid TEXT, subject TEXT, raw BLOB)")
+    relay.reset()
+
+    async def run() -> float:
+        started = time.monotonic()
+        client = IMAPClient(dovecot.host, port=dovecot.port, ssl=False)
+        client.login(user, dovecot.password)
+        client.select_folder("INBOX")
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False)
+        await smtp.connect()
+        uids = client.search("ALL")
+        for start in range(0, len(uids), 100):
+            batch = uids[start : start + 100]
+            for _uid, data in client.fetch(batch, ["BODY.PEEK[]"]).items():
+                raw = data[b"BODY[]"]
+                msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+                db.execute(
+                    "INSERT INTO m (mid, subject, raw) VALUES (?, ?, ?)",
+                    (msg["Message-ID"], msg["Subject"], raw),
+                )
+                db.commit()
+                for to in ("vendor@example.com", "agent@example.com"):
+                    await smtp.sendmail("r@example.com", [to], raw)
+        await smtp.quit()
+        client.logout()
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(run())
+    wait_for(lambda: relay.count() >= 2 * n, timeout=60)
+    return {"msg_per_s": n / elapsed, "seconds": elapsed}
+
+
+def latency(
+    dovecot: Dovecot, relay: Relay, work: Path, rate: float, seconds: float, source: str
+) -> dict[str, float]:
+    """Arrival-to-forward latency at a steady rate, over IMAP IDLE or the SMTP listener."""
+    user = dovecot.new_user()
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    listen = free_port()
+    config = write_config(run_dir, dovecot, user, relay, source=source, listen_port=listen)
+    daemon = start_daemon(config, run_dir / "daemon.log")
+    if source == "imap":
+        wait_for(
+            lambda: (
+                folder_count(dovecot, user, "Processed") == 0
+                and _has_folder(dovecot, user, "Processed")
+            ),
+            timeout=30,
+            step=0.2,
+        )
+        client = dovecot.client(user)
+    else:
+        wait_for(lambda: _listening(listen), timeout=30)
+    time.sleep(1.0)
+    relay.reset()
+    count = int(rate * seconds)
+    mails = escalations(count, seed=31 + listen)
+    arrived: dict[int, float] = {}
+    started = time.monotonic()
+    for index, (_, raw) in enumerate(mails):
+        target = started + index / rate
+        time.sleep(max(0.0, target - time.monotonic()))
+        if source == "imap":
+            client.append("INBOX", raw)
+        else:
+            with smtplib.SMTP("127.0.0.1", listen) as smtp:
+                smtp.sendmail("laura.gomez@example.com", ["escalaciones@example.com"], raw)
+        arrived[_client_number(str(email.message_from_bytes(raw)["Subject"]))] = time.time()
+    wait_for(lambda: relay.count() >= 2 * count, timeout=120)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(60)
+    vendors = set(VENDORS.values())
+    delays = [
+        record["t"] - arrived[_client_number(record["subject"])]
+        for record in relay.records()
+        if set(record["to"]) & vendors and _client_number(record["subject"]) in arrived
+    ]
+    return _percentiles(delays)
+
+
+def _client_number(subject: str) -> int:
+    """The generator's escalation number, carried into the forward's subject by the client."""
+    match = re.search(r"Cliente Prueba (\d+)", subject)
+    return int(match.group(1)) if match else -1
+
+
+def _has_folder(dovecot: Dovecot, user: str, folder: str) -> bool:
+    client = dovecot.client(user)
+    try:
+        return bool(client.folder_exists(folder))
+    finally:
+        client.logout()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=1) as s:
+            s.noop()
+        return True
+    except OSError:
+        return False
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "count": len(ordered),
+        "p50_s": at(0.50),
+        "p95_s": at(0.95),
+        "p99_s": at(0.99),
+        "max_s": ordered[-1],
+    }
+
+
+def idle_floor(dovecot: Dovecot, samples: int) -> dict[str, float]:
+    """The server's own floor: APPEND done -> a bare IDLE client sees EXISTS."""
+    user = dovecot.new_user()
+    watcher = dovecot.client(user)
+    writer = dovecot.client(user)
+    watcher.select_folder("INBOX")
+    delays = []
+    mails = escalations(samples, seed=77)
+    for _, raw in mails:
+        watcher.idle()
+        seen = threading.Event()
+        writer.append("INBOX", raw)
+        appended = time.monotonic()
+        deadline = appended + 5
+        while time.monotonic() < deadline and not seen.is_set():
+            for response in watcher.idle_check(timeout=0.05):
+                if len(response) > 1 and response[1] == b"EXISTS":
+                    seen.set()
+        delays.append(time.monotonic() - appended)
+        watcher.idle_done()
+    watcher.logout()
+    writer.logout()
+    return _percentiles(delays)
+
+
+def big_attachments(
+    dovecot: Dovecot, relay: Relay, work: Path, count: int, size_mb: int
+) -> dict[str, Any]:
+    user = dovecot.new_user()
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    config = write_config(run_dir, dovecot, user, relay)
+    blobs, mails = [], []
+    for index, (_, raw) in enumerate(escalations(count, seed=41)):
+        blob = os.urandom(size_mb * 1024 * 1024)
+        blobs.append(hashlib.sha256(blob).hexdigest())
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(msg, EmailMessage)
+        msg.make_mixed()
+        msg.add_attachment(
+            blob, maintype="application", subtype="octet-stream", filename=f"captura-{index}.bin"
+        )
+        mails.append(msg.as_bytes())
+    append_all(dovecot, user, mails)
+    relay.reset()
+    started = time.monotonic()
+    daemon = start_daemon(config, run_dir / "daemon.log")
+    done = wait_for(lambda: relay.count() >= 2 * count, timeout=300, step=0.2)
+    elapsed = time.monotonic() - started
+    rss = peak_rss_mb(daemon.pid)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(60)
+    received = {h for r in relay.records() for h in r["hashes"]}
+    return {
+        "mails": count,
+        "attachment_mb": size_mb,
+        "finished": done,
+        "seconds": elapsed,
+        "peak_rss_mb": rss,
+        "attachments_intact": sum(h in received for h in blobs),
+    }
+
+
+def digest_time(work: Path, open_cases: int) -> dict[str, float]:
+    from mailrouter.config import load_config
+    from mailrouter.digest import Followup
+    from mailrouter.store import Store
+
+    folder = Path(tempfile.mkdtemp(dir=work))
+    seed_cases(folder / "bench.db", open_cases)
+    data = yaml.safe_load((PROJECT / "config.yaml").read_text(encoding="utf-8"))
+    data.update(
+        database=f"sqlite:///{folder / 'bench.db'}",
+        providers_dir=str(PROJECT / "providers"),
+        templates_dir=str(PROJECT / "templates"),
+    )
+    (folder / "config.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    config = load_config(folder / "config.yaml")
+    started = time.monotonic()
+    run = Followup(config, Store(config.database_url), lambda: datetime.now(UTC)).queue_digests(
+        "bench", dry_run=True
+    )
+    return {
+        "open_cases": open_cases,
+        "digests": len(run.rendered),
+        "seconds": time.monotonic() - started,
+    }
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--n", type=int, default=2000, help="escalations per burst")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    n, runs = (50, 1) if quick else (args.n, args.runs)
+    if _dovecot_binary() is None:
+        print("Dovecot is missing: apt-get install dovecot-imapd", file=sys.stderr)
+        return 1
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
+    dovecot, started = _start_dovecot(_dovecot_binary() or "dovecot")
+    assert started.returncode == 0
+    relay = Relay(work)
+    results: dict[str, Any] = {
+        "n": n,
+        "runs": runs,
+        "quick": quick,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        bursts = [burst(dovecot, relay, work, n) for _ in range(runs)]
+        rates = [b["msg_per_s"] for b in bursts]
+        results["burst"] = {
+            "median_msg_per_s": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+            "peak_rss_mb": max(b["peak_rss_mb"] for b in bursts),
+        }
+        results["ceiling"] = ceiling(dovecot, relay, work, n)
+        results["burst"]["ratio_to_ceiling"] = (
+            results["burst"]["median_msg_per_s"] / results["ceiling"]["msg_per_s"]
+        )
+        existing = 1000 if quick else 100_000
+        loaded = burst(dovecot, relay, work, n, existing=existing)
+        results["cost_growth"] = {
+            "existing_cases": existing,
+            "msg_per_s": loaded["msg_per_s"],
+            "ratio_to_empty": loaded["msg_per_s"] / results["burst"]["median_msg_per_s"],
+            "digest": digest_time(work, existing),
+        }
+        results["memory"] = big_attachments(
+            dovecot, relay, work, 2 if quick else 20, 1 if quick else 10
+        )
+        seconds, rate = (3, 5.0) if quick else (60, 20.0)
+        results["latency"] = {
+            "idle_floor": idle_floor(dovecot, 5 if quick else 30),
+            "imap_idle": latency(dovecot, relay, work, rate, seconds, "imap"),
+            "smtp_listener": latency(dovecot, relay, work, rate, seconds, "smtp"),
+        }
+    finally:
+        relay.stop()
+        stop_dovecot(dovecot)
+        shutil.rmtree(dovecot.base, ignore_errors=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+    return 0
+
+
+def report(r: dict[str, Any]) -> str:
+    b, c, g, m, lat = r["burst"], r["ceiling"], r["cost_growth"], r["memory"], r["latency"]
+    floor = lat["idle_floor"].get("p50_s", float("nan"))
+    rows = [
+        (
+            "burst, msg/s (median of runs)",
+            f"{b['median_msg_per_s']:.0f}",
+            f"min {b['min']:.0f} max {b['max']:.0f}",
+            "≥ 300",
+        ),
+        ("ceiling, msg/s (same run)", f"{c['msg_per_s']:.0f}", "", ""),
+        ("burst / ceiling", f"{b['ratio_to_ceiling']:.0%}", "", "≥ 50 %"),
+        ("peak RSS in the burst, MB", f"{b['peak_rss_mb']:.0f}", "", ""),
+        (
+            f"with {g['existing_cases']} cases, msg/s",
+            f"{g['msg_per_s']:.0f}",
+            f"{g['ratio_to_empty']:.0%} of empty",
+            "≥ 80 %",
+        ),
+        (
+            f"digest over {g['digest']['open_cases']} open cases, s",
+            f"{g['digest']['seconds']:.2f}",
+            "",
+            "< 5",
+        ),
+        (
+            f"{m['mails']} × {m['attachment_mb']} MB attachments: peak RSS, MB",
+            f"{m['peak_rss_mb']:.0f}",
+            f"{m['attachments_intact']}/{m['mails']} intact",
+            "≤ 150",
+        ),
+        ("IDLE floor p50, s", f"{floor:.3f}", "", ""),
+    ]
+    for name, key, target in (
+        ("IMAP IDLE", "imap_idle", "p50 ≤ floor + 0.1, p99 ≤ 1.5"),
+        ("SMTP listener", "smtp_listener", "p50 ≤ 0.05, p99 ≤ 0.25"),
+    ):
+        v = lat[key]
+        if v.get("count"):
+            rows.append(
+                (
+                    f"{name} latency p50/p95/p99/max, s",
+                    f"{v['p50_s']:.3f}",
+                    f"{v['p95_s']:.3f} / {v['p99_s']:.3f} / {v['max_s']:.3f}",
+                    target,
+                )
+            )
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'measure':<{width}}  {'value':>8}  {'detail':<32} target"]
+    lines += [f"{a:<{width}}  {v:>8}  {d:<32} {t}" for a, v, d, t in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
