@@ -14,9 +14,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, make_msgid, parseaddr
+from email import message_from_bytes
+from email.charset import QP, Charset
+from email.encoders import encode_base64
+from email.header import Header
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.message import MIMEMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.policy import compat32
+from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -49,6 +57,37 @@ class CaseInfo:
 
 class TemplateShapeError(ValueError):
     pass
+
+
+# The classic email API (compat32) builds a mail several times faster than EmailMessage, to
+# the same standards: text bodies quoted-printable, headers folded at spaces, non-ASCII
+# header text as RFC 2047 encoded words, CRLF line ends as SMTP wants them.
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
+_WIRE = compat32.clone(linesep="\r\n")
+
+
+def _text_part(text: str, subtype: str) -> Message:
+    part = MIMENonMultipart("text", subtype)
+    part.set_payload(text, _UTF8_QP)
+    return part
+
+
+def _attachment_part(item: Attachment) -> Message:
+    maintype, _, subtype = item.content_type.partition("/")
+    part: Message
+    if maintype == "message" and subtype == "rfc822":
+        # A forwarded mail stays a mail (message/* parts cannot be base64-encoded).
+        part = MIMEMessage(message_from_bytes(item.payload))
+    else:
+        part = MIMEBase(maintype or "application", subtype or "octet-stream")
+        part.set_payload(item.payload)
+        encode_base64(part)
+    filename: str | tuple[str, str, str] = (
+        item.filename if item.filename.isascii() else ("utf-8", "", item.filename)
+    )
+    part.add_header("Content-Disposition", "attachment", filename=filename)
+    return part
 
 
 class Renderer:
@@ -99,10 +138,25 @@ class Renderer:
         sender = parseaddr(sender_header)[1] or settings.intake.address
         message_id = make_msgid(idstring=kind, domain=settings.intake.domain)
 
-        msg = EmailMessage(policy=SMTP)
-        msg["From"] = sender_header
+        text = _text_part(body, "plain")
+        content: Message = text
+        if html_template is not None:
+            html = self.env.get_template(html_template).render(**context)
+            content = MIMEMultipart("alternative")
+            content.attach(text)
+            content.attach(_text_part(html, "html"))
+        if attachments:
+            mixed = MIMEMultipart("mixed")
+            mixed.attach(content)
+            for item in attachments:
+                mixed.attach(_attachment_part(item))
+            content = mixed
+        msg = content
+        name, address = parseaddr(sender_header)
+        msg["From"] = formataddr((name, address), charset="utf-8") if name else address
         msg["To"] = ", ".join(to)
-        msg["Subject"] = subject
+        # typeshed wants a str, but a Header is what makes a non-ASCII subject encoded words.
+        msg["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")  # type: ignore[assignment]
         msg["Date"] = format_datetime(now)
         msg["Message-ID"] = message_id
         msg["Reply-To"] = settings.intake.address
@@ -115,28 +169,13 @@ class Renderer:
         refs = [*references, *([in_reply_to] if in_reply_to else [])]
         if refs:
             msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(refs))
-        msg.set_content(body, charset="utf-8")
-        if html_template is not None:
-            html = self.env.get_template(html_template).render(**context)
-            msg.add_alternative(html, subtype="html", charset="utf-8")
-        for item in attachments:
-            maintype, _, subtype = item.content_type.partition("/")
-            msg.add_attachment(
-                item.payload,
-                maintype=maintype or "application",
-                subtype=subtype or "octet-stream",
-                filename=item.filename,
-            )
         return OutgoingMail(
             kind=kind,
             message_id=message_id.strip("<>"),
             sender=sender,
             recipients=list(to),
             subject=subject,
-            # The stdlib folds a long ASCII header as "Subject:\r\n value", which some parsers
-            # read with a leading space; ASCII needs no folding under 998 characters. Bodies
-            # were encoded (76-column lines) by set_content, so only headers are affected.
-            data=msg.as_bytes(policy=SMTP.clone(max_line_length=998 if subject.isascii() else 78)),
+            data=msg.as_bytes(policy=_WIRE),
         )
 
     def decision_mails(
