@@ -207,11 +207,16 @@ def append_all(dovecot: Dovecot, user: str, mails: list[bytes]) -> None:
 
 
 def seed_cases(db: Path, count: int) -> None:
-    """`count` existing open cases (and their messages), as a busy year leaves them."""
+    """`count` existing open cases (and their messages), as a busy year leaves them: open,
+    their follow-up due in the coming weeks (an overdue backlog is another measurement)."""
+    from datetime import timedelta
+
     from mailrouter.store import Store
 
     Store(f"sqlite:///{db}").close()  # schema
-    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    moment = datetime.now(UTC).replace(tzinfo=None)
+    now = moment.isoformat(sep=" ")
+    due = [(moment + timedelta(hours=1 + i % 700)).isoformat(sep=" ") for i in range(count)]
     with sqlite3.connect(db) as c:
         c.executemany(
             "INSERT INTO cases (created_at, updated_at, status, provider, route, priority, "
@@ -225,7 +230,7 @@ def seed_cases(db: Path, count: int) -> None:
                     f"agent{i % 40}@example.com",
                     f"Seed Client {i}",
                     f"seed client {i}",
-                    now,
+                    due[i],
                 )
                 for i in range(count)
             ],

@@ -203,44 +203,63 @@ class Followup:
             ticket=case.vendor_ticket or "",
         )
 
-    def remind(self) -> int:
-        """Queue the reminders due now; return how many were queued."""
-        now, calendar, settings = self.clock(), self.config.calendar(), self.config.settings
-        queued = 0
+    def remind(self, chunk: int = 50) -> int:
+        """Queue the reminders due now; return how many were queued. Works through the
+        overdue cases a few at a time, one short transaction each, so a backlog (after a
+        long stop) never holds the database for long."""
+        now = self.clock()
         with self.store.transaction() as session:
-            cases = session.scalars(
-                select(Case)
-                .where(Case.status.in_(REMINDED_STATUSES), Case.follow_up_due < now)
-                .order_by(Case.id)
-            ).all()
-            for case in cases:
-                provider = self.config.providers.get(case.provider)
-                if provider is None or case.follow_up_due is None:
-                    continue
-                hours = settings.sla_hours[case.priority]
-                overdue = windows_overdue(case.follow_up_due, now, hours, calendar)
-                context = self._reminder_context(session, case, provider, now)
-                if overdue >= 1 and case.reminded_due != case.follow_up_due:
-                    self._queue(
-                        session, case, now, "reminder", "reminder.j2", context, [case.agent_address]
-                    )
-                    case.reminded_due = case.follow_up_due
-                    queued += 1
-                if overdue >= 2 and case.escalated_due != case.follow_up_due:
-                    if settings.team.leads:
-                        self._queue(
-                            session,
-                            case,
-                            now,
-                            "reminder_lead",
-                            "reminder_lead.j2",
-                            context,
-                            list(settings.team.leads),
-                        )
-                        queued += 1
-                    case.escalated_due = case.follow_up_due
+            candidates = list(
+                session.scalars(
+                    select(Case.id)
+                    .where(Case.status.in_(REMINDED_STATUSES), Case.follow_up_due < now)
+                    .order_by(Case.id)
+                )
+            )
+        queued = 0
+        for start in range(0, len(candidates), chunk):
+            with self.store.transaction() as session:
+                for case in session.scalars(
+                    select(Case).where(Case.id.in_(candidates[start : start + chunk]))
+                ):
+                    queued += self._remind_case(session, case, now)
         if queued:
             log.info("queued %d follow-up reminders", queued)
+        return queued
+
+    def _remind_case(self, session: Session, case: Case, now: datetime) -> int:
+        """The agent's reminder once per overdue period; the lead's after a second window."""
+        settings = self.config.settings
+        provider = self.config.providers.get(case.provider)
+        if provider is None or case.follow_up_due is None:
+            return 0
+        hours = settings.sla_hours[case.priority]
+        overdue = windows_overdue(case.follow_up_due, now, hours, self.config.calendar())
+        remind = overdue >= 1 and case.reminded_due != case.follow_up_due
+        escalate = overdue >= 2 and case.escalated_due != case.follow_up_due
+        if not remind and not escalate:
+            return 0
+        queued = 0
+        context = self._reminder_context(session, case, provider, now)
+        if remind:
+            self._queue(
+                session, case, now, "reminder", "reminder.j2", context, [case.agent_address]
+            )
+            case.reminded_due = case.follow_up_due
+            queued += 1
+        if escalate:
+            if settings.team.leads:
+                self._queue(
+                    session,
+                    case,
+                    now,
+                    "reminder_lead",
+                    "reminder_lead.j2",
+                    context,
+                    list(settings.team.leads),
+                )
+                queued += 1
+            case.escalated_due = case.follow_up_due
         return queued
 
     def _reminder_context(
