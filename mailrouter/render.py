@@ -23,7 +23,7 @@ from email.mime.base import MIMEBase
 from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
-from email.policy import compat32
+from email.policy import Compat32
 from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from typing import Any
 
@@ -64,7 +64,26 @@ class TemplateShapeError(ValueError):
 # header text as RFC 2047 encoded words, CRLF line ends as SMTP wants them.
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
-_WIRE = compat32.clone(linesep="\r\n")
+
+
+class _WirePolicy(Compat32):
+    """compat32 with CRLF, except that a message id header stays on one line: folding it is
+    legal, but tools that match replies to their thread by id are not all that careful."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if name.lower() in _ID_HEADERS and isinstance(value, str) and _one_line(value):
+            return f"{name}: {value}{self.linesep}".encode("ascii")
+        return super().fold_binary(name, value)
+
+
+_ID_HEADERS = frozenset({"message-id", "in-reply-to"})
+
+
+def _one_line(value: str) -> bool:
+    return value.isascii() and "\r" not in value and "\n" not in value and len(value) < 900
+
+
+_WIRE = _WirePolicy(linesep="\r\n")
 
 
 def _text_part(text: str, subtype: str) -> Message:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import email
+import email.policy
 import os
 import shutil
 import socket
@@ -81,6 +83,11 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+def headers_of(data: bytes) -> email.message.EmailMessage:
+    """A sent or received mail as the modern API reads it (folded headers unfolded)."""
+    return email.message_from_bytes(data, policy=email.policy.default)  # type: ignore[return-value]
 
 
 @dataclass

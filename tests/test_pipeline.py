@@ -56,6 +56,27 @@ def test_escalation_opens_case_and_queues_forward_and_ack(pipeline: Pipeline) ->
     assert [e.kind for e in pipeline.store.events(case.id)] == ["opened"]
 
 
+def test_message_ids_are_never_folded(write_config: Callable[..., Path]) -> None:
+    # A long intake domain and a long vendor id push the id headers past 78 columns; folding
+    # them is legal but breaks naive threading on the other side, so they stay on one line.
+    domain = "soporte-clientes.departamento-de-escalaciones.example.com"
+    config = load_config(write_config({"intake": {"address": f"escalaciones@{domain}"}}))
+    pipeline = Pipeline(config, Store(config.database_url), lambda: NOW)
+    long_id = "<" + "x" * 90 + "@mail.example.com>"
+    raw = escalation("01-hibot-basic.eml").replace(
+        b"Message-ID:", b"Message-ID: " + long_id.encode() + b"\r\nX-Old-Id:", 1
+    )
+    pipeline.process(raw)
+    (case,) = pipeline.store.cases()
+    for row in pipeline.store.outbound(case.id):
+        head = row.raw.split(b"\r\n\r\n", 1)[0].decode()
+        lines = head.split("\r\n")
+        assert f"Message-ID: <{row.message_id}>" in lines
+        assert len(f"<{row.message_id}>") > 78 - len("Message-ID: ")
+        if row.kind == "acknowledgement":
+            assert f"In-Reply-To: {long_id}" in lines
+
+
 def test_same_mail_twice_is_processed_once(pipeline: Pipeline) -> None:
     first = pipeline.process(escalation("01-hibot-basic.eml"))
     # Same Message-ID arriving again, e.g. through IMAP after the SMTP listener.

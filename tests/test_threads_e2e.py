@@ -25,14 +25,11 @@ from .conftest import (
     crlf,
     escalation,
     free_port,
+    headers_of,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def headers_of(data: bytes) -> email.message.EmailMessage:
-    return email.message_from_bytes(data, policy=email.policy.default)  # type: ignore[return-value]
 
 
 def reply(
