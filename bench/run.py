@@ -260,6 +260,10 @@ def burst(
     relay.reset()
     started = time.monotonic()
     daemon = start_daemon(config, run_dir / "daemon.log")
+    if os.environ.get("BENCH_PROGRESS"):
+        threading.Thread(
+            target=_progress, args=(dovecot, user, relay, n, started), daemon=True
+        ).start()
     done = wait_for(lambda: relay.count() >= 2 * n, timeout=max(120, n)) and wait_for(
         lambda: folder_count(dovecot, user, "Processed") == n, timeout=60, step=0.2
     )
@@ -270,6 +274,14 @@ def burst(
     if not done:
         raise RuntimeError(f"burst did not finish: {(run_dir / 'daemon.log').read_text()[-2000:]}")
     return {"msg_per_s": n / elapsed, "seconds": elapsed, "peak_rss_mb": rss}
+
+
+def _progress(dovecot: Dovecot, user: str, relay: Relay, n: int, started: float) -> None:
+    """BENCH_PROGRESS=1: print, each second, how far intake and delivery have got."""
+    while relay.count() < 2 * n:
+        time.sleep(1)
+        processed = folder_count(dovecot, user, "Processed")
+        print(f"{time.monotonic() - started:6.1f}s processed {processed} relayed {relay.count()}")
 
 
 def ceiling(dovecot: Dovecot, relay: Relay, work: Path, n: int) -> dict[str, float]:
@@ -497,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2000, help="escalations per burst")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    parser.add_argument(
+        "--burst-only", action="store_true", help="only the burst and its ceiling (profiling)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     n, runs = (50, 1) if quick else (args.n, args.runs)
@@ -527,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         results["burst"]["ratio_to_ceiling"] = (
             results["burst"]["median_msg_per_s"] / results["ceiling"]["msg_per_s"]
         )
+        if args.burst_only:
+            print(json.dumps(results, indent=2))
+            return 0
         existing = 1000 if quick else 100_000
         loaded = burst(dovecot, relay, work, n, existing=existing)
         results["cost_growth"] = {

@@ -82,6 +82,9 @@ class FileTransportSettings(_Model):
 class SmtpSettings(_ServerSettings):
     port: int = Field(587, ge=1, le=65535)
     security: Literal["tls", "starttls", "none"] = "starttls"
+    connections: int = Field(
+        4, ge=1, le=32, description="mails sent at once, each over its own kept-open connection"
+    )
 
 
 class RetrySettings(_Model):

@@ -44,6 +44,12 @@ def make_transport(config: Config) -> Transport:
     return FileTransport(config.outbox_dir)
 
 
+def outbound_lanes(config: Config) -> int:
+    """Mails in flight at once: one per relay connection; a folder is written one at a time."""
+    outbound = config.settings.outbound
+    return outbound.smtp.connections if outbound.transport == "smtp" else 1
+
+
 class Daemon:
     def __init__(self, config: Config, clock: Callable[[], datetime] = utc_now) -> None:
         self.config = config
@@ -60,6 +66,7 @@ class Daemon:
             on_failed=lambda session, row, error: self.pipeline.delivery_failed(
                 session, row, error
             ),
+            lanes=outbound_lanes(config),
         )
         self.followup = Followup(config, self.store, clock)
         self.stopping = asyncio.Event()

@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings, tls_context
-from mailrouter.store import Message, Store
+from mailrouter.store import MESSAGES, Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,12 @@ class FileTransport:
 
 
 class SmtpTransport:
-    """One reused aiosmtplib connection to the relay, reopened after any error."""
+    """Kept-open aiosmtplib connections to the relay, one per mail in flight (at most
+    `connections`, as the sender never has more in flight); a connection that errs is closed."""
 
     def __init__(self, settings: SmtpSettings) -> None:
         self.settings = settings
-        self._client: aiosmtplib.SMTP | None = None
+        self._idle: list[aiosmtplib.SMTP] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _connect(self) -> aiosmtplib.SMTP:
@@ -87,33 +88,41 @@ class SmtpTransport:
             await client.login(s.username, s.password)
         return client
 
-    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+    async def _checkout(self) -> aiosmtplib.SMTP:
         if self._loop is not asyncio.get_running_loop():
             # A connection belongs to the loop that opened it (one-shot commands run several).
-            self._client, self._loop = None, asyncio.get_running_loop()
+            self._idle, self._loop = [], asyncio.get_running_loop()
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+        return await self._connect()
+
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        client: aiosmtplib.SMTP | None = None
         try:
-            if self._client is None or not self._client.is_connected:
-                self._client = await self._connect()
-            errors, _ = await self._client.sendmail(sender, recipients, data)
+            client = await self._checkout()
+            errors, _ = await client.sendmail(sender, recipients, data)
         except aiosmtplib.SMTPAuthenticationError as exc:
+            await _quit(client)
             # A refused login is the relay's or our configuration, not this mail's fault:
             # keep the mail and retry, so fixing the password delivers the backlog.
-            await self.close()
             raise TemporaryFailure(f"relay refused our login: {exc.code} {exc.message}") from exc
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            await self.close()
+            await _quit(client)
             codes = [r.code for r in exc.recipients]
             detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
             if all(code >= 500 for code in codes):
                 raise PermanentFailure(detail) from exc
             raise TemporaryFailure(detail) from exc
         except aiosmtplib.SMTPResponseException as exc:
-            await self.close()
+            await _quit(client)
             failure = PermanentFailure if exc.code >= 500 else TemporaryFailure
             raise failure(f"{exc.code} {exc.message}") from exc
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            await self.close()
+            await _quit(client)
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from exc
+        self._idle.append(client)
         if errors:
             # Some recipients refused: every mail we queue has one recipient, so this
             # only happens for hand-made rows; treat it like the all-refused case.
@@ -123,12 +132,17 @@ class SmtpTransport:
             raise PermanentFailure(detail)
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and client.is_connected:
-            try:
-                await client.quit()
-            except (TimeoutError, aiosmtplib.SMTPException, OSError):
-                client.close()
+        idle, self._idle = self._idle, []
+        for client in idle:
+            await _quit(client)
+
+
+async def _quit(client: aiosmtplib.SMTP | None) -> None:
+    if client is not None and client.is_connected:
+        try:
+            await client.quit()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            client.close()
 
 
 def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> float:
@@ -137,14 +151,37 @@ def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> fl
     return float(delay * (0.5 + rng.random() / 2))
 
 
-def file_name(message: Message) -> str:
-    recipient = re.sub(r"[^A-Za-z0-9@._-]", "_", (message.recipients or ["nobody"])[0])
-    return f"{message.id:06d}-{message.kind}-{recipient}"
+def file_name(row_id: int, kind: str, recipients: list[str]) -> str:
+    recipient = re.sub(r"[^A-Za-z0-9@._-]", "_", (recipients or ["nobody"])[0])
+    return f"{row_id:06d}-{kind}-{recipient}"
 
 
 def process_identity() -> str:
     """`host:pid:start` of this process; `start` tells a live process from a reused pid."""
     return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _due_rows(session: Session, now: datetime, limit: int) -> list[int]:
+    """Ids of the pending rows due now, in order, skipping every case that has an earlier row
+    waiting for a retry or being sent."""
+    rows = session.execute(
+        select(Message.id, Message.case_id, Message.delivery, Message.next_attempt_at)
+        .where(Message.delivery.in_(("pending", "sending")))
+        .order_by(Message.id)
+    ).all()
+    blocked: set[int] = set()
+    due: list[int] = []
+    for row_id, case_id, delivery, next_at in rows:
+        if case_id is not None and case_id in blocked:
+            continue
+        if delivery == "sending" or (next_at is not None and next_at > now):
+            if case_id is not None:
+                blocked.add(case_id)
+            continue
+        due.append(row_id)
+        if len(due) >= limit:
+            break
+    return due
 
 
 def _start_ticks(pid: int) -> str:
@@ -181,8 +218,11 @@ class Sender:
         clock: Callable[[], datetime],
         rng: random.Random | None = None,
         on_failed: Callable[[Session, Message, str], None] | None = None,
+        lanes: int = 1,
     ) -> None:
-        """`on_failed(session, row, error)` runs in the transaction that marks a row failed."""
+        """`on_failed(session, row, error)` runs in the transaction that marks a row failed;
+        `lanes` is how many mails may be in flight at once."""
+        self.lanes = lanes
         self.store = store
         self.transport = transport
         self.retry = retry
@@ -195,6 +235,12 @@ class Sender:
     def release_stale_claims(self) -> int:
         """Put back rows claimed by a sender that died before sending or recording them."""
         now, here = self.clock(), socket.gethostname()
+        with self.store.reading() as session:
+            claimed_any = session.scalar(
+                select(Message.id).where(Message.delivery == "sending").limit(1)
+            )
+        if claimed_any is None:
+            return 0  # the usual case, answered without taking the write lock
         with self.store.transaction() as session:
             claimed = session.execute(
                 select(Message.id, Message.claimed_by, Message.claimed_until).where(
@@ -224,25 +270,13 @@ class Sender:
         now = self.clock()
         self._batches += 1
         token = f"{self.identity}:{self._batches}"
+        # A snapshot answers the usual "nothing due" without the write lock; the choice is
+        # then made again under the lock, so two senders never split one case's mails.
+        with self.store.reading() as session:
+            if not _due_rows(session, now, 1):
+                return []
         with self.store.transaction() as session:
-            rows = session.execute(
-                select(Message.id, Message.case_id, Message.delivery, Message.next_attempt_at)
-                .where(Message.delivery.in_(("pending", "sending")))
-                .order_by(Message.id)
-            ).all()
-            blocked: set[int] = set()
-            due: list[int] = []
-            for row_id, case_id, delivery, next_at in rows:
-                if case_id is not None and case_id in blocked:
-                    continue
-                waiting = delivery == "sending" or (next_at is not None and next_at > now)
-                if waiting:
-                    if case_id is not None:
-                        blocked.add(case_id)
-                    continue
-                due.append(row_id)
-                if len(due) >= limit:
-                    break
+            due = _due_rows(session, now, limit)
             if not due:
                 return []
             session.execute(
@@ -258,7 +292,7 @@ class Sender:
         return [(row_id, case_id) for row_id, case_id in mine]
 
     def next_wakeup(self) -> datetime | None:
-        with self.store.transaction() as session:
+        with self.store.reading() as session:
             return session.scalar(
                 select(Message.next_attempt_at)
                 .where(Message.delivery == "pending")
@@ -267,21 +301,34 @@ class Sender:
             )
 
     async def deliver_due(self, should_stop: Callable[[], bool] = lambda: False) -> int:
-        """Send every row that is due now; return how many were sent."""
+        """Send every row that is due now, up to `lanes` at once; return how many were sent.
+        A case's mails go down one lane in order, and stop at the first that fails."""
         await asyncio.to_thread(self.release_stale_claims)
         claimed = await asyncio.to_thread(self.claim_due)
+        by_case: dict[object, list[int]] = {}
+        for row_id, case_id in claimed:
+            by_case.setdefault(case_id if case_id is not None else ("row", row_id), []).append(
+                row_id
+            )
+        queue = list(by_case.values())
         sent = 0
-        failed_cases: set[int] = set()
-        try:
-            for row_id, case_id in claimed:
-                if should_stop():
-                    break
-                if case_id in failed_cases:
-                    continue  # a case's mails leave in order: wait behind its failed one
-                if await self.deliver_one(row_id):
+
+        async def lane() -> None:
+            nonlocal sent
+            while queue and not should_stop():
+                for row_id in queue.pop(0):
+                    if should_stop() or not await self.deliver_one(row_id):
+                        break
                     sent += 1
-                elif case_id is not None:
-                    failed_cases.add(case_id)
+
+        try:
+            outcomes = await asyncio.gather(
+                *(lane() for _ in range(min(self.lanes, len(queue)))), return_exceptions=True
+            )
+            # Every lane has ended (none is left sending) before anything is handed back.
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         finally:
             # Whatever we claimed but did not try goes back for the next pass (or daemon).
             await asyncio.to_thread(self._unclaim, [row_id for row_id, _ in claimed])
@@ -303,13 +350,21 @@ class Sender:
 
     async def deliver_one(self, row_id: int) -> bool:
         """Send one row this sender has claimed."""
-        with self.store.transaction() as session:
-            row = session.get(Message, row_id)
-            if row is None or row.delivery != "sending":
-                return False
-            sender, recipients, data, name = row.sender, row.recipients, row.raw, file_name(row)
+        with self.store.engine_for_reading().connect() as connection:
+            row = connection.execute(
+                select(
+                    MESSAGES.c.kind,
+                    MESSAGES.c.sender,
+                    MESSAGES.c.recipients,
+                    MESSAGES.c.raw,
+                    MESSAGES.c.delivery,
+                ).where(MESSAGES.c.id == row_id)
+            ).first()
+        if row is None or row.delivery != "sending":
+            return False
+        name = file_name(row_id, row.kind, row.recipients)
         try:
-            await self.transport.send(sender, list(recipients), data, name)
+            await self.transport.send(row.sender, list(row.recipients), row.raw, name)
         except TemporaryFailure as exc:
             await asyncio.to_thread(self._retry_later, row_id, str(exc))
             return False
@@ -321,18 +376,17 @@ class Sender:
         return True
 
     def _mark_sent(self, row_id: int) -> None:
-        with self.store.transaction() as session:
-            session.execute(
-                update(Message)
-                .where(Message.id == row_id)
-                .values(
-                    delivery="sent",
-                    sent_at=self.clock(),
-                    last_error=None,
-                    claimed_by=None,
-                    claimed_until=None,
-                )
+        self.store.write(
+            update(MESSAGES)
+            .where(MESSAGES.c.id == row_id)
+            .values(
+                delivery="sent",
+                sent_at=self.clock(),
+                last_error=None,
+                claimed_by=None,
+                claimed_until=None,
             )
+        )
 
     def _retry_later(self, row_id: int, error: str) -> None:
         now = self.clock()

@@ -125,11 +125,11 @@ class ImapIntake:
             batch = uids[start : start + FETCH_BATCH]
             destinations: dict[str, list[int]] = {}
             unknown: list[int] = []
+            known = self.pipeline().known_outcomes(self.mailbox, uidvalidity, batch)
             for uid in batch:
-                known = self.pipeline().known_outcome(ImapSource(self.mailbox, uidvalidity, uid))
-                if known is not None:
+                if uid in known:
                     # Committed before a crash, not yet moved: finish the move only.
-                    destinations.setdefault(self._folder_for(known), []).append(uid)
+                    destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
                 else:
                     unknown.append(uid)
             fetched = client.fetch(unknown, ["BODY.PEEK[]"]) if unknown else {}

@@ -20,7 +20,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case as sql_case
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import (
     DisconnectionError,
     IntegrityError,
@@ -52,8 +53,7 @@ from mailrouter.thread import (
     agent_thread,
     case_by_thread,
     case_by_ticket,
-    find_duplicate,
-    find_resent_case,
+    find_earlier_case,
     is_vendor,
     parse_commands,
     ticket_in,
@@ -117,11 +117,23 @@ class Pipeline:
     def parse(self, raw: bytes) -> ParsedMail:
         return parse_message(raw, self.aliases, self.config.settings.intake.address)
 
-    def known_outcome(self, source: ImapSource) -> Result | None:
-        """The committed outcome of an IMAP message, looked up by its UID alone."""
-        with self.store.transaction() as session:
-            found = session.scalar(_by_imap(source))
-            return _result_of(found) if found is not None else None
+    def known_outcomes(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, Result]:
+        """The committed outcomes of a batch of IMAP messages, looked up by their UIDs alone."""
+        if not uids:
+            return {}
+        with self.store.reading() as session:
+            rows = session.execute(
+                select(Message.imap_uid, *_OUTCOME).where(
+                    Message.imap_mailbox == mailbox,
+                    Message.imap_uidvalidity == uidvalidity,
+                    Message.imap_uid.in_(uids),
+                )
+            ).all()
+        return {
+            uid: _result_of(outcome, reason, case_id)
+            for uid, outcome, reason, case_id in rows
+            if uid is not None
+        }
 
     def process(self, raw: bytes, source: ImapSource | None = None) -> Result:
         """Commit the outcome of one mail, exactly once. Raises only when the database cannot
@@ -140,30 +152,26 @@ class Pipeline:
                     earlier = _find_earlier(session, key, source)
                     if earlier is not None:
                         _remember_uid(session, source)
-                        return _result_of(earlier, duplicate=True)
+                        return earlier
                     if mail is None:
                         return self._quarantine(session, arrival, f"parse error: {failure}")
-                    return self._decide_and_apply(session, arrival, mail)
+                    if len(raw) > self.config.settings.intake.max_message_bytes:
+                        return self._too_large(session, arrival, mail)
+                    return self._apply(session, arrival, mail)
             except IntegrityError:
                 # Another worker committed this mail, or the same mailbox's state, between
                 # our lookup and our insert: look again.
                 if attempt == 2:
                     raise
+            except INFRASTRUCTURE_ERRORS:
+                raise
+            except Exception as exc:
+                # A poison mail: this mail makes our code raise. Whatever it had half-written
+                # is rolled back; keep the mail aside with the reason and go on with the rest.
+                log.exception("processing failed; quarantining the mail")
+                with self.store.transaction() as session:
+                    return self._quarantine(session, arrival, f"processing error: {_summary(exc)}")
         raise AssertionError("unreachable")
-
-    def _decide_and_apply(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
-        if len(arrival.raw) > self.config.settings.intake.max_message_bytes:
-            return self._too_large(session, arrival, mail)
-        try:
-            with session.begin_nested():
-                return self._apply(session, arrival, mail)
-        except (IntegrityError, *INFRASTRUCTURE_ERRORS):
-            raise
-        except Exception as exc:
-            # A poison mail: this mail makes our code raise. Keep it aside with the reason
-            # (the savepoint dropped whatever it had half-written) and go on with the rest.
-            log.exception("processing failed; quarantining the mail")
-            return self._quarantine(session, arrival, f"processing error: {_summary(exc)}")
 
     def _inbound(
         self,
@@ -250,12 +258,11 @@ class Pipeline:
                 return self._complete(session, arrival, mail, case)
             return self._agent_reply(session, arrival, mail, case)
         decision = decide(mail, config)
-        duplicate = find_duplicate(session, mail, decision)
-        if duplicate is not None:
-            return self._duplicate(session, arrival, mail, decision, duplicate)
-        waiting = find_resent_case(session, mail, decision)
-        if waiting is not None:
-            return self._complete(session, arrival, mail, waiting)
+        earlier = find_earlier_case(session, mail, decision)
+        if earlier.duplicate is not None:
+            return self._duplicate(session, arrival, mail, decision, earlier.duplicate)
+        if earlier.resent is not None:
+            return self._complete(session, arrival, mail, earlier.resent)
         case = Case(
             created_at=now,
             agent_address=mail.from_address[:320],
@@ -766,15 +773,13 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"[:1000]
 
 
-def _by_imap(source: ImapSource) -> Any:
-    return select(Message).where(
-        Message.imap_mailbox == source.mailbox,
-        Message.imap_uidvalidity == source.uidvalidity,
-        Message.imap_uid == source.uid,
-    )
+# What a committed inbound message tells about itself.
+_OUTCOME = (Message.outcome, Message.reason, Message.case_id)
 
 
-def _find_earlier(session: Session, key: str, source: ImapSource | None) -> Message | None:
+def _find_earlier(session: Session, key: str, source: ImapSource | None) -> Result | None:
+    """The outcome committed for this mail before (same Message-ID or content, or the same
+    IMAP UID), as a duplicate."""
     condition = Message.dedupe_key == key
     if source is not None:
         condition = or_(
@@ -783,27 +788,38 @@ def _find_earlier(session: Session, key: str, source: ImapSource | None) -> Mess
             & (Message.imap_uidvalidity == source.uidvalidity)
             & (Message.imap_uid == source.uid),
         )
-    return session.scalars(select(Message).where(condition).limit(1)).first()
+    found = session.execute(select(*_OUTCOME).where(condition).limit(1)).first()
+    return _result_of(*found, duplicate=True) if found is not None else None
 
 
 def _remember_uid(session: Session, source: ImapSource | None) -> None:
+    """Record the highest UID of the mailbox whose outcome is committed (one statement)."""
     if source is None:
         return
-    state = session.get(ImapState, source.mailbox)
-    if state is None:
-        session.add(
-            ImapState(mailbox=source.mailbox, uidvalidity=source.uidvalidity, last_uid=source.uid)
+    same_validity = ImapState.uidvalidity == source.uidvalidity
+    updated = session.execute(
+        update(ImapState)
+        .where(ImapState.mailbox == source.mailbox)
+        .values(
+            uidvalidity=source.uidvalidity,
+            last_uid=sql_case(
+                (same_validity & (ImapState.last_uid > source.uid), ImapState.last_uid),
+                else_=source.uid,
+            ),
         )
-    elif state.uidvalidity != source.uidvalidity:
-        state.uidvalidity, state.last_uid = source.uidvalidity, source.uid
-    else:
-        state.last_uid = max(state.last_uid, source.uid)
-
-
-def _result_of(message: Message, duplicate: bool = False) -> Result:
-    return Result(
-        message.outcome or "quarantined", message.reason or "", message.case_id, duplicate
     )
+    if updated.rowcount == 0:  # type: ignore[attr-defined]
+        session.execute(
+            insert(ImapState).values(
+                mailbox=source.mailbox, uidvalidity=source.uidvalidity, last_uid=source.uid
+            )
+        )
+
+
+def _result_of(
+    outcome: str | None, reason: str | None, case_id: int | None, duplicate: bool = False
+) -> Result:
+    return Result(outcome or "quarantined", reason or "", case_id, duplicate)
 
 
 def _event(session: Session, case_id: int, now: datetime, kind: str, detail: str) -> None:

@@ -9,12 +9,13 @@ are committed together or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     TypeDecorator,
     create_engine,
@@ -32,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.expression import Executable
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,10 @@ class Message(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+# The outbox's table for Core statements on the sender's hot path (no ORM bookkeeping).
+MESSAGES = cast(Table, Message.__table__)
+
+
 class Event(Base):
     __tablename__ = "events"
 
@@ -165,7 +172,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the sender read while intake writes; busy_timeout rides out short locks.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is on disk before we move the mail out of INBOX or answer the SMTP
+    # client 250, so even a power cut cannot lose an escalation (about 0.3 ms a commit here).
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
@@ -177,13 +186,16 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine for `url`; on SQLite, a `read_only` one begins deferred transactions, which
+    WAL lets run beside a writer instead of queueing behind its lock."""
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
+        if not read_only:
+            event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
@@ -207,34 +219,57 @@ class Store:
         if run_migrations:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite lets one writer in at a time and makes the others poll with growing sleeps
+        # (up to 100 ms each); queueing this process's writers here hands the lock over the
+        # moment it is free. Other processes still meet at SQLite's own lock.
+        self._write_turn = threading.RLock() if self.engine.dialect.name == "sqlite" else None
+        separate = self.engine.dialect.name == "sqlite" and url != "sqlite:///:memory:"
+        self._read_engine = make_engine(url, read_only=True) if separate else self.engine
+        self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
 
-    @contextmanager
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work: committed on success, rolled back on any exception."""
-        with self._sessions.begin() as session:
+        with self._write_turn or contextlib.nullcontext(), self._sessions.begin() as session:
             yield session
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only snapshot: never waits for, nor holds up, the writers."""
+        with self._readers.begin() as session:
+            yield session
+
+    def write(self, statement: Executable) -> None:
+        """Run one Core statement in a transaction of its own: the cheapest durable write."""
+        with self._write_turn or contextlib.nullcontext(), self.engine.begin() as connection:
+            connection.execute(statement)
+
+    def engine_for_reading(self) -> Engine:
+        """For Core reads on the hot path: connections that never wait for the writers."""
+        return self._read_engine
 
     def close(self) -> None:
         self.engine.dispose()
+        self._read_engine.dispose()
 
     def cases(self, limit: int = 200) -> list[Case]:
-        with self.transaction() as session:
+        with self.reading() as session:
             query = select(Case).order_by(Case.id.desc()).limit(limit)
             return list(session.scalars(query))
 
     def events(self, case_id: int) -> list[Event]:
-        with self.transaction() as session:
+        with self.reading() as session:
             query = select(Event).where(Event.case_id == case_id).order_by(Event.id)
             return list(session.scalars(query))
 
     def outbound(self, case_id: int | None = None) -> list[Message]:
-        with self.transaction() as session:
+        with self.reading() as session:
             query = select(Message).where(Message.direction == "out").order_by(Message.id)
             if case_id is not None:
                 query = query.where(Message.case_id == case_id)
             return list(session.scalars(query))
 
     def inbound(self) -> list[Message]:
-        with self.transaction() as session:
+        with self.reading() as session:
             query = select(Message).where(Message.direction == "in").order_by(Message.id)
             return list(session.scalars(query))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -121,49 +122,50 @@ def parse_commands(text: str) -> Commands:
     return found
 
 
-def find_duplicate(session: Session, mail: ParsedMail, decision: Decision) -> Case | None:
-    """An open case for the same destination and the same client — and, for every other key
-    the destination declares that both mails give, the same value (seed 000: search first)."""
+@dataclass(frozen=True)
+class Earlier:
+    """What an incoming escalation may belong to instead of a new case."""
+
+    duplicate: Case | None  # an open case for the same destination and client (seed 000)
+    resent: Case | None  # the agent's own case waiting for the fields this mail resends
+
+
+def find_earlier_case(session: Session, mail: ParsedMail, decision: Decision) -> Earlier:
+    """Look up, in one query, the cases for the same destination and the same client
+    (ignoring case, accents and spacing), and pick the duplicate and the resent case."""
     provider = decision.provider
     client = normalize(mail.fields.get("cliente", ""))
     if provider is None or not client:
-        return None
+        return Earlier(None, None)
     candidates = session.scalars(
         select(Case)
         .where(
             Case.provider == provider.id,
             Case.client_key == client,
-            Case.status.in_(OPEN_STATUSES),
+            Case.status.in_((*OPEN_STATUSES, "needs_info")),
         )
         .order_by(Case.id)
+    ).all()
+    duplicate = next(
+        (
+            case
+            for case in candidates
+            if case.status in OPEN_STATUSES and _same_keys(case, mail, provider.duplicate_keys)
+        ),
+        None,
     )
-    for case in candidates:
-        if all(
-            normalize(case.fields.get(key, "")) == normalize(mail.fields.get(key, ""))
-            for key in provider.duplicate_keys
-            if key != "cliente" and case.fields.get(key) and mail.fields.get(key)
-        ):
-            return case
-    return None
+    agent = mail.from_address[:320]
+    waiting = [c for c in candidates if c.status == "needs_info" and c.agent_address == agent]
+    return Earlier(duplicate, waiting[-1] if waiting else None)
 
 
-def find_resent_case(session: Session, mail: ParsedMail, decision: Decision) -> Case | None:
-    """The agent's own case still waiting for fields that this fresh mail resends: same
-    destination and same client (ignoring case, accents and spacing)."""
-    client = normalize(mail.fields.get("cliente", ""))
-    if not client or decision.provider is None:
-        return None
-    return session.scalars(
-        select(Case)
-        .where(
-            Case.status == "needs_info",
-            Case.agent_address == mail.from_address,
-            Case.provider == decision.provider.id,
-            Case.client_key == client,
-        )
-        .order_by(Case.id.desc())
-        .limit(1)
-    ).first()
+def _same_keys(case: Case, mail: ParsedMail, keys: Sequence[str]) -> bool:
+    """Every other key the destination declares, where both give it, matches."""
+    return all(
+        normalize(case.fields.get(key, "")) == normalize(mail.fields.get(key, ""))
+        for key in keys
+        if key != "cliente" and case.fields.get(key) and mail.fields.get(key)
+    )
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import email
 import email.policy
@@ -109,6 +110,10 @@ class RecordingRelay:
     # While > 0, every DATA is answered with this reply and the counter decremented.
     fail_data_times: int = 0
     fail_data_reply: str = "451 4.3.0 try again later"
+    # Seconds each DATA takes, and how many were in progress at once at most.
+    data_delay: float = 0.0
+    most_at_once: int = 0
+    _at_once: int = 0
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -122,6 +127,11 @@ class RecordingRelay:
         if self.fail_data_times > 0:
             self.fail_data_times -= 1
             return self.fail_data_reply
+        if self.data_delay:
+            self._at_once += 1
+            self.most_at_once = max(self.most_at_once, self._at_once)
+            await asyncio.sleep(self.data_delay)
+            self._at_once -= 1
         self.messages.append(
             Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content))
         )

@@ -15,7 +15,8 @@ from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_del
 from mailrouter.pipeline import Pipeline
 from mailrouter.store import Store
 
-from .conftest import RecordingRelay, escalation
+from .conftest import RecordingRelay, escalation, headers_of
+from .factory import escalations
 
 
 class Clock:
@@ -32,7 +33,7 @@ def clock() -> Clock:
 
 
 def smtp_setup(
-    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock
+    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock, lanes: int = 1
 ) -> tuple[Pipeline, Sender]:
     config = load_config(
         write_config(
@@ -53,6 +54,7 @@ def smtp_setup(
         clock,
         random.Random(1),
         on_failed=pipeline.delivery_failed,
+        lanes=lanes,
     )
     return pipeline, sender
 
@@ -153,3 +155,23 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 15 <= delays[0] <= 30
     assert 60 <= delays[2] <= 120
     assert all(1800 <= d <= 3600 for d in delays[8:])
+
+
+def test_lanes_send_cases_side_by_side_and_each_case_in_order(
+    write_config: Callable[..., Path], relay: RecordingRelay, clock: Clock
+) -> None:
+    pipeline, sender = smtp_setup(write_config, relay, clock, lanes=3)
+    for _, raw in escalations(6, seed=3):
+        pipeline.process(raw)
+    relay.data_delay = 0.05  # a slow relay: what lanes are for
+    assert asyncio.run(sender.deliver_due()) == 12
+    assert relay.most_at_once == 3  # three mails in flight, each on its own connection
+    arrival = {
+        "".join(str(headers_of(m.data)["Message-ID"]).split()).strip("<>"): n
+        for n, m in enumerate(relay.messages)
+    }
+    for case in pipeline.store.cases():
+        forward, ack = pipeline.store.outbound(case.id)
+        assert (forward.kind, ack.kind) == ("forward", "acknowledgement")
+        assert arrival[forward.message_id] < arrival[ack.message_id]
+    assert all(row.delivery == "sent" for row in pipeline.store.outbound())

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from mailrouter.config import load_config
 from mailrouter.pipeline import ImapSource, Pipeline
-from mailrouter.store import Store
+from mailrouter.store import Case, Store
 
 from .conftest import escalation
 
@@ -180,3 +181,27 @@ def test_database_failure_is_retried_not_quarantined(
     assert pipeline.store.inbound() == []  # nothing recorded: the next try starts afresh
     monkeypatch.undo()
     assert pipeline.process(escalation("01-hibot-basic.eml")).outcome == "routed"
+
+
+def test_reads_do_not_wait_for_a_writer(pipeline: Pipeline) -> None:
+    # The sender reads the outbox while intake holds the write lock; it sees the last
+    # committed state instead of queueing behind the writer.
+    import threading
+
+    pipeline.process(escalation("01-hibot-basic.eml"))
+    writing, read_done = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with pipeline.store.transaction() as session:
+            session.execute(update(Case).values(priority="BAJA"))
+            writing.set()
+            read_done.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert writing.wait(10)
+    (case,) = pipeline.store.cases()  # a reading() session
+    read_done.set()
+    thread.join()
+    assert case.priority == "ALTA"  # the committed value, not the writer's pending one
+    assert pipeline.store.cases()[0].priority == "BAJA"
