@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import signal
 import threading
@@ -251,4 +253,20 @@ class Daemon:
 
 
 def run_daemon(config: Config) -> None:
+    return_large_buffers_to_the_system()
     asyncio.run(Daemon(config).run())
+
+
+def return_large_buffers_to_the_system() -> None:
+    """Have glibc give every buffer over 256 KB its own mapping, returned when freed. By
+    default it raises that threshold after the first large free, so the copies a 10 MB
+    attachment passes through stay in the heap as fragments: the daemon grew by hundreds
+    of MB over a few such mails instead of going back to its size."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        log.debug("mallopt unavailable; large buffers are left to the allocator's defaults")
+
+
+_M_MMAP_THRESHOLD = -3  # from glibc's <malloc.h>

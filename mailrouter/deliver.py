@@ -11,22 +11,23 @@ Message-ID. Mails of one case leave in the order they were decided.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosmtplib
-from sqlalchemy import select, update
+from sqlalchemy import Row, case, func, null, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings, tls_context
-from mailrouter.store import MESSAGES, Message, Store
+from mailrouter.store import LARGE_MAIL_BYTES, MESSAGES, Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +313,13 @@ class Sender:
             )
         queue = list(by_case.values())
         sent = 0
+        one_large_mail = asyncio.Lock()
 
         async def lane() -> None:
             nonlocal sent
             while queue and not should_stop():
                 for row_id in queue.pop(0):
-                    if should_stop() or not await self.deliver_one(row_id):
+                    if should_stop() or not await self.deliver_one(row_id, one_large_mail):
                         break
                     sent += 1
 
@@ -348,32 +350,71 @@ class Sender:
                 .values(delivery="pending", claimed_by=None, claimed_until=None)
             )
 
-    async def deliver_one(self, row_id: int) -> bool:
-        """Send one row this sender has claimed."""
+    async def deliver_one(self, row_id: int, one_large_mail: asyncio.Lock | None = None) -> bool:
+        """Send one row this sender has claimed. Mails over `LARGE_MAIL_BYTES` bytes are read and
+        sent one at a time (under `one_large_mail`): each costs a few copies of itself on
+        the way out, and lanes full of them would multiply that."""
+        row = self._read_row(row_id)
+        if row is None or row.delivery != "sending":
+            return False
+        large = row.raw is None and one_large_mail is not None
+        async with (
+            one_large_mail if large and one_large_mail else contextlib.nullcontext(),
+            self._large_mail_turn() if row.raw is None else contextlib.nullcontext(),
+        ):
+            raw = row.raw if row.raw is not None else self._read_raw(row_id)
+            try:
+                await self.transport.send(
+                    row.sender,
+                    list(row.recipients),
+                    raw,
+                    file_name(row_id, row.kind, row.recipients),
+                )
+            except TemporaryFailure as exc:
+                await asyncio.to_thread(self._retry_later, row_id, str(exc))
+                return False
+            except PermanentFailure as exc:
+                await asyncio.to_thread(self._fail, row_id, str(exc))
+                return False
+            finally:
+                del raw
+        # The only window where a crash repeats a mail: keep it to this one statement.
+        await asyncio.to_thread(self._mark_sent, row_id)
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _large_mail_turn(self) -> AsyncIterator[None]:
+        """The store's turn for large mails, waited for without blocking the loop (and so
+        that a cancelled wait never leaves it taken)."""
+        turn = self.store.large_mail_turn
+        while not turn.acquire(blocking=False):
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            turn.release()
+
+    def _read_row(self, row_id: int) -> Row[*tuple[Any, ...]] | None:
+        """The row to send; its `raw` only when it is at most `LARGE_MAIL_BYTES` bytes."""
+        raw = case((func.length(MESSAGES.c.raw) <= LARGE_MAIL_BYTES, MESSAGES.c.raw), else_=null())
         with self.store.engine_for_reading().connect() as connection:
-            row = connection.execute(
+            return connection.execute(
                 select(
                     MESSAGES.c.kind,
                     MESSAGES.c.sender,
                     MESSAGES.c.recipients,
-                    MESSAGES.c.raw,
+                    raw.label("raw"),
                     MESSAGES.c.delivery,
                 ).where(MESSAGES.c.id == row_id)
             ).first()
-        if row is None or row.delivery != "sending":
-            return False
-        name = file_name(row_id, row.kind, row.recipients)
-        try:
-            await self.transport.send(row.sender, list(row.recipients), row.raw, name)
-        except TemporaryFailure as exc:
-            await asyncio.to_thread(self._retry_later, row_id, str(exc))
-            return False
-        except PermanentFailure as exc:
-            await asyncio.to_thread(self._fail, row_id, str(exc))
-            return False
-        # The only window where a crash repeats a mail: keep it to this one statement.
-        await asyncio.to_thread(self._mark_sent, row_id)
-        return True
+
+    def _read_raw(self, row_id: int) -> bytes:
+        with self.store.engine_for_reading().connect() as connection:
+            return bytes(
+                connection.execute(
+                    select(MESSAGES.c.raw).where(MESSAGES.c.id == row_id)
+                ).scalar_one()
+            )
 
     def _mark_sent(self, row_id: int) -> None:
         self.store.write(

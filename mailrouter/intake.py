@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from imapclient import IMAPClient
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 IDLE_REISSUE_SECONDS = 29 * 60  # RFC 2177: servers may drop an IDLE older than 30 minutes
 FETCH_BATCH = 50
+# Bodies are fetched in groups of at most this many bytes (a bigger mail alone), so a
+# backlog of mails with large attachments is never all in memory at once.
+FETCH_BYTES = 4 * 1024 * 1024
 
 
 class SmtpIntake:
@@ -132,20 +135,14 @@ class ImapIntake:
                     destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
                 else:
                     unknown.append(uid)
-            fetched = client.fetch(unknown, ["BODY.PEEK[]"]) if unknown else {}
-            for uid in unknown:
-                if self.stop.is_set():
-                    break
-                data = fetched.get(uid, {})
-                raw = data.get(b"BODY[]")
-                if raw is None:  # expunged by someone else meanwhile
-                    continue
-                source = ImapSource(self.mailbox, uidvalidity, uid)
+            for raw_uid, raw in _bodies(client, unknown, self.stop):
+                source = ImapSource(self.mailbox, uidvalidity, raw_uid)
                 result = self.pipeline().process(raw, source)
+                del raw  # a large mail is not kept while the next group is fetched
                 if not result.duplicate:
                     processed += 1
                 self.on_committed()
-                destinations.setdefault(self._folder_for(result), []).append(uid)
+                destinations.setdefault(self._folder_for(result), []).append(raw_uid)
             for folder, moved in destinations.items():
                 self._move(client, moved, folder)
         return processed
@@ -200,6 +197,40 @@ class ImapIntake:
                 self.stop.wait(delay)
                 delay = min(delay * 2, self.settings.reconnect_max)
         _logout(client)
+
+
+def _size_groups(sizes: dict[int, int], budget: int) -> list[list[int]]:
+    """UIDs in order, grouped so that each group's sizes add up to at most `budget`."""
+    groups: list[list[int]] = []
+    total = budget
+    for uid in sorted(sizes):
+        if total + sizes[uid] > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(uid)
+        total += sizes[uid]
+    return groups
+
+
+def _bodies(
+    client: IMAPClient, uids: list[int], stop: threading.Event
+) -> Iterator[tuple[int, bytes]]:
+    """(uid, raw mail) for each of `uids` still there, fetched a size-bounded group at a time."""
+    if not uids:
+        return
+    sizes = {
+        uid: int(data.get(b"RFC822.SIZE", 0))
+        for uid, data in client.fetch(uids, ["RFC822.SIZE"]).items()
+    }
+    for group in _size_groups(sizes, FETCH_BYTES):
+        fetched = client.fetch(group, ["BODY.PEEK[]"])
+        for uid in group:
+            if stop.is_set():
+                return
+            data = fetched.pop(uid, {})
+            if b"BODY[]" in data:  # else expunged by someone else meanwhile
+                # Popped, not kept in this frame: the caller alone holds the mail.
+                yield uid, data.pop(b"BODY[]")
 
 
 def _is_network(exc: BaseException) -> bool:

@@ -211,6 +211,9 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+LARGE_MAIL_BYTES = 1024 * 1024
+
+
 class Store:
     """The database handle passed to every step that reads or writes state."""
 
@@ -226,6 +229,17 @@ class Store:
         separate = self.engine.dialect.name == "sqlite" and url != "sqlite:///:memory:"
         self._read_engine = make_engine(url, read_only=True) if separate else self.engine
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
+        # Memory, not storage: a large mail costs a few copies of itself wherever it is
+        # handled (parse, render, the database driver, the relay connection), so the
+        # intake and the sender take turns with large mails rather than add them up.
+        self.large_mail_turn = threading.Lock()
+
+    @contextlib.contextmanager
+    def large_mail(self, size: int) -> Iterator[None]:
+        """Hold the process's one turn for large mails while handling `size` bytes, if that
+        is over `LARGE_MAIL_BYTES`."""
+        with self.large_mail_turn if size > LARGE_MAIL_BYTES else contextlib.nullcontext():
+            yield
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:

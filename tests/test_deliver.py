@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrouter import deliver
 from mailrouter.config import RetrySettings, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_delay
 from mailrouter.pipeline import Pipeline
@@ -174,4 +175,42 @@ def test_lanes_send_cases_side_by_side_and_each_case_in_order(
         forward, ack = pipeline.store.outbound(case.id)
         assert (forward.kind, ack.kind) == ("forward", "acknowledgement")
         assert arrival[forward.message_id] < arrival[ack.message_id]
+    assert all(row.delivery == "sent" for row in pipeline.store.outbound())
+
+
+def test_large_mails_leave_one_at_a_time_beside_small_ones(
+    write_config: Callable[..., Path],
+    relay: RecordingRelay,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every forward here is "large" and every acknowledgement small: lanes keep sending
+    # the small ones while the large ones take turns, so at most one is read and in flight.
+    pipeline, sender = smtp_setup(write_config, relay, clock, lanes=3)
+    for _, raw in escalations(6, seed=5):
+        pipeline.process(raw)
+    sizes = {row.message_id: len(row.raw) for row in pipeline.store.outbound()}
+    forwards = [len(r.raw) for r in pipeline.store.outbound() if r.kind == "forward"]
+    acks = [len(r.raw) for r in pipeline.store.outbound() if r.kind == "acknowledgement"]
+    assert max(acks) < min(forwards)
+    monkeypatch.setattr(deliver, "LARGE_MAIL_BYTES", min(forwards) - 1)
+    relay.data_delay = 0.05
+    in_flight: list[str] = []
+    most_large = 0
+    real_send = sender.transport.send
+
+    async def watching_send(sender_: str, rcpts: list[str], data: bytes, name: str) -> None:
+        nonlocal most_large
+        mid = "".join(str(headers_of(data)["Message-ID"]).split()).strip("<>")
+        in_flight.append(mid)
+        most_large = max(most_large, sum(sizes[m] > deliver.LARGE_MAIL_BYTES for m in in_flight))
+        try:
+            await real_send(sender_, rcpts, data, name)
+        finally:
+            in_flight.remove(mid)
+
+    monkeypatch.setattr(sender.transport, "send", watching_send)
+    assert asyncio.run(sender.deliver_due()) == len(sizes)
+    assert most_large == 1
+    assert relay.most_at_once >= 2
     assert all(row.delivery == "sent" for row in pipeline.store.outbound())

@@ -78,6 +78,28 @@ def test_message_ids_are_never_folded(write_config: Callable[..., Path]) -> None
             assert f"In-Reply-To: {long_id}" in lines
 
 
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 300_000])
+def test_forwarded_attachments_arrive_byte_for_byte(pipeline: Pipeline, size: int) -> None:
+    # The forward's base64 is written outside the stdlib generator (see render._splice):
+    # it must still decode to the very bytes the agent attached, in 76-column CRLF lines.
+    payloads = [bytes(range(256)) * (size // 256) + bytes(size % 256), b"\x00\xff" * 40]
+    msg = email.message_from_bytes(escalation("01-hibot-basic.eml"), policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    msg.make_mixed()
+    for index, payload in enumerate(payloads):
+        msg.add_attachment(
+            payload, maintype="image", subtype="png", filename=f"pantallazo-{index}.png"
+        )
+    pipeline.process(msg.as_bytes())
+    forward = next(r for r in pipeline.store.outbound() if r.kind == "forward")
+    assert b"mailrouter-attachment-" not in forward.raw
+    assert all(len(line) <= 78 for line in forward.raw.split(b"\r\n"))
+    assert b"\n" not in forward.raw.replace(b"\r\n", b"")
+    sent = email.message_from_bytes(forward.raw, policy=email.policy.default)
+    files = {part.get_filename(): part.get_payload(decode=True) for part in sent.iter_attachments()}
+    assert files == {f"pantallazo-{i}.png": payload for i, payload in enumerate(payloads)}
+
+
 def test_same_mail_twice_is_processed_once(pipeline: Pipeline) -> None:
     first = pipeline.process(escalation("01-hibot-basic.eml"))
     # Same Message-ID arriving again, e.g. through IMAP after the SMTP listener.
