@@ -185,6 +185,7 @@ class TeamSettings(_Model):
 class DigestSettings(_Model):
     schedule: str = "0 8 * * mon-fri"  # crontab, in `timezone`
     send_empty: bool = False
+    max_cases: int = Field(default=50, ge=1, le=10_000)  # lines per table; the rest counted
 
     @field_validator("schedule")
     @classmethod

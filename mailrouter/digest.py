@@ -11,11 +11,12 @@ restart or with two daemons. Everything leaves through the outbox.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import select
@@ -84,7 +85,19 @@ class DigestLine:
     no_vendor_ack: bool
     agent: str
     subject: str
-    due_sort: datetime | None
+
+
+@dataclass(frozen=True)
+class DigestGroup:
+    """One table of a digest: its first `max_cases` lines, and how many cases it has."""
+
+    name: str
+    lines: list[DigestLine]
+    total: int
+
+    @property
+    def more(self) -> int:
+        return self.total - len(self.lines)
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ class Digest:
     recipient: str
     name: str
     for_lead: bool
-    groups: list[tuple[str, list[DigestLine]]]
+    groups: list[DigestGroup]
     overdue: int
     open: int
 
@@ -101,17 +114,44 @@ class Digest:
         return f"Escalaciones: {self.overdue} vencidas, {self.open} abiertas"
 
 
-def _line(case: Case, config: Config, now: datetime) -> DigestLine:
+class DigestCase(Protocol):
+    """What a digest reads of a case: a `Case`, or a row of the same columns."""
+
+    id: int
+    created_at: datetime
+    status: str
+    provider: str
+    priority: str
+    agent_address: str
+    agent_name: str
+    client: str
+    subject: str
+    follow_up_due: datetime | None
+    vendor_ticket: str | None
+
+
+DIGEST_COLUMNS = [Case.__table__.c[name] for name in DigestCase.__annotations__]
+
+
+def _destination(case: DigestCase, config: Config) -> str:
+    provider = config.providers.get(case.provider)
+    return provider.name if provider else case.provider
+
+
+def _is_overdue(case: DigestCase, now: datetime) -> bool:
+    return case.follow_up_due is not None and case.follow_up_due < now
+
+
+def _line(case: DigestCase, config: Config, now: datetime) -> DigestLine:
     settings = config.settings
     provider = config.providers.get(case.provider)
     zone = config.calendar().zone
-    overdue = case.follow_up_due is not None and case.follow_up_due < now
     awaits_ticket = provider is not None and provider.ticket_number is not None
     icon, color = PRIORITY_LOOK.get(case.priority, ("", "#5f6368"))
     return DigestLine(
-        tag=case.tag(settings.case_tag_prefix),
+        tag=f"{settings.case_tag_prefix}-{case.id:06d}",
         client=case.client,
-        destination=provider.name if provider else case.provider,
+        destination=_destination(case, config),
         priority=case.priority,
         icon=icon,
         color=color,
@@ -119,7 +159,7 @@ def _line(case: Case, config: Config, now: datetime) -> DigestLine:
         due=case.follow_up_due.astimezone(zone).strftime("%d/%m %H:%M")
         if case.follow_up_due
         else "—",
-        overdue=overdue,
+        overdue=_is_overdue(case, now),
         age=age_text(case.created_at, now),
         ticket=case.vendor_ticket or "",
         no_vendor_ack=awaits_ticket
@@ -128,51 +168,61 @@ def _line(case: Case, config: Config, now: datetime) -> DigestLine:
         and now - case.created_at > timedelta(hours=settings.vendor_ack_hours),
         agent=config.agent_name(case.agent_address, case.agent_name) or case.agent_address,
         subject=case.subject,
-        due_sort=case.follow_up_due,
     )
 
 
-def _ordered(lines: Iterable[DigestLine]) -> list[DigestLine]:
-    """Overdue first, then by due time (soonest first), cases without one last."""
-    far = datetime.max.replace(tzinfo=None)
-    return sorted(
-        lines,
-        key=lambda x: (not x.overdue, x.due_sort.replace(tzinfo=None) if x.due_sort else far),
-    )
+_Keyed = tuple[tuple[bool, datetime, int], DigestCase]
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 
-def build_digests(cases: Iterable[Case], config: Config, now: datetime) -> list[Digest]:
+def _keyed(case: DigestCase, now: datetime) -> _Keyed:
+    """The case with its place in a digest: overdue first, then by due time (soonest first),
+    cases without one last."""
+    due = case.follow_up_due
+    return (not _is_overdue(case, now), due or _NEVER, case.id), case
+
+
+def _group(name: str, cases: list[_Keyed], config: Config, now: datetime) -> DigestGroup:
+    """Only the first `digest.max_cases` become lines: a list of thousands is read by nobody."""
+    first = heapq.nsmallest(config.settings.digest.max_cases, cases, key=lambda kc: kc[0])
+    return DigestGroup(name, [_line(case, config, now) for _, case in first], len(cases))
+
+
+def build_digests(cases: Iterable[DigestCase], config: Config, now: datetime) -> list[Digest]:
     """Each agent's digest of their cases, and each lead's digest of the whole team, grouped
     by destination. Empty digests are included only when `digest.send_empty` is set."""
-    lines_by_agent: dict[str, list[DigestLine]] = {}
-    every: list[DigestLine] = []
+    by_agent: dict[str, list[_Keyed]] = {}
+    by_destination: dict[str, list[_Keyed]] = {}
     for case in cases:
-        line = _line(case, config, now)
-        lines_by_agent.setdefault(case.agent_address, []).append(line)
-        every.append(line)
+        keyed = _keyed(case, now)
+        by_agent.setdefault(case.agent_address, []).append(keyed)
+        by_destination.setdefault(_destination(case, config), []).append(keyed)
+
+    def overdue(mine: list[_Keyed]) -> int:
+        return sum(not key[0] for key, _ in mine)
+
     digests = [
         Digest(
             recipient=agent,
             name=config.agent_name(agent),
             for_lead=False,
-            groups=[("", _ordered(lines))],
-            overdue=sum(x.overdue for x in lines),
-            open=len(lines),
+            groups=[_group("", mine, config, now)],
+            overdue=overdue(mine),
+            open=len(mine),
         )
-        for agent, lines in sorted(lines_by_agent.items())
+        for agent, mine in sorted(by_agent.items())
     ]
     if config.settings.digest.send_empty:
         for agent in config.settings.team.agents:
-            if agent not in lines_by_agent:
+            if agent not in by_agent:
                 digests.append(Digest(agent, config.agent_name(agent), False, [], 0, 0))
-    by_destination: dict[str, list[DigestLine]] = {}
-    for line in every:
-        by_destination.setdefault(line.destination, []).append(line)
-    groups = [(name, _ordered(lines)) for name, lines in sorted(by_destination.items())]
-    overdue = sum(x.overdue for x in every)
-    for lead in config.settings.team.leads:
-        if every or config.settings.digest.send_empty:
-            digests.append(Digest(lead, config.agent_name(lead), True, groups, overdue, len(every)))
+    every = [keyed for mine in by_agent.values() for keyed in mine]
+    if every or config.settings.digest.send_empty:
+        groups = [_group(name, mine, config, now) for name, mine in sorted(by_destination.items())]
+        for lead in config.settings.team.leads:
+            digests.append(
+                Digest(lead, config.agent_name(lead), True, groups, overdue(every), len(every))
+            )
     return digests
 
 
@@ -321,9 +371,12 @@ class Followup:
         return self.queue_digests(fired.isoformat(timespec="minutes"))
 
     def digests_now(self) -> list[Digest]:
-        with self.store.transaction() as session:
-            cases = session.scalars(
-                select(Case).where(Case.status.in_(LISTED_STATUSES)).order_by(Case.id)
+        # Plain rows, not ORM objects: a team's whole backlog is read for the counts.
+        with self.store.engine_for_reading().connect() as connection:
+            cases = connection.execute(
+                select(*DIGEST_COLUMNS)
+                .where(Case.__table__.c.status.in_(LISTED_STATUSES))
+                .order_by(Case.__table__.c.id)
             ).all()
         return build_digests(cases, self.config, self.clock())
 

@@ -19,6 +19,7 @@ from mailrouter.pipeline import Pipeline
 from mailrouter.store import Message, Store
 
 from .conftest import DaemonThread, RecordingRelay, escalation, wait_until
+from .factory import escalations
 
 LEAD = "lider.soporte@example.com"
 
@@ -128,11 +129,11 @@ def test_digests_list_overdue_first_and_flag_missing_vendor_ack(
     digests = {d.recipient: d for d in followup.digests_now()}
     lead = digests[LEAD]
     assert lead.subject == "Escalaciones: 2 vencidas, 3 abiertas"
-    assert [name for name, _ in lead.groups] == ["HIBOT", "PANDA", "Tech"]
+    assert [group.name for group in lead.groups] == ["HIBOT", "PANDA", "Tech"]
     laura = digests["laura.gomez@example.com"]
-    (line,) = laura.groups[0][1]
+    (line,) = laura.groups[0].lines
     assert line.overdue and line.no_vendor_ack  # HIBOT opens tickets and sent none in 2 h
-    andres = digests["andres.perez@example.com"].groups[0][1]
+    andres = digests["andres.perez@example.com"].groups[0].lines
     assert [x.tag for x in andres] == ["ESC-000003", "ESC-000002"]  # overdue 04 first
     assert not andres[1].no_vendor_ack  # Panda never sends tickets
 
@@ -253,3 +254,26 @@ def test_daemon_catches_up_on_a_missed_digest(
     assert wait_until(lambda: len(relay.to(LEAD)) >= 1, timeout=20)
     daemon.stop()
     assert len(relay.to("andres.perez@example.com")) == 2  # acknowledgement and digest
+
+
+def test_long_digests_list_the_most_urgent_cases_and_count_the_rest(
+    write_config: Callable[..., Path], clock: Clock
+) -> None:
+    config = load_config(write_config({"digest": {"max_cases": 2}}))
+    store = Store(config.database_url)
+    pipeline, followup = Pipeline(config, store, clock), Followup(config, store, clock)
+    mails = [raw for kind, raw in escalations(24, seed=9) if kind == "tech"]
+    for raw in mails[:3]:
+        pipeline.process(raw)
+    clock.now += timedelta(days=30)  # those three are past any window
+    for raw in mails[3:]:
+        pipeline.process(raw)
+    overdue = {c.id for c in store.cases() if c.follow_up_due and c.follow_up_due < clock.now}
+    digests = {d.recipient: d for d in followup.digests_now()}
+    (tech,) = digests[LEAD].groups
+    assert (tech.total, len(tech.lines), tech.more) == (6, 2, 4)
+    assert all(line.overdue for line in tech.lines)
+    assert {int(line.tag.split("-")[1]) for line in tech.lines} <= overdue
+    assert digests[LEAD].subject == f"Escalaciones: {len(overdue)} vencidas, 6 abiertas"
+    text = followup.render_digest(digests[LEAD]).data.decode()
+    assert "y 4 casos m=C3=A1s" in text  # quoted-printable "más"
