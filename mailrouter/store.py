@@ -64,20 +64,23 @@ class Base(DeclarativeBase):
 
 class Case(Base):
     __tablename__ = "cases"
+    # No index on status or provider alone: a handful of values each, they only mislead
+    # the planner into scanning every open case (see migration 0005).
+    __table_args__ = (Index("ix_cases_duplicates", "client_key", "provider"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # open | needs_info | undeliverable | closed
-    status: Mapped[str] = mapped_column(String(32), index=True)
-    provider: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(32))
+    provider: Mapped[str] = mapped_column(String(64))
     route: Mapped[str] = mapped_column(String(128))
     priority: Mapped[str] = mapped_column(String(16))
     agent_address: Mapped[str] = mapped_column(String(320), index=True)
     agent_name: Mapped[str] = mapped_column(String(320), default="")
     client: Mapped[str] = mapped_column(String(320), default="")
     # The client normalised (case, accents, spacing): what duplicate detection compares.
-    client_key: Mapped[str] = mapped_column(String(320), default="", index=True)
+    client_key: Mapped[str] = mapped_column(String(320), default="")
     subject: Mapped[str] = mapped_column(Text, default="")
     fields: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     follow_up_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)

@@ -7,15 +7,20 @@ import email.policy
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import update
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import event, update
 
 from mailrouter.config import load_config
+from mailrouter.digest import Followup
 from mailrouter.pipeline import ImapSource, Pipeline
-from mailrouter.store import Case, Store
+from mailrouter.store import Base, Case, Store
 
 from .conftest import escalation
+from .factory import escalations
 
 NOW = datetime(2026, 11, 16, 19, 5, tzinfo=UTC)
 
@@ -227,3 +232,43 @@ def test_reads_do_not_wait_for_a_writer(pipeline: Pipeline) -> None:
     thread.join()
     assert case.priority == "ALTA"  # the committed value, not the writer's pending one
     assert pipeline.store.cases()[0].priority == "BAJA"
+
+
+def test_schema_from_migrations_is_the_models_schema(pipeline: Pipeline) -> None:
+    with pipeline.store.engine.connect() as connection:
+        context = MigrationContext.configure(connection)
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_mail_path_lookups_use_an_index_not_a_scan(
+    pipeline: Pipeline, write_config: Callable[..., Path]
+) -> None:
+    # With 100,000 cases a scan costs more than the rest of the mail's handling: every
+    # lookup the mail path and the reminder pass make must search an index.
+    statements: list[tuple[str, Any]] = []
+    engines = {pipeline.store.engine, pipeline.store.engine_for_reading()}
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement, params))
+
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    for _, raw in escalations(8, seed=4):
+        pipeline.process(raw)
+    duplicate = escalation("08-hibot-duplicate.eml")
+    pipeline.process(escalation("01-hibot-basic.eml"))
+    pipeline.process(duplicate)
+    Followup(pipeline.config, pipeline.store, lambda: NOW + timedelta(days=30)).remind()
+    for engine in engines:
+        event.remove(engine, "before_cursor_execute", record)
+    assert any("cases.client_key" in sql for sql, _ in statements)
+    with pipeline.store.engine.connect() as connection:
+        raw_connection = connection.connection.driver_connection
+        assert raw_connection is not None
+        for sql, params in statements:
+            plan = raw_connection.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+            steps = [str(row[3]) for row in plan]
+            assert not [s for s in steps if s.startswith("SCAN ")], f"{sql}\n{steps}"
+            if "cases.client_key =" in sql:  # not the few-valued provider or status
+                assert any("ix_cases_duplicates" in s for s in steps), f"{sql}\n{steps}"
