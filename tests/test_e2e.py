@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mailrouter.intake import BUSY_POLL_SECONDS, keep_polling
 from mailrouter.store import Store
 
 from .conftest import DaemonThread, Dovecot, RecordingRelay, crlf, escalation, wait_until
@@ -212,3 +213,9 @@ def test_imap_idle_takes_new_mail_without_waiting_for_the_poll(
     assert wait_until(lambda: len(relay.messages) == 2, timeout=20)
     daemon.stop()
     assert len(relay.to("soporte_revendedores@clickpanda.com")) == 1
+
+
+def test_while_mail_keeps_coming_the_poller_looks_again_instead_of_idling() -> None:
+    assert not keep_polling(None, now=100.0)  # nothing yet: IDLE
+    assert keep_polling(99.0, now=100.0)  # mail a second ago: look again shortly
+    assert not keep_polling(100.0 - BUSY_POLL_SECONDS, now=100.0)  # quiet long enough: IDLE
