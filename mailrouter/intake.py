@@ -65,12 +65,17 @@ class SmtpIntake:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
         try:
-            result = await asyncio.to_thread(self.pipeline().process, raw)
+            result = await asyncio.to_thread(self._process, raw)
         except Exception:
             log.exception("could not store an incoming mail; asking the client to retry")
             return "451 4.3.0 Temporary failure storing the message, try again later"
         self.on_committed()
         return f"250 2.0.0 Accepted ({result.outcome})"
+
+    def _process(self, raw: bytes) -> Result:
+        pipeline = self.pipeline()
+        with pipeline.store.large_mail(len(raw)):
+            return pipeline.process(raw)
 
 
 class ImapIntake:
@@ -141,17 +146,45 @@ class ImapIntake:
                     destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
                 else:
                     unknown.append(uid)
-            for raw_uid, raw in _bodies(client, unknown, self.stop):
-                source = ImapSource(self.mailbox, uidvalidity, raw_uid)
-                result = self.pipeline().process(raw, source)
-                del raw  # a large mail is not kept while the next group is fetched
+            for uid, result in self._process_new(client, uidvalidity, unknown):
                 if not result.duplicate:
                     processed += 1
                 self.on_committed()
-                destinations.setdefault(self._folder_for(result), []).append(raw_uid)
+                destinations.setdefault(self._folder_for(result), []).append(uid)
             for folder, moved in destinations.items():
                 self._move(client, moved, folder)
         return processed
+
+    def _process_new(
+        self, client: IMAPClient, uidvalidity: int, uids: list[int]
+    ) -> Iterator[tuple[int, Result]]:
+        """Fetch and commit each of `uids`, small mails a size-bounded group at a time, a
+        large one alone, in slices, and within the store's turn for large mails."""
+        if not uids:
+            return
+        sizes = {
+            uid: int(data.get(b"RFC822.SIZE", 0))
+            for uid, data in client.fetch(uids, ["RFC822.SIZE"]).items()
+        }
+        for group in _size_groups(sizes, FETCH_BYTES):
+            pipeline = self.pipeline()
+            size = sum(sizes[uid] for uid in group)
+            with pipeline.store.large_mail(size):
+                if size > FETCH_BYTES:
+                    (uid,) = group
+                    bodies = {uid: _fetch_in_slices(client, uid)}
+                else:
+                    bodies = {
+                        uid: data.get(b"BODY[]")
+                        for uid, data in client.fetch(group, ["BODY.PEEK[]"]).items()
+                    }
+                for uid in group:
+                    if self.stop.is_set():
+                        return
+                    raw = bodies.pop(uid, None)
+                    if raw is not None:  # else expunged by someone else meanwhile
+                        yield uid, pipeline.process(raw, ImapSource(self.mailbox, uidvalidity, uid))
+                    del raw  # not kept while the next group is fetched
 
     def _wait_for_mail(self, client: IMAPClient) -> None:
         """Block until new mail may be there, the poll interval passes, or we are stopped."""
@@ -229,25 +262,19 @@ def _size_groups(sizes: dict[int, int], budget: int) -> list[list[int]]:
     return groups
 
 
-def _bodies(
-    client: IMAPClient, uids: list[int], stop: threading.Event
-) -> Iterator[tuple[int, bytes]]:
-    """(uid, raw mail) for each of `uids` still there, fetched a size-bounded group at a time."""
-    if not uids:
-        return
-    sizes = {
-        uid: int(data.get(b"RFC822.SIZE", 0))
-        for uid, data in client.fetch(uids, ["RFC822.SIZE"]).items()
-    }
-    for group in _size_groups(sizes, FETCH_BYTES):
-        fetched = client.fetch(group, ["BODY.PEEK[]"])
-        for uid in group:
-            if stop.is_set():
-                return
-            data = fetched.pop(uid, {})
-            if b"BODY[]" in data:  # else expunged by someone else meanwhile
-                # Popped, not kept in this frame: the caller alone holds the mail.
-                yield uid, data.pop(b"BODY[]")
+def _fetch_in_slices(client: IMAPClient, uid: int) -> bytes | None:
+    """One large mail, fetched FETCH_BYTES at a time: a whole FETCH of it holds about three
+    copies at its peak, this about two."""
+    body = bytearray()
+    while True:
+        offset = len(body)
+        data = client.fetch([uid], [f"BODY.PEEK[]<{offset}.{FETCH_BYTES}>"]).get(uid)
+        if data is None:  # expunged meanwhile
+            return None
+        piece = data.get(f"BODY[]<{offset}>".encode(), b"")
+        body += piece
+        if len(piece) < FETCH_BYTES:
+            return bytes(body)
 
 
 def _is_network(exc: BaseException) -> bool:

@@ -137,11 +137,8 @@ class Pipeline:
 
     def process(self, raw: bytes, source: ImapSource | None = None) -> Result:
         """Commit the outcome of one mail, exactly once. Raises only when the database cannot
-        be used (then nothing was committed and the caller retries the mail later)."""
-        with self.store.large_mail(len(raw)):
-            return self._process(raw, source)
-
-    def _process(self, raw: bytes, source: ImapSource | None) -> Result:
+        be used (then nothing was committed and the caller retries the mail later). The
+        intake holds `store.large_mail` around a large mail, from before it has it in hand."""
         now = self.clock()
         try:
             mail: ParsedMail | None = self.parse(raw)
