@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiosmtplib
-from sqlalchemy import Row, case, func, null, select, update
+from sqlalchemy import Row, bindparam, case, func, null, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings, tls_context
@@ -204,6 +204,33 @@ def _claim_is_dead(claimed_by: str, here: str) -> bool:
     return _start_ticks(int(pid)) != start
 
 
+PRELOAD_BYTES = 64 * 1024  # mails up to this size are read with their batch
+
+# Built once: composing a statement costs more than running it on this path.
+_ROWS_TO_SEND = select(
+    MESSAGES.c.id,
+    MESSAGES.c.kind,
+    MESSAGES.c.sender,
+    MESSAGES.c.recipients,
+    MESSAGES.c.delivery,
+    func.length(MESSAGES.c.raw).label("size"),
+    case((func.length(MESSAGES.c.raw) <= bindparam("small"), MESSAGES.c.raw), else_=null()).label(
+        "raw"
+    ),
+).where(MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+_MARK_SENT = (
+    update(MESSAGES)
+    .where(MESSAGES.c.id == bindparam("row_id"))
+    .values(
+        delivery="sent",
+        sent_at=bindparam("sent_at"),
+        last_error=None,
+        claimed_by=None,
+        claimed_until=None,
+    )
+)
+
+
 class Sender:
     """Delivers due outbox rows. Several senders (daemons) may share one database: a sender
     claims rows before sending them, so no row is sent by two. A claim whose process died
@@ -314,12 +341,15 @@ class Sender:
         queue = list(by_case.values())
         sent = 0
         one_large_mail = asyncio.Lock()
+        # One read for the batch (small mails with their bytes) instead of one per mail.
+        rows = self._read_rows([row_id for row_id, _ in claimed])
 
         async def lane() -> None:
             nonlocal sent
             while queue and not should_stop():
                 for row_id in queue.pop(0):
-                    if should_stop() or not await self.deliver_one(row_id, one_large_mail):
+                    row = rows.pop(row_id, None)
+                    if should_stop() or not await self.deliver_one(row_id, one_large_mail, row):
                         break
                     sent += 1
 
@@ -350,17 +380,22 @@ class Sender:
                 .values(delivery="pending", claimed_by=None, claimed_until=None)
             )
 
-    async def deliver_one(self, row_id: int, one_large_mail: asyncio.Lock | None = None) -> bool:
-        """Send one row this sender has claimed. Mails over `LARGE_MAIL_BYTES` bytes are read and
-        sent one at a time (under `one_large_mail`): each costs a few copies of itself on
-        the way out, and lanes full of them would multiply that."""
-        row = self._read_row(row_id)
+    async def deliver_one(
+        self,
+        row_id: int,
+        one_large_mail: asyncio.Lock | None = None,
+        row: Row[*tuple[Any, ...]] | None = None,
+    ) -> bool:
+        """Send one row this sender has claimed (`row`: as `_read_rows` gave it). Mails over
+        `LARGE_MAIL_BYTES` are read and sent one at a time (under `one_large_mail` and the
+        store's large-mail turn): each costs a few copies of itself on the way out."""
+        row = row or self._read_rows([row_id]).get(row_id)
         if row is None or row.delivery != "sending":
             return False
-        large = row.raw is None and one_large_mail is not None
+        large = row.size > LARGE_MAIL_BYTES
         async with (
             one_large_mail if large and one_large_mail else contextlib.nullcontext(),
-            self._large_mail_turn() if row.raw is None else contextlib.nullcontext(),
+            self._large_mail_turn() if large else contextlib.nullcontext(),
         ):
             raw = row.raw if row.raw is not None else self._read_raw(row_id)
             try:
@@ -394,19 +429,13 @@ class Sender:
         finally:
             turn.release()
 
-    def _read_row(self, row_id: int) -> Row[*tuple[Any, ...]] | None:
-        """The row to send; its `raw` only when it is at most `LARGE_MAIL_BYTES` bytes."""
-        raw = case((func.length(MESSAGES.c.raw) <= LARGE_MAIL_BYTES, MESSAGES.c.raw), else_=null())
+    def _read_rows(self, row_ids: list[int]) -> dict[int, Row[*tuple[Any, ...]]]:
+        """The rows to send, with their bytes when small (the others are read when sent)."""
+        if not row_ids:
+            return {}
         with self.store.engine_for_reading().connect() as connection:
-            return connection.execute(
-                select(
-                    MESSAGES.c.kind,
-                    MESSAGES.c.sender,
-                    MESSAGES.c.recipients,
-                    raw.label("raw"),
-                    MESSAGES.c.delivery,
-                ).where(MESSAGES.c.id == row_id)
-            ).first()
+            found = connection.execute(_ROWS_TO_SEND, {"ids": row_ids, "small": PRELOAD_BYTES})
+            return {row.id: row for row in found}
 
     def _read_raw(self, row_id: int) -> bytes:
         with self.store.engine_for_reading().connect() as connection:
@@ -417,17 +446,7 @@ class Sender:
             )
 
     def _mark_sent(self, row_id: int) -> None:
-        self.store.write(
-            update(MESSAGES)
-            .where(MESSAGES.c.id == row_id)
-            .values(
-                delivery="sent",
-                sent_at=self.clock(),
-                last_error=None,
-                claimed_by=None,
-                claimed_until=None,
-            )
-        )
+        self.store.write(_MARK_SENT, {"row_id": row_id, "sent_at": self.clock()})
 
     def _retry_later(self, row_id: int, error: str) -> None:
         now = self.clock()

@@ -256,10 +256,10 @@ class Store:
         with self._readers.begin() as session:
             yield session
 
-    def write(self, statement: Executable) -> None:
+    def write(self, statement: Executable, params: dict[str, Any] | None = None) -> None:
         """Run one Core statement in a transaction of its own: the cheapest durable write."""
         with self._write_turn or contextlib.nullcontext(), self.engine.begin() as connection:
-            connection.execute(statement)
+            connection.execute(statement, params)
 
     def engine_for_reading(self) -> Engine:
         """For Core reads on the hot path: connections that never wait for the writers."""
