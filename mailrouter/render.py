@@ -72,16 +72,31 @@ class _WirePolicy(Compat32):
     legal, but tools that match replies to their thread by id are not all that careful."""
 
     def fold_binary(self, name: str, value: Any) -> bytes:
-        if name.lower() in _ID_HEADERS and isinstance(value, str) and _one_line(value):
+        # A short ASCII header folds to itself: compat32 would spend a Header object and
+        # a few milliseconds per mail to say so.
+        if (
+            isinstance(value, str)
+            and _one_line(value)
+            and (self._fits(name, value) or name.lower() in _ID_HEADERS)
+        ):
             return f"{name}: {value}{self.linesep}".encode("ascii")
         return super().fold_binary(name, value)
+
+    def _fits(self, name: str, value: str) -> bool:
+        limit = self.max_line_length
+        return not limit or len(name) + 2 + len(value) <= limit
 
 
 _ID_HEADERS = frozenset({"message-id", "in-reply-to"})
 
 
 def _one_line(value: str) -> bool:
-    return value.isascii() and "\r" not in value and "\n" not in value and len(value) < 900
+    # Printable ASCII and tabs only: other control characters (\v, \f, \x1c-\x1e) are
+    # line boundaries to Python's str.splitlines, which compat32 folds on.
+    return len(value) < 900 and _PLAIN_HEADER(value) is not None
+
+
+_PLAIN_HEADER = re.compile(r"[\t -~]*").fullmatch
 
 
 _WIRE = _WirePolicy(linesep="\r\n")

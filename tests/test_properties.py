@@ -1,16 +1,21 @@
 """Property-based tests of field extraction: random labels, values, whitespace, accents and
-quoted blocks. It never raises and never takes a field from a quoted block."""
+quoted blocks. It never raises and never takes a field from a quoted block. Also: the
+header shortcut of the wire policy writes what compat32 would."""
 
 from __future__ import annotations
 
 import unicodedata
+from email.errors import HeaderParseError
+from email.policy import compat32
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailrouter.config import load_config
 from mailrouter.parse import agent_part, extract_fields, parse_message
 from mailrouter.pipeline import field_aliases
+from mailrouter.render import _WIRE
 
 from .conftest import PROJECT
 
@@ -99,3 +104,20 @@ def test_extraction_never_raises(text: str) -> None:
 def test_parsing_arbitrary_bytes_never_raises(raw: bytes) -> None:
     mail = parse_message(b"From: a@example.com\r\nSubject: x\r\n\r\n" + raw, ALIASES, "i@x.example")
     assert "\n" not in mail.subject and "\r" not in mail.subject
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    name=st.sampled_from(["Subject", "To", "From", "X-Mailrouter-Case", "Content-Type"]),
+    value=st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=120),
+)
+def test_the_short_header_shortcut_writes_what_compat32_writes(name: str, value: str) -> None:
+    """The wire policy skips compat32's folding for short ASCII headers; whatever it
+    writes for a header other than a message id must be compat32's own bytes."""
+    try:
+        expected = compat32.clone(linesep="\r\n").fold_binary(name, value)
+    except HeaderParseError:  # a value that would smuggle in a header: refused by both
+        with pytest.raises(HeaderParseError):
+            _WIRE.fold_binary(name, value)
+        return
+    assert _WIRE.fold_binary(name, value) == expected
