@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -173,14 +176,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy, not the sqlite3 module, say when transactions begin (see _sqlite_begin).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=10000")
     # WAL lets the sender read while intake writes; busy_timeout rides out short locks.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     # FULL: a commit is on disk before we move the mail out of INBOX or answer the SMTP
     # client 250, so even a power cut cannot lose an escalation (about 0.3 ms a commit here).
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any, attempts: int = 100) -> None:
+    """Set WAL mode. SQLite answers "database is locked" at once, without waiting on the
+    busy timeout, when another process is creating or switching the same file: two
+    processes starting together (two daemons, a CLI command beside the daemon) must
+    both come up, so wait that moment out. WAL is stored in the file: later opens find it."""
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 + random.random() * 0.05)
 
 
 def _sqlite_begin(connection: Any) -> None:

@@ -332,7 +332,7 @@ def test_two_daemons_one_mailbox(dovecot: Dovecot, rig_for: Callable[..., Rig]) 
     rig.append(mails)
     assert wait_until(lambda: rig.drained(total), timeout=180, step=0.5), rig.log()
     drained = time.monotonic() - started
-    assert first.terminate() == 0 and second.terminate() == 0
+    assert (first.terminate(), second.terminate()) == (0, 0), rig.log()[-4000:]
     lost, dups = check_exactly_once(rig, mails)
     assert (lost, dups) == (0, 0)
     report("two daemons, one mailbox", total, "2 daemons", lost, dups, drained)

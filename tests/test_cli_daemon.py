@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import shutil
 import signal
 import smtplib
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mailrouter.store import _sqlite_pragmas
 
 from .conftest import PROJECT, crlf, escalation, free_port, wait_until
 
@@ -161,3 +166,30 @@ def test_sighup_reload_keeps_last_good_config(tmp_path: Path) -> None:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
     assert daemon.returncode == 0, log.read_text()
+
+
+def _connect_like_the_store(path: str, start: multiprocessing.synchronize.Barrier) -> None:
+    connection = sqlite3.connect(path)
+    start.wait()
+    _sqlite_pragmas(connection, None)  # what every new connection of the store runs
+    connection.close()
+
+
+def test_processes_opening_a_new_database_together_all_come_up(tmp_path: Path) -> None:
+    """Two daemons, or a CLI command beside a starting daemon, open the same new SQLite
+    file at once: SQLite refuses the switch to WAL at once ("database is locked", no busy
+    wait) to some of them, a few percent of the time here; none may die of it."""
+    context = multiprocessing.get_context("fork")
+    failed = 0
+    for round_ in range(60):
+        start = context.Barrier(3)
+        path = str(tmp_path / f"{round_}.db")
+        openers = [
+            context.Process(target=_connect_like_the_store, args=(path, start)) for _ in range(3)
+        ]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(60)
+        failed += sum(opener.exitcode != 0 for opener in openers)
+    assert failed == 0
