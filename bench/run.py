@@ -172,10 +172,20 @@ def write_config(
     return path
 
 
+def _profile(daemon: subprocess.Popen[bytes]) -> None:
+    """BENCH_PROFILE=FILE records the daemon with py-spy as collapsed stacks (for
+    flamegraph.pl or speedscope) until it exits: where the time of a measurement goes."""
+    target = os.environ.get("BENCH_PROFILE")
+    if target:
+        spy = Path(sys.executable).with_name("py-spy")
+        command = ["record", "--format", "raw", "--rate", "100", "-o", target]
+        subprocess.Popen([str(spy), *command, "--pid", str(daemon.pid)])
+
+
 def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
     with open(log, "ab") as out:
-        return subprocess.Popen(
+        daemon = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -191,6 +201,8 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             cwd=PROJECT,
         )
+    _profile(daemon)
+    return daemon
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy import case as sql_case
-from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import (
     DisconnectionError,
     IntegrityError,
@@ -46,7 +46,7 @@ from mailrouter.parse import (
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.route import Decision, decide, sender_allowed
 from mailrouter.sla import due_after
-from mailrouter.store import Case, Event, ImapState, Message, Store
+from mailrouter.store import IMAP_STATE, Case, Event, Message, Store
 from mailrouter.thread import (
     OPEN_STATUSES,
     ThreadHeaders,
@@ -793,27 +793,34 @@ def _find_earlier(session: Session, key: str, source: ImapSource | None) -> Resu
     return _result_of(*found, duplicate=True) if found is not None else None
 
 
+# Built once, run as Core: the ORM's bulk-update path cost more than the write itself.
+_ADVANCE_LAST_UID = (
+    update(IMAP_STATE)
+    .where(IMAP_STATE.c.mailbox == bindparam("box"))
+    .values(
+        uidvalidity=bindparam("validity"),
+        last_uid=sql_case(
+            (
+                (IMAP_STATE.c.uidvalidity == bindparam("validity"))
+                & (IMAP_STATE.c.last_uid > bindparam("uid")),
+                IMAP_STATE.c.last_uid,
+            ),
+            else_=bindparam("uid"),
+        ),
+    )
+)
+
+
 def _remember_uid(session: Session, source: ImapSource | None) -> None:
     """Record the highest UID of the mailbox whose outcome is committed (one statement)."""
     if source is None:
         return
-    same_validity = ImapState.uidvalidity == source.uidvalidity
-    updated = session.execute(
-        update(ImapState)
-        .where(ImapState.mailbox == source.mailbox)
-        .values(
-            uidvalidity=source.uidvalidity,
-            last_uid=sql_case(
-                (same_validity & (ImapState.last_uid > source.uid), ImapState.last_uid),
-                else_=source.uid,
-            ),
-        )
-    )
-    if updated.rowcount == 0:  # type: ignore[attr-defined]
-        session.execute(
-            insert(ImapState).values(
-                mailbox=source.mailbox, uidvalidity=source.uidvalidity, last_uid=source.uid
-            )
+    connection = session.connection()
+    params = {"box": source.mailbox, "validity": source.uidvalidity, "uid": source.uid}
+    if connection.execute(_ADVANCE_LAST_UID, params).rowcount == 0:
+        connection.execute(
+            insert(IMAP_STATE),
+            {"mailbox": source.mailbox, "uidvalidity": source.uidvalidity, "last_uid": source.uid},
         )
 
 

@@ -172,6 +172,9 @@ class ImapState(Base):
     last_uid: Mapped[int] = mapped_column(Integer, default=0)
 
 
+IMAP_STATE = cast(Table, ImapState.__table__)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy, not the sqlite3 module, say when transactions begin (see _sqlite_begin).
     dbapi_connection.isolation_level = None
