@@ -778,18 +778,31 @@ def _summary(exc: BaseException) -> str:
 _OUTCOME = (Message.outcome, Message.reason, Message.case_id)
 
 
+# Built once: composing a statement from ORM attributes costs more than running it.
+_EARLIER_BY_KEY = select(*_OUTCOME).where(Message.dedupe_key == bindparam("key")).limit(1)
+_EARLIER_BY_KEY_OR_UID = (
+    select(*_OUTCOME)
+    .where(
+        or_(
+            Message.dedupe_key == bindparam("key"),
+            (Message.imap_mailbox == bindparam("box"))
+            & (Message.imap_uidvalidity == bindparam("validity"))
+            & (Message.imap_uid == bindparam("uid")),
+        )
+    )
+    .limit(1)
+)
+
+
 def _find_earlier(session: Session, key: str, source: ImapSource | None) -> Result | None:
     """The outcome committed for this mail before (same Message-ID or content, or the same
     IMAP UID), as a duplicate."""
-    condition = Message.dedupe_key == key
-    if source is not None:
-        condition = or_(
-            condition,
-            (Message.imap_mailbox == source.mailbox)
-            & (Message.imap_uidvalidity == source.uidvalidity)
-            & (Message.imap_uid == source.uid),
-        )
-    found = session.execute(select(*_OUTCOME).where(condition).limit(1)).first()
+    connection = session.connection()
+    if source is None:
+        found = connection.execute(_EARLIER_BY_KEY, {"key": key}).first()
+    else:
+        params = {"key": key, "box": source.mailbox, "validity": source.uidvalidity}
+        found = connection.execute(_EARLIER_BY_KEY_OR_UID, {**params, "uid": source.uid}).first()
     return _result_of(*found, duplicate=True) if found is not None else None
 
 

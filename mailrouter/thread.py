@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Config, Provider
@@ -33,16 +33,21 @@ def tagged_case_id(subject: str, prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# Statements of the per-mail path are built once: composing one from ORM attributes
+# costs more than SQLite takes to run it.
+_CASE_OF_MESSAGE_IDS = (
+    select(Message.case_id)
+    .where(Message.message_id.in_(bindparam("ids", expanding=True)), Message.case_id.is_not(None))
+    .order_by(Message.id.desc())
+    .limit(1)
+)
+
+
 def case_by_thread(session: Session, mail: ParsedMail, prefix: str) -> Case | None:
     """The case whose stored mails this one answers, or whose tag its subject carries."""
     ids = [i for i in [mail.in_reply_to, *mail.references] if i]
     if ids:
-        case_id = session.scalar(
-            select(Message.case_id)
-            .where(Message.message_id.in_(ids), Message.case_id.is_not(None))
-            .order_by(Message.id.desc())
-            .limit(1)
-        )
+        case_id = session.scalar(_CASE_OF_MESSAGE_IDS, {"ids": ids})
         if case_id is not None:
             return session.get(Case, case_id)
     tagged = tagged_case_id(mail.subject, prefix)
@@ -130,6 +135,17 @@ class Earlier:
     resent: Case | None  # the agent's own case waiting for the fields this mail resends
 
 
+_CASES_OF_CLIENT = (
+    select(Case)
+    .where(
+        Case.provider == bindparam("provider"),
+        Case.client_key == bindparam("client"),
+        Case.status.in_((*OPEN_STATUSES, "needs_info")),
+    )
+    .order_by(Case.id)
+)
+
+
 def find_earlier_case(session: Session, mail: ParsedMail, decision: Decision) -> Earlier:
     """Look up, in one query, the cases for the same destination and the same client
     (ignoring case, accents and spacing), and pick the duplicate and the resent case."""
@@ -138,13 +154,7 @@ def find_earlier_case(session: Session, mail: ParsedMail, decision: Decision) ->
     if provider is None or not client:
         return Earlier(None, None)
     candidates = session.scalars(
-        select(Case)
-        .where(
-            Case.provider == provider.id,
-            Case.client_key == client,
-            Case.status.in_((*OPEN_STATUSES, "needs_info")),
-        )
-        .order_by(Case.id)
+        _CASES_OF_CLIENT, {"provider": provider.id, "client": client}
     ).all()
     duplicate = next(
         (
