@@ -17,7 +17,7 @@ import os
 import random
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,7 +103,10 @@ class SmtpTransport:
         client: aiosmtplib.SMTP | None = None
         try:
             client = await self._checkout()
-            errors, _ = await client.sendmail(sender, recipients, data)
+            if len(data) > LARGE_MAIL_BYTES:
+                errors = await _send_in_slices(client, sender, recipients, data)
+            else:
+                errors, _ = await client.sendmail(sender, recipients, data)
         except aiosmtplib.SMTPAuthenticationError as exc:
             await _quit(client)
             # A refused login is the relay's or our configuration, not this mail's fault:
@@ -136,6 +139,67 @@ class SmtpTransport:
         idle, self._idle = self._idle, []
         for client in idle:
             await _quit(client)
+
+
+# What aiosmtplib does to a whole mail before DATA, done here a slice at a time: lone CR
+# or LF become CRLF, and a line starting with "." gets a second one (RFC 5321 4.5.2).
+_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+DATA_SLICE_BYTES = 512 * 1024
+
+
+def data_slices(data: bytes, size: int = DATA_SLICE_BYTES) -> Iterator[bytes]:
+    """`data` as it goes on the wire after DATA (without the final "."), in slices of
+    about `size` that end at line ends."""
+    start = 0
+    while start < len(data):
+        cut = data.find(b"\n", start + size)
+        end = len(data) if cut == -1 else cut + 1
+        piece = _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", data[start:end]))
+        if end == len(data) and not piece.endswith(b"\r\n"):
+            piece += b"\r\n"
+        yield piece
+        start = end
+
+
+async def _send_in_slices(
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes
+) -> dict[str, aiosmtplib.SMTPResponse]:
+    """`sendmail` for a large mail. aiosmtplib prepares the whole mail at once (twice
+    when the relay announces SIZE), which costs about five times the mail in memory;
+    here the DATA is prepared and written a slice at a time, waiting for the socket
+    to take each one."""
+    if client.is_ehlo_or_helo_needed:
+        await client.ehlo()
+    options = []
+    if client.supports_extension("size"):
+        options.append(f"SIZE={sum(len(piece) for piece in data_slices(data))}")
+    await client.mail(sender, options=options)
+    refused = []
+    for recipient in recipients:
+        try:
+            await client.rcpt(recipient)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            refused.append(exc)
+    if len(refused) == len(recipients):
+        raise aiosmtplib.SMTPRecipientsRefused(refused)
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None or protocol.transport is None:
+        raise aiosmtplib.SMTPServerDisconnected("connection lost before the mail was sent")
+    transport = protocol.transport
+    assert isinstance(transport, asyncio.WriteTransport)
+    for piece in data_slices(data):
+        protocol.write(piece)
+        while transport.get_write_buffer_size() > DATA_SLICE_BYTES and not transport.is_closing():
+            await asyncio.sleep(0.001)
+    protocol.write(b".\r\n")
+    answer = await protocol.read_response(timeout=client.timeout)
+    if answer.code != 250:
+        raise aiosmtplib.SMTPDataError(answer.code, answer.message)
+    return {exc.recipient: aiosmtplib.SMTPResponse(exc.code, exc.message) for exc in refused}
 
 
 async def _quit(client: aiosmtplib.SMTP | None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailrouter import deliver
-from mailrouter.config import RetrySettings, load_config
+from mailrouter.config import RetrySettings, SmtpSettings, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_delay
 from mailrouter.pipeline import Pipeline
 from mailrouter.store import Store
@@ -214,3 +214,51 @@ def test_large_mails_leave_one_at_a_time_beside_small_ones(
     assert most_large == 1
     assert relay.most_at_once >= 2
     assert all(row.delivery == "sent" for row in pipeline.store.outbound())
+
+
+def _awkward_mail(size: int, seed: int) -> bytes:
+    """Lines ending in CRLF, bare LF or bare CR, some starting with a dot, some long."""
+    rng = random.Random(seed)
+    lines, total = [b"Subject: big\r\n\r\n"], 0
+    while total < size:
+        body = bytes(rng.choice(b"abc .\r") for _ in range(rng.choice([0, 1, 5, 76, 300])))
+        line = rng.choice([b"", b".", b".."]) + body + rng.choice([b"\r\n", b"\n", b"\r"])
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_large_mail_data_is_prepared_slice_by_slice_as_aiosmtplib_prepares_it(seed: int) -> None:
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    data = _awkward_mail(200_000, seed)
+    whole = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data))
+    for size in (1, 100, 4096, 65536, 10**6):
+        assert b"".join(deliver.data_slices(data, size)) == whole
+
+
+def test_a_large_mail_reaches_the_relay_as_sendmail_would_deliver_it(
+    relay: RecordingRelay,
+) -> None:
+    """Above LARGE_MAIL_BYTES the transport writes the DATA itself, a slice at a time
+    (aiosmtplib would hold about five copies of the mail): the relay must get the same
+    bytes, dots unstuffed, and a refused recipient must still be told apart."""
+    from aiosmtplib.protocol import normalize_message_line_endings
+
+    data = _awkward_mail(3 * 1024 * 1024, seed=7)
+    assert len(data) > deliver.LARGE_MAIL_BYTES
+    transport = SmtpTransport(SmtpSettings(host=relay.host, port=relay.port, security="none"))
+    relay.refuse["nobody@vendor.example"] = "550 5.1.1 no such user"
+
+    async def scenario() -> None:
+        await transport.send("router@example.com", ["soporte@hibot.us"], data, "big")
+        await transport.send("router@example.com", ["soporte@hibot.us"], data, "again")
+        with pytest.raises(deliver.PermanentFailure, match="550"):
+            await transport.send("router@example.com", ["nobody@vendor.example"], data, "x")
+        await transport.close()
+
+    asyncio.run(scenario())
+    expected = normalize_message_line_endings(data)
+    assert [m.data == expected for m in relay.messages] == [True, True]
+    assert relay.messages[0].rcpt_tos == ["soporte@hibot.us"]
