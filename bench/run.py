@@ -178,6 +178,8 @@ def _profile(daemon: subprocess.Popen[bytes]) -> None:
     target = os.environ.get("BENCH_PROFILE")
     if target:
         spy = Path(sys.executable).with_name("py-spy")
+        if not spy.exists():
+            raise SystemExit(f"BENCH_PROFILE needs py-spy at {spy} (pip install -e '.[dev]')")
         command = ["record", "--format", "raw", "--rate", "100", "-o", target]
         subprocess.Popen([str(spy), *command, "--pid", str(daemon.pid)])
 
