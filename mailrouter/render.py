@@ -136,11 +136,27 @@ def _splice(data: bytes, bodies: dict[bytes, bytes]) -> bytes:
     pieces: list[bytes | memoryview] = []
     done = 0
     for found in re.finditer(b"|".join(re.escape(p) for p in bodies), data):
-        encoded = base64.encodebytes(bodies[found.group()]).replace(b"\n", b"\r\n")
-        pieces += [data[done : found.start()], memoryview(encoded)[:-2]]
+        pieces.append(data[done : found.start()])
+        pieces += _base64_lines(bodies[found.group()])
         done = found.end()
     pieces.append(data[done:])
     return b"".join(pieces)
+
+
+_ENCODE_SLICE = 57 * 1024  # whole 76-column lines: slices encode exactly as the whole
+
+
+def _base64_lines(payload: bytes) -> list[bytes]:
+    """`payload` in base64 lines joined by CRLF, without the last CRLF, in slices: encoding
+    it whole would hold two full-size copies (LF lines, then CRLF) besides the result."""
+    view = memoryview(payload)
+    lines = [
+        base64.encodebytes(view[start : start + _ENCODE_SLICE]).replace(b"\n", b"\r\n")
+        for start in range(0, len(payload), _ENCODE_SLICE)
+    ]
+    if lines:
+        lines[-1] = lines[-1][:-2]
+    return lines
 
 
 class Renderer:

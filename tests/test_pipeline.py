@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +19,7 @@ from sqlalchemy import event, update
 from mailrouter.config import load_config
 from mailrouter.digest import Followup
 from mailrouter.pipeline import ImapSource, Pipeline
+from mailrouter.render import _base64_lines
 from mailrouter.store import Base, Case, Store
 
 from .conftest import escalation
@@ -272,3 +275,12 @@ def test_mail_path_lookups_use_an_index_not_a_scan(
             assert not [s for s in steps if s.startswith("SCAN ")], f"{sql}\n{steps}"
             if "cases.client_key =" in sql:  # not the few-valued provider or status
                 assert any("ix_cases_duplicates" in s for s in steps), f"{sql}\n{steps}"
+
+
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 57 * 1024 - 1, 57 * 1024, 57 * 1024 + 1, 10**6])
+def test_attachments_are_encoded_in_slices_exactly_as_whole(size: int) -> None:
+    """A forwarded attachment is base64-encoded a slice at a time (memory); the lines must
+    be those of encoding it whole, with CRLF, as the generator would have written them."""
+    payload = random.Random(size).randbytes(size)
+    whole = base64.encodebytes(payload).replace(b"\n", b"\r\n")[:-2]
+    assert b"".join(_base64_lines(payload)) == whole
