@@ -28,7 +28,7 @@ from mailrouter.parse import agent_part, parse_message
 from mailrouter.pipeline import queue_mail
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.sla import windows_overdue
-from mailrouter.store import Case, DigestRecord, Event, Message, Store
+from mailrouter.store import Case, DigestRecord, Event, Message, Store, case_tag
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _line(case: DigestCase, config: Config, now: datetime) -> DigestLine:
     awaits_ticket = provider is not None and provider.ticket_number is not None
     icon, color = PRIORITY_LOOK.get(case.priority, ("", "#5f6368"))
     return DigestLine(
-        tag=f"{settings.case_tag_prefix}-{case.id:06d}",
+        tag=case_tag(settings.case_tag_prefix, case.id),
         client=case.client,
         destination=_destination(case, config),
         priority=case.priority,

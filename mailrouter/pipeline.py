@@ -801,8 +801,10 @@ def _find_earlier(session: Session, key: str, source: ImapSource | None) -> Resu
     if source is None:
         found = connection.execute(_EARLIER_BY_KEY, {"key": key}).first()
     else:
-        params = {"key": key, "box": source.mailbox, "validity": source.uidvalidity}
-        found = connection.execute(_EARLIER_BY_KEY_OR_UID, {**params, "uid": source.uid}).first()
+        found = connection.execute(
+            _EARLIER_BY_KEY_OR_UID,
+            {"key": key, "box": source.mailbox, "validity": source.uidvalidity, "uid": source.uid},
+        ).first()
     return _result_of(*found, duplicate=True) if found is not None else None
 
 

@@ -94,7 +94,12 @@ class Case(Base):
     escalated_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     def tag(self, prefix: str) -> str:
-        return f"{prefix}-{self.id:06d}"
+        return case_tag(prefix, self.id)
+
+
+def case_tag(prefix: str, case_id: int) -> str:
+    """How a case is named to people and in subjects: ESC-000123."""
+    return f"{prefix}-{case_id:06d}"
 
 
 class Message(Base):
