@@ -180,7 +180,7 @@ def _profile(daemon: subprocess.Popen[bytes]) -> None:
         spy = Path(sys.executable).with_name("py-spy")
         if not spy.exists():
             raise SystemExit(f"BENCH_PROFILE needs py-spy at {spy} (pip install -e '.[dev]')")
-        command = ["record", "--format", "raw", "--rate", "100", "-o", target]
+        command = ["record", "--gil", "--format", "raw", "--rate", "100", "-o", target]
         subprocess.Popen([str(spy), *command, "--pid", str(daemon.pid)])
 
 
@@ -212,6 +212,12 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
@@ -271,10 +277,11 @@ def seed_cases(db: Path, count: int) -> None:
         )
         c.executemany(
             "INSERT INTO messages (created_at, case_id, direction, kind, message_id, source, "
-            "sender, recipients, subject, raw, attempts, delivery) VALUES "
-            "(?, ?, 'out', 'forward', ?, 'router', 'x', '[]', 's', x'00', 0, 'sent')",
+            "sender, recipients, subject, attempts, delivery) VALUES "
+            "(?, ?, 'out', 'forward', ?, 'router', 'x', '[]', 's', 0, 'sent')",
             [(now, i + 1, f"seed-{i}@example.com") for i in range(count)],
         )
+        c.execute("INSERT INTO message_bodies (id, raw) SELECT id, x'00' FROM messages")
 
 
 # --- the measurements --------------------------------------------------------------------
@@ -301,11 +308,17 @@ def burst(
     )
     elapsed = time.monotonic() - started
     rss = peak_rss_mb(daemon.pid)
+    cpu = cpu_seconds(daemon.pid)
     daemon.send_signal(signal.SIGTERM)
     daemon.wait(60)
     if not done:
         raise RuntimeError(f"burst did not finish: {(run_dir / 'daemon.log').read_text()[-2000:]}")
-    return {"msg_per_s": n / elapsed, "seconds": elapsed, "peak_rss_mb": rss}
+    return {
+        "msg_per_s": n / elapsed,
+        "seconds": elapsed,
+        "peak_rss_mb": rss,
+        "daemon_cpu_ms_per_msg": 1000 * cpu / n,
+    }
 
 
 def _progress(dovecot: Dovecot, user: str, relay: Relay, n: int, started: float) -> None:

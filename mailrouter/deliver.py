@@ -27,7 +27,7 @@ from sqlalchemy import Row, bindparam, case, func, null, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings, tls_context
-from mailrouter.store import LARGE_MAIL_BYTES, MESSAGES, Message, Store
+from mailrouter.store import BODIES, MESSAGES, Message, Store, is_large
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SmtpTransport:
         client: aiosmtplib.SMTP | None = None
         try:
             client = await self._checkout()
-            if len(data) > LARGE_MAIL_BYTES:
+            if is_large(len(data)):
                 errors = await _send_in_slices(client, sender, recipients, data)
             else:
                 errors, _ = await client.sendmail(sender, recipients, data)
@@ -271,17 +271,21 @@ def _claim_is_dead(claimed_by: str, here: str) -> bool:
 PRELOAD_BYTES = 64 * 1024  # mails up to this size are read with their batch
 
 # Built once: composing a statement costs more than running it on this path.
-_ROWS_TO_SEND = select(
-    MESSAGES.c.id,
-    MESSAGES.c.kind,
-    MESSAGES.c.sender,
-    MESSAGES.c.recipients,
-    MESSAGES.c.delivery,
-    func.length(MESSAGES.c.raw).label("size"),
-    case((func.length(MESSAGES.c.raw) <= bindparam("small"), MESSAGES.c.raw), else_=null()).label(
-        "raw"
-    ),
-).where(MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+_ROWS_TO_SEND = (
+    select(
+        MESSAGES.c.id,
+        MESSAGES.c.kind,
+        MESSAGES.c.sender,
+        MESSAGES.c.recipients,
+        MESSAGES.c.delivery,
+        func.length(BODIES.c.raw).label("size"),
+        case((func.length(BODIES.c.raw) <= bindparam("small"), BODIES.c.raw), else_=null()).label(
+            "raw"
+        ),
+    )
+    .join_from(MESSAGES, BODIES, BODIES.c.id == MESSAGES.c.id)
+    .where(MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+)
 _MARK_SENT = (
     update(MESSAGES)
     .where(MESSAGES.c.id == bindparam("row_id"))
@@ -456,12 +460,12 @@ class Sender:
         row = row or self._read_rows([row_id]).get(row_id)
         if row is None or row.delivery != "sending":
             return False
-        large = row.size > LARGE_MAIL_BYTES
+        large = is_large(row.size)
         async with (
             one_large_mail if large and one_large_mail else contextlib.nullcontext(),
             self._large_mail_turn() if large else contextlib.nullcontext(),
         ):
-            raw = row.raw if row.raw is not None else self._read_raw(row_id)
+            raw = row.raw if row.raw is not None else self.store.read_raw(row_id)
             try:
                 await self.transport.send(
                     row.sender,
@@ -500,14 +504,6 @@ class Sender:
         with self.store.engine_for_reading().connect() as connection:
             found = connection.execute(_ROWS_TO_SEND, {"ids": row_ids, "small": PRELOAD_BYTES})
             return {row.id: row for row in found}
-
-    def _read_raw(self, row_id: int) -> bytes:
-        with self.store.engine_for_reading().connect() as connection:
-            return bytes(
-                connection.execute(
-                    select(MESSAGES.c.raw).where(MESSAGES.c.id == row_id)
-                ).scalar_one()
-            )
 
     def _mark_sent(self, row_id: int) -> None:
         self.store.write(_MARK_SENT, {"row_id": row_id, "sent_at": self.clock()})

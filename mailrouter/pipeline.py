@@ -46,7 +46,7 @@ from mailrouter.parse import (
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.route import Decision, decide, sender_allowed
 from mailrouter.sla import due_after
-from mailrouter.store import IMAP_STATE, Case, Event, Message, Store
+from mailrouter.store import IMAP_STATE, Case, Event, Message, MessageBody, Store
 from mailrouter.thread import (
     OPEN_STATUSES,
     ThreadHeaders,
@@ -496,7 +496,9 @@ class Pipeline:
         earlier = [
             attachment
             for raw in session.scalars(
-                select(Message.raw).where(Message.case_id == case.id, Message.direction == "in")
+                select(MessageBody.raw)
+                .join(Message, Message.id == MessageBody.id)
+                .where(Message.case_id == case.id, Message.direction == "in")
             )
             for attachment in self.parse(raw).attachments
         ]

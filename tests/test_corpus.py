@@ -56,7 +56,8 @@ def test_corpus_mail_reaches_an_outcome(pipeline: Pipeline, path: Path) -> None:
         from mailrouter.store import Message
 
         stored = session.scalars(
-            select(Message.raw).where(Message.direction == "in").order_by(Message.id.desc())
+            select(Message).where(Message.direction == "in").order_by(Message.id.desc())
         ).first()
+        stored = stored.raw if stored is not None else None
     if not result.duplicate:
         assert stored == raw
