@@ -28,7 +28,7 @@ from mailrouter.parse import agent_part, parse_message
 from mailrouter.pipeline import queue_mail
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.sla import windows_overdue
-from mailrouter.store import Case, DigestRecord, Event, Message, Store, case_tag
+from mailrouter.store import Case, DigestRecord, Message, Store, add_event, case_tag
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class Followup:
     ) -> None:
         mail = self.renderer.compose(kind, template, context, to, now=now, to_agent=True)
         queue_mail(session, case.id, now, mail)
-        session.add(Event(case_id=case.id, at=now, kind=kind, detail=", ".join(to)))
+        add_event(session, case.id, now, kind, ", ".join(to))
 
     def digest_trigger(self) -> CronTrigger:
         return CronTrigger.from_crontab(

@@ -46,7 +46,15 @@ from mailrouter.parse import (
 from mailrouter.render import CaseInfo, OutgoingMail, Renderer
 from mailrouter.route import Decision, decide, sender_allowed
 from mailrouter.sla import due_after
-from mailrouter.store import IMAP_STATE, Case, Event, Message, MessageBody, Store
+from mailrouter.store import (
+    IMAP_STATE,
+    Case,
+    Message,
+    MessageBody,
+    Store,
+    add_event,
+    add_message,
+)
 from mailrouter.thread import (
     OPEN_STATUSES,
     ThreadHeaders,
@@ -182,13 +190,15 @@ class Pipeline:
         reason: str,
         kind: str | None = None,
         case: Case | None = None,
-    ) -> Message:
+    ) -> None:
         """Store the inbound mail with its outcome (kind: escalation, agent_reply, vendor,
         machine, bounce, quarantined), on its case when it has one."""
         mail, source = arrival.mail, arrival.source
         if kind is None:
             kind = {"quarantined": "quarantined", "ignored": "machine"}.get(outcome, "escalation")
-        message = Message(
+        add_message(
+            session,
+            arrival.raw,
             case_id=case.id if case is not None else None,
             created_at=arrival.now,
             direction="in",
@@ -202,14 +212,11 @@ class Pipeline:
             sender=mail.from_address[:320] if mail else "",
             recipients=mail.to if mail else [],
             subject=mail.subject if mail else "",
-            raw=arrival.raw,
             outcome=outcome,
             reason=reason,
             attempts=0,
         )
-        session.add(message)
         _remember_uid(session, source)
-        return message
 
     def _quarantine(self, session: Session, arrival: Arrival, reason: str) -> Result:
         log.warning("quarantined: %s", reason)
@@ -293,7 +300,7 @@ class Pipeline:
         new_ticket = bool(ticket) and not case.vendor_ticket
         if new_ticket:
             case.vendor_ticket = ticket
-            _event(session, case.id, now, "vendor_ticket", f"{provider.name} ticket #{ticket}")
+            add_event(session, case.id, now, "vendor_ticket", f"{provider.name} ticket #{ticket}")
         case.updated_at = now
         text = agent_part(mail.body, sign_offs=False) or mail.body.strip()
         if mail.machine_reason:
@@ -316,7 +323,7 @@ class Pipeline:
         if case.status in OPEN_STATUSES:
             case.status = "vendor_replied"
             case.follow_up_due = self._due(now, case.priority)
-        _event(session, case.id, now, "vendor_reply", mail.subject)
+        add_event(session, case.id, now, "vendor_reply", mail.subject)
         if self._relay_allowed(session, case, now):
             self._to_agent(
                 session,
@@ -341,11 +348,11 @@ class Pipeline:
         self._inbound(session, arrival, "threaded", f"agent reply on {tag}", "agent_reply", case)
         case.updated_at = now
         for note in commands.notes:
-            _event(session, case.id, now, "note", f"{mail.from_address}: {note}")
+            add_event(session, case.id, now, "note", f"{mail.from_address}: {note}")
         for followup in commands.followups:
-            _event(session, case.id, now, "follow_up", f"{mail.from_address}: {followup}")
+            add_event(session, case.id, now, "follow_up", f"{mail.from_address}: {followup}")
         if commands.priority and commands.priority != case.priority:
-            _event(session, case.id, now, "priority", f"{case.priority} -> {commands.priority}")
+            add_event(session, case.id, now, "priority", f"{case.priority} -> {commands.priority}")
             case.priority = commands.priority
             if case.priority == "URGENTE":
                 self._alert_leads(session, case, self.config.providers[case.provider], now)
@@ -366,7 +373,7 @@ class Pipeline:
             case.status = "awaiting_vendor"
         if commands.close:
             case.status, case.follow_up_due = "closed", None
-            _event(session, case.id, now, "closed", f"closed by {mail.from_address}")
+            add_event(session, case.id, now, "closed", f"closed by {mail.from_address}")
         log.info("%s: agent reply from %s (%s)", tag, mail.from_address, case.status)
         return Result("threaded", f"agent reply on {tag}", case.id)
 
@@ -392,7 +399,7 @@ class Pipeline:
             if case.priority == "URGENTE":
                 self._alert_leads(session, case, provider, now)
         case.updated_at = now
-        _event(
+        add_event(
             session,
             case.id,
             now,
@@ -455,7 +462,6 @@ class Pipeline:
         assert provider is not None and route is not None
         needs_info = decision.outcome == "needs_info"
         outcome = "needs_info" if needs_info else "routed"
-        inbound = self._inbound(session, arrival, outcome, decision.reason)
         case.updated_at = now
         case.status = "needs_info" if needs_info else "open"
         case.provider, case.route, case.priority = provider.id, route.name, decision.priority
@@ -466,11 +472,11 @@ class Pipeline:
         if case.id is None:
             session.add(case)
             session.flush()  # the case id is the case tag, needed by the templates below
-        inbound.case_id = case.id
+        self._inbound(session, arrival, outcome, decision.reason, case=case)
         for outgoing in self.renderer.decision_mails(self._case_info(case), mail, decision, now):
             self._send(session, case.id, now, outgoing)
         detail = f"{decision.reason}; forwarded to {provider.name} <{provider.address}>"
-        _event(
+        add_event(
             session,
             case.id,
             now,
@@ -506,7 +512,7 @@ class Pipeline:
             {(a.filename, a.payload): a for a in [*earlier, *mail.attachments]}.values()
         )
         whole = replace(mail, fields=fields, attachments=attachments)
-        _event(
+        add_event(
             session,
             case.id,
             arrival.now,
@@ -549,7 +555,7 @@ class Pipeline:
             return
         now = self.clock()
         detail = f"{row.kind} to {', '.join(row.recipients)} failed: {error}"
-        _event(session, row.case_id, now, "delivery_failed", detail)
+        add_event(session, row.case_id, now, "delivery_failed", detail)
         case = session.get(Case, row.case_id)
         if case is not None and row.kind in ("forward", "relay_to_vendor"):
             self._undeliverable(session, case, now, error)
@@ -560,7 +566,7 @@ class Pipeline:
         if case.status == "undeliverable":
             return
         case.status, case.updated_at = "undeliverable", now
-        _event(session, case.id, now, "undeliverable", error)
+        add_event(session, case.id, now, "undeliverable", error)
         pending_acks = session.scalars(
             select(Message).where(
                 Message.case_id == case.id,
@@ -674,7 +680,7 @@ class Pipeline:
             references=thread.references,
         )
         self._send(session, case.id, now, mail)
-        _event(session, case.id, now, "relayed_to_vendor", subject)
+        add_event(session, case.id, now, "relayed_to_vendor", subject)
 
     def _due(self, start: datetime, priority: str) -> datetime:
         return due_after(start, self.config.settings.sla_hours[priority], self.config.calendar())
@@ -700,7 +706,7 @@ class Pipeline:
             "urgent_alert", "urgent_alert.j2", context, list(leads), now=now, to_agent=True
         )
         self._send(session, case.id, now, alert)
-        _event(session, case.id, now, "lead_alerted", ", ".join(leads))
+        add_event(session, case.id, now, "lead_alerted", ", ".join(leads))
 
     def _relay_allowed(self, session: Session, case: Case, now: datetime) -> bool:
         """The last brake on a loop no header revealed: a case relays at most N mails an hour."""
@@ -724,7 +730,7 @@ class Pipeline:
             case.tag(self.config.settings.case_tag_prefix),
             relays,
         )
-        _event(session, case.id, now, "rate_limited", f"{relays} relays in the last hour")
+        add_event(session, case.id, now, "rate_limited", f"{relays} relays in the last hour")
         return False
 
     def _case_info(self, case: Case) -> CaseInfo:
@@ -751,22 +757,21 @@ class Pipeline:
 def queue_mail(session: Session, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
     """Put one mail in the outbox, inside the caller's transaction: it leaves only if that
     transaction commits, and the sender delivers it as stored."""
-    session.add(
-        Message(
-            created_at=now,
-            case_id=case_id,
-            direction="out",
-            kind=mail.kind,
-            message_id=mail.message_id,
-            source="router",
-            sender=mail.sender,
-            recipients=mail.recipients,
-            subject=mail.subject,
-            raw=mail.data,
-            delivery="pending",
-            attempts=0,
-            next_attempt_at=now,
-        )
+    add_message(
+        session,
+        mail.data,
+        created_at=now,
+        case_id=case_id,
+        direction="out",
+        kind=mail.kind,
+        message_id=mail.message_id,
+        source="router",
+        sender=mail.sender,
+        recipients=mail.recipients,
+        subject=mail.subject,
+        delivery="pending",
+        attempts=0,
+        next_attempt_at=now,
     )
 
 
@@ -845,7 +850,3 @@ def _result_of(
     outcome: str | None, reason: str | None, case_id: int | None, duplicate: bool = False
 ) -> Result:
     return Result(outcome or "quarantined", reason or "", case_id, duplicate)
-
-
-def _event(session: Session, case_id: int, now: datetime, kind: str, detail: str) -> None:
-    session.add(Event(case_id=case_id, at=now, kind=kind, detail=detail))

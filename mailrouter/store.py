@@ -34,6 +34,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -46,7 +47,6 @@ from sqlalchemy.orm import (
     selectinload,
     sessionmaker,
 )
-from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.expression import Executable
 
 log = logging.getLogger(__name__)
@@ -154,16 +154,12 @@ class Message(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    body: Mapped[MessageBody] = relationship(cascade="all, delete-orphan")
+    body: Mapped[MessageBody] = relationship()
 
     @property
     def raw(self) -> bytes:
         """The mail's bytes, exactly as received or as they go out."""
         return self.body.raw
-
-    @raw.setter
-    def raw(self, data: bytes) -> None:
-        self.body = MessageBody(raw=data)
 
 
 class MessageBody(Base):
@@ -174,46 +170,13 @@ class MessageBody(Base):
     __tablename__ = "message_bodies"
 
     id: Mapped[int] = mapped_column(ForeignKey("messages.id"), primary_key=True)
-    # Last column: a zeroblob at a record's end is not written out (see _large_raw_aside).
+    # Last column: a zeroblob at a record's end is not written out (see add_message).
     raw: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 # The outbox's table for Core statements on the sender's hot path (no ORM bookkeeping).
 MESSAGES = cast(Table, Message.__table__)
 BODIES = cast(Table, MessageBody.__table__)
-
-BLOB_SLICE_BYTES = 1024 * 1024
-
-
-def _sqlite_driver(connection: Connection) -> sqlite3.Connection:
-    driver = connection.connection.driver_connection
-    assert isinstance(driver, sqlite3.Connection)
-    return driver
-
-
-@event.listens_for(MessageBody, "before_insert")
-def _large_raw_aside(_mapper: Any, connection: Connection, target: MessageBody) -> None:
-    """On SQLite a bound value is copied twice on its way into the file (the driver's bind,
-    then the record SQLite builds): 27 MB for a 14 MB mail. A large mail is inserted as a
-    zeroblob of its size and its bytes written into it a slice at a time (after_insert)."""
-    data = target.raw
-    if connection.dialect.name == "sqlite" and isinstance(data, bytes) and is_large(len(data)):
-        target.__dict__["_raw_to_write"] = data
-        target.raw = func.zeroblob(len(data))  # type: ignore[assignment]
-
-
-@event.listens_for(MessageBody, "after_insert")
-def _write_large_raw(_mapper: Any, connection: Connection, target: MessageBody) -> None:
-    data = target.__dict__.pop("_raw_to_write", None)
-    if data is None:
-        return
-    driver = _sqlite_driver(connection)
-    view = memoryview(data)
-    with driver.blobopen("message_bodies", "raw", target.id) as blob:
-        for start in range(0, len(data), BLOB_SLICE_BYTES):
-            blob.write(view[start : start + BLOB_SLICE_BYTES])
-    # The attribute holds the bytes again, as if bound: reading it does not go back to the file.
-    set_committed_value(target, "raw", data)
 
 
 class Event(Base):
@@ -250,6 +213,49 @@ class ImapState(Base):
 
 
 IMAP_STATE = cast(Table, ImapState.__table__)
+EVENTS = cast(Table, Event.__table__)
+
+
+BLOB_SLICE_BYTES = 1024 * 1024
+
+
+def _sqlite_driver(connection: Connection) -> sqlite3.Connection:
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    return driver
+
+
+# Built once: composing a statement costs more than running it on the mail path, and the
+# ORM's unit of work costs more again (these rows are written, never changed in the session).
+_INSERT_MESSAGE = insert(MESSAGES).returning(MESSAGES.c.id)
+_INSERT_BODY = insert(BODIES)
+_INSERT_EVENT = insert(EVENTS)
+
+
+def add_message(session: Session, raw: bytes, **columns: Any) -> int:
+    """Insert a message (`columns` of the messages table) and its bytes in the session's
+    transaction; return its id."""
+    connection = session.connection()
+    row_id = int(connection.execute(_INSERT_MESSAGE, columns).scalar_one())
+    if connection.dialect.name == "sqlite" and is_large(len(raw)):
+        # Bound whole, SQLite copies a value twice on its way into the file (the driver's
+        # bind, then the record it builds): 27 MB for a 14 MB mail. Written into a zeroblob
+        # a slice at a time, it is not copied whole at all.
+        connection.execute(insert(BODIES).values(id=row_id, raw=func.zeroblob(len(raw))))
+        view = memoryview(raw)
+        with _sqlite_driver(connection).blobopen("message_bodies", "raw", row_id) as blob:
+            for start in range(0, len(raw), BLOB_SLICE_BYTES):
+                blob.write(view[start : start + BLOB_SLICE_BYTES])
+    else:
+        connection.execute(_INSERT_BODY, {"id": row_id, "raw": raw})
+    return row_id
+
+
+def add_event(session: Session, case_id: int, at: datetime, kind: str, detail: str) -> None:
+    """One line of a case's history."""
+    session.connection().execute(
+        _INSERT_EVENT, {"case_id": case_id, "at": at, "kind": kind, "detail": detail}
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

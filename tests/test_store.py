@@ -15,18 +15,14 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, update
 
 from mailrouter import store as store_module
-from mailrouter.store import MESSAGES, MIGRATIONS_DIR, Message, Store, make_engine
+from mailrouter.store import MESSAGES, MIGRATIONS_DIR, Store, add_message, make_engine
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
 
 def _add(store: Store, raw: bytes, direction: str = "out") -> int:
     with store.transaction() as session:
-        message = Message(created_at=NOW, direction=direction, kind="forward", raw=raw)
-        session.add(message)
-        session.flush()
-        assert message.raw is raw  # still in hand: reading it does not go back to the file
-        return message.id
+        return add_message(session, raw, created_at=NOW, direction=direction, kind="forward")
 
 
 @pytest.mark.parametrize("size", [0, 1, 5000, 3 * 1024 * 1024 + 7])
