@@ -412,12 +412,18 @@ class Sender:
         # One read for the batch (small mails with their bytes) instead of one per mail.
         rows = self._read_rows([row_id for row_id, _ in claimed])
 
+        settled: set[int] = set()  # rows whose outcome is recorded: nothing to hand back
+
         async def lane() -> None:
             nonlocal sent
             while queue and not should_stop():
                 for row_id in queue.pop(0):
                     row = rows.pop(row_id, None)
-                    if should_stop() or not await self.deliver_one(row_id, one_large_mail, row):
+                    if should_stop():
+                        break
+                    delivered = await self.deliver_one(row_id, one_large_mail, row)
+                    settled.add(row_id)
+                    if not delivered:
                         break
                     sent += 1
 
@@ -431,7 +437,9 @@ class Sender:
                     raise outcome
         finally:
             # Whatever we claimed but did not try goes back for the next pass (or daemon).
-            await asyncio.to_thread(self._unclaim, [row_id for row_id, _ in claimed])
+            untried = [row_id for row_id, _ in claimed if row_id not in settled]
+            if untried:
+                await asyncio.to_thread(self._unclaim, untried)
         return sent
 
     def _unclaim(self, row_ids: list[int]) -> None:

@@ -61,6 +61,26 @@ def smtp_setup(
     return pipeline, sender
 
 
+def test_a_sender_stopped_mid_batch_hands_back_only_what_it_did_not_send(
+    write_config: Callable[..., Path], clock: Clock
+) -> None:
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, clock)
+    for _, raw in escalations(3, seed=8):
+        pipeline.process(raw)
+    sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
+    # Stop once the first mail is out: the batch claimed every due row.
+    sent_first = asyncio.run(sender.deliver_due(should_stop=lambda: config.outbox_dir.exists()))
+    assert sent_first == 1
+    rows = {(m.delivery, m.claimed_by is None) for m in store.outbound()}
+    assert rows == {("sent", True), ("pending", True)}  # no row left claimed
+    rest = asyncio.run(sender.deliver_due())
+    assert sent_first + rest == len(store.outbound())
+    assert {m.delivery for m in store.outbound()} == {"sent"}
+    assert len(list(config.outbox_dir.iterdir())) == len(store.outbound())  # each file once
+
+
 def test_file_transport_writes_each_row_once(
     write_config: Callable[..., Path], clock: Clock, tmp_path: Path
 ) -> None:
