@@ -133,6 +133,11 @@ class Relay:
         self.log.write_text("")
         self._read_to = self._forwards = self._acks = 0
 
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
     def stop(self) -> None:
         if self.process.pid:
             os.kill(self.process.pid, signal.SIGTERM)
@@ -297,6 +302,7 @@ def burst(
         seed_cases(run_dir / "bench.db", existing)
     append_all(dovecot, user, [raw for _, raw in escalations(n, seed=hash(user) % 1000)])
     relay.reset()
+    relay_cpu = cpu_seconds(relay.pid)
     started = time.monotonic()
     daemon = start_daemon(config, run_dir / "daemon.log")
     if os.environ.get("BENCH_PROGRESS"):
@@ -309,6 +315,7 @@ def burst(
     elapsed = time.monotonic() - started
     rss = peak_rss_mb(daemon.pid)
     cpu = cpu_seconds(daemon.pid)
+    relay_cpu = cpu_seconds(relay.pid) - relay_cpu
     daemon.send_signal(signal.SIGTERM)
     daemon.wait(60)
     if not done:
@@ -318,6 +325,7 @@ def burst(
         "seconds": elapsed,
         "peak_rss_mb": rss,
         "daemon_cpu_ms_per_msg": 1000 * cpu / n,
+        "relay_cpu_ms_per_msg": 1000 * relay_cpu / n,
     }
 
 
@@ -341,8 +349,8 @@ def ceiling(dovecot: Dovecot, relay: Relay, work: Path, n: int) -> dict[str, flo
     db.execute("CREATE TABLE m (id INTEGER PRIMARY KEY, mid TEXT, subject TEXT, raw BLOB)")
     relay.reset()
 
-    async def run() -> float:
-        started = time.monotonic()
+    async def run() -> tuple[float, float]:
+        started, cpu = time.monotonic(), time.process_time()
         client = IMAPClient(dovecot.host, port=dovecot.port, ssl=False)
         client.login(user, dovecot.password)
         client.select_folder("INBOX")
@@ -363,11 +371,17 @@ def ceiling(dovecot: Dovecot, relay: Relay, work: Path, n: int) -> dict[str, flo
                     await smtp.sendmail("r@example.com", [to], raw)
         await smtp.quit()
         client.logout()
-        return time.monotonic() - started
+        return time.monotonic() - started, time.process_time() - cpu
 
-    elapsed = asyncio.run(run())
+    relay_cpu = cpu_seconds(relay.pid)
+    elapsed, cpu = asyncio.run(run())
     wait_for(lambda: relay.count() >= 2 * n, timeout=60)
-    return {"msg_per_s": n / elapsed, "seconds": elapsed}
+    return {
+        "msg_per_s": n / elapsed,
+        "seconds": elapsed,
+        "cpu_ms_per_msg": 1000 * cpu / n,
+        "relay_cpu_ms_per_msg": 1000 * (cpu_seconds(relay.pid) - relay_cpu) / n,
+    }
 
 
 def latency(
@@ -618,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
             "min": min(rates),
             "max": max(rates),
             "peak_rss_mb": max(b["peak_rss_mb"] for b in bursts),
+            "daemon_cpu_ms_per_msg": statistics.median(b["daemon_cpu_ms_per_msg"] for b in bursts),
+            "relay_cpu_ms_per_msg": statistics.median(b["relay_cpu_ms_per_msg"] for b in bursts),
         }
         results["ceiling"] = ceiling(dovecot, relay, work, n)
         results["burst"]["ratio_to_ceiling"] = (
@@ -653,6 +669,13 @@ def report(r: dict[str, Any]) -> str:
         ),
         ("ceiling, msg/s (same run)", f"{c['msg_per_s']:.0f}", "", ""),
         ("burst / ceiling", f"{b['ratio_to_ceiling']:.0%}", "", "≥ 50 %"),
+        (
+            "CPU per escalation, ms: daemon / ceiling",
+            f"{b['daemon_cpu_ms_per_msg']:.1f}",
+            f"{c['cpu_ms_per_msg']:.1f} (relay {b['relay_cpu_ms_per_msg']:.1f} / "
+            f"{c['relay_cpu_ms_per_msg']:.1f})",
+            "",
+        ),
         ("peak RSS in the burst, MB", f"{b['peak_rss_mb']:.0f}", "", ""),
         (
             f"with {g['existing_cases']} cases, msg/s",
