@@ -259,6 +259,20 @@ def test_large_mail_data_is_prepared_slice_by_slice_as_aiosmtplib_prepares_it(se
         assert b"".join(deliver.data_slices(data, size)) == whole
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"", b".", b"\r", b"\n", b"\r\n", b"a", b".\n.", b"a\r.b", b"\r\r\n.", b"..\r\n..", b"x\n\r"],
+)
+def test_the_size_announced_is_that_of_the_data_sent(data: bytes) -> None:
+    assert deliver.data_size(data) == len(b"".join(deliver.data_slices(data)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_size_announced_of_an_awkward_mail_is_that_of_the_data_sent(seed: int) -> None:
+    data = _awkward_mail(100_000, seed)
+    assert deliver.data_size(data) == len(b"".join(deliver.data_slices(data)))
+
+
 def test_a_large_mail_reaches_the_relay_as_sendmail_would_deliver_it(
     relay: RecordingRelay,
 ) -> None:
