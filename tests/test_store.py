@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,29 @@ def test_upgrading_moves_each_mail_into_its_body_row(tmp_path: Path) -> None:
     assert [m.raw for m in store.inbound()] == bodies
     assert [m.sender for m in store.inbound()] == ["agent0@example.com", "agent1@example.com"]
     store.close()
+
+
+def test_the_schema_revision_the_store_expects_is_alembics_head() -> None:
+    from alembic.script import ScriptDirectory
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == store_module.SCHEMA_REVISION
+
+
+def test_a_current_database_is_opened_without_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    Store(url).close()  # new: migrated
+    probe = (
+        "import sys; from mailrouter.store import Store; Store(sys.argv[1]).close(); "
+        "print(any(name.split('.')[0] == 'alembic' for name in sys.modules))"
+    )
+    opened = subprocess.run(
+        [sys.executable, "-c", probe, url], capture_output=True, text=True, check=True
+    )
+    assert opened.stdout.strip() == "False"
+    with sqlite3.connect(tmp_path / "db.sqlite") as c:
+        c.execute("UPDATE alembic_version SET version_num = '0005'")
+    # Behind the head: Alembic runs 0006 again (and finds its table already there).
+    with pytest.raises(Exception, match="message_bodies"):
+        Store(url)
