@@ -133,16 +133,16 @@ def cmd_cases(args: argparse.Namespace) -> int:
 def cmd_quarantine(args: argparse.Namespace) -> int:
     config = _load(args)
     store = Store(config.database_url)
-    rows = [m for m in store.inbound() if m.outcome == "quarantined"]
     if args.show is not None:
-        chosen = next((m for m in rows if m.id == args.show), None)
-        if chosen is None:
+        if not store.quarantined(1, message_id=args.show):
             print(f"no quarantined message #{args.show}", file=sys.stderr)
             return 1
-        sys.stdout.buffer.write(chosen.raw)
+        sys.stdout.buffer.write(store.read_raw(args.show))
         return 0
+    # Only the rows listed, without their bytes: a quarantine can hold large mails.
+    rows = store.quarantined(args.limit)
     print(f"{'#':>6} {'received (UTC)':<17} {'from':<32} reason / subject")
-    for message in rows[-args.limit :]:
+    for message in rows:
         print(
             f"{message.id:>6} {message.created_at:%Y-%m-%d %H:%M} {message.sender[:32]:<32} "
             f"{message.reason}\n{'':>58}{message.subject[:80]}"

@@ -419,6 +419,16 @@ class Store:
                 query = query.where(Message.case_id == case_id)
             return list(session.scalars(query))
 
+    def quarantined(self, limit: int, message_id: int | None = None) -> list[Message]:
+        """The newest `limit` quarantined mails, oldest first, without their bytes (or the
+        one numbered `message_id`, if it is quarantined)."""
+        with self.reading() as session:
+            query = select(Message).where(Message.outcome == "quarantined")
+            if message_id is not None:
+                query = query.where(Message.id == message_id)
+            rows = session.scalars(query.order_by(Message.id.desc()).limit(limit))
+            return list(reversed(list(rows)))
+
     def inbound(self) -> list[Message]:
         with self.reading() as session:
             query = (

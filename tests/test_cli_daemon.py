@@ -100,6 +100,8 @@ def test_run_with_shipped_defaults(tmp_path: Path) -> None:
     message_id = kept.stdout.splitlines()[1].split()[0]
     raw = mailrouter("quarantine", "--show", message_id, env=env)
     assert raw.stdout.replace("\r\n", "\n") == escalation("10-spoofed-sender.eml").decode()
+    routed = mailrouter("quarantine", "--show", "1", env=env)  # the escalation, not quarantined
+    assert routed.returncode == 1 and "no quarantined message #1" in routed.stderr
 
 
 def test_route_writes_nothing(tmp_path: Path) -> None:
