@@ -552,10 +552,21 @@ def digest_time(work: Path, open_cases: int) -> dict[str, float]:
     run = Followup(config, Store(config.database_url), lambda: datetime.now(UTC)).queue_digests(
         "bench", dry_run=True
     )
+    in_process = time.monotonic() - started
+    # The command an admin runs, start-up included: what the issue times.
+    started = time.monotonic()
+    command = ["digest", "--now", "--dry-run"]
+    subprocess.run(
+        [sys.executable, "-m", "mailrouter", "--config", str(folder / "config.yaml"), *command],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=PROJECT,
+    )
     return {
         "open_cases": open_cases,
         "digests": len(run.rendered),
         "seconds": time.monotonic() - started,
+        "in_process_seconds": in_process,
     }
 
 
@@ -684,9 +695,9 @@ def report(r: dict[str, Any]) -> str:
             "≥ 80 %",
         ),
         (
-            f"digest over {g['digest']['open_cases']} open cases, s",
+            f"digest --dry-run over {g['digest']['open_cases']} open cases, s",
             f"{g['digest']['seconds']:.2f}",
-            "",
+            f"in-process {g['digest']['in_process_seconds']:.2f}",
             "< 5",
         ),
         (

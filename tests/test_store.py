@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from alembic import command
@@ -126,3 +127,48 @@ def test_a_current_database_is_opened_without_alembic(tmp_path: Path) -> None:
     # Behind the head: Alembic runs 0006 again (and finds its table already there).
     with pytest.raises(Exception, match="message_bodies"):
         Store(url)
+
+
+def test_times_read_back_from_sqlite_are_the_times_written(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from mailrouter.store import Case
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    moments = [
+        NOW,
+        NOW.replace(microsecond=0),
+        NOW + timedelta(microseconds=1),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, tzinfo=UTC).astimezone(ZoneInfo("Europe/Madrid")),
+    ]
+    with store.transaction() as session:
+        for moment in moments:
+            session.add(
+                Case(
+                    created_at=moment,
+                    updated_at=moment,
+                    status="open",
+                    provider="hibot",
+                    route="r",
+                    priority="MEDIA",
+                    agent_address="a@example.com",
+                    follow_up_due=None,
+                )
+            )
+    with store.reading() as session:
+        rows = session.execute(select(Case.created_at, Case.follow_up_due).order_by(Case.id))
+        read = list(rows)
+    assert [created for created, _ in read] == moments
+    assert all(created.tzinfo is UTC for created, _ in read)
+    assert {due for _, due in read} == {None}
+    # Written by hand in other shapes SQLite accepts: still read as UTC.
+    with sqlite3.connect(tmp_path / "db.sqlite") as c:
+        c.execute("UPDATE cases SET follow_up_due = '2026-11-23T09:00:00' WHERE id = 1")
+        c.execute("UPDATE cases SET follow_up_due = '2026-11-23 10:00:00+01:00' WHERE id = 2")
+    with store.reading() as session:
+        dues = list(session.scalars(select(Case.follow_up_due).order_by(Case.id).limit(2)))
+    assert dues == [NOW, NOW]
+    store.close()
