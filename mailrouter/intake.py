@@ -159,16 +159,30 @@ class ImapIntake:
         self, client: IMAPClient, uidvalidity: int, uids: list[int]
     ) -> Iterator[tuple[int, Result]]:
         """Fetch and commit each of `uids`, small mails a size-bounded group at a time, a
-        large one alone, in slices, and within the store's turn for large mails."""
+        large one alone, in slices, and within the store's turn for large mails; of a mail
+        over `intake.max_message_bytes`, only the header."""
         if not uids:
             return
         sizes = {
             uid: int(data.get(b"RFC822.SIZE", 0))
             for uid, data in client.fetch(uids, ["RFC822.SIZE"]).items()
         }
-        for group in _size_groups(sizes, FETCH_BYTES):
+        limit = self.pipeline().config.settings.intake.max_message_bytes
+        # A group never adds up to more than the limit, so a mail over it is a group alone.
+        for group in _size_groups(sizes, min(FETCH_BYTES, limit)):
             pipeline = self.pipeline()
             size = sum(sizes[uid] for uid in group)
+            if self.stop.is_set():
+                return
+            if size > limit:
+                # Over the limit: only the header is fetched, enough to quarantine it with
+                # the reason and tell the agent; the mail itself moves to quarantine whole.
+                (uid,) = group
+                header = _fetch_header(client, uid)
+                if header is not None:
+                    source = ImapSource(self.mailbox, uidvalidity, uid)
+                    yield uid, pipeline.process(header, source, whole_size=size)
+                continue
             with pipeline.store.large_mail(size):
                 if size > FETCH_BYTES:
                     (uid,) = group
@@ -260,6 +274,11 @@ def _size_groups(sizes: dict[int, int], budget: int) -> list[list[int]]:
         groups[-1].append(uid)
         total += sizes[uid]
     return groups
+
+
+def _fetch_header(client: IMAPClient, uid: int) -> bytes | None:
+    data = client.fetch([uid], ["BODY.PEEK[HEADER]"]).get(uid)
+    return None if data is None else bytes(data.get(b"BODY[HEADER]", b""))
 
 
 def _fetch_in_slices(client: IMAPClient, uid: int) -> bytes | None:

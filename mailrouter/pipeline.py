@@ -95,13 +95,15 @@ class ImapSource:
 
 @dataclass(frozen=True)
 class Arrival:
-    """One inbound mail as processing knows it: bytes, identity, origin, time, parse."""
+    """One inbound mail as processing knows it: bytes, identity, origin, time, parse, and
+    its size (more than the bytes when only its header was fetched)."""
 
     raw: bytes
     key: str
     source: ImapSource | None
     now: datetime
     mail: ParsedMail | None
+    size: int
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,14 @@ class Pipeline:
             if uid is not None
         }
 
-    def process(self, raw: bytes, source: ImapSource | None = None) -> Result:
+    def process(
+        self, raw: bytes, source: ImapSource | None = None, whole_size: int | None = None
+    ) -> Result:
         """Commit the outcome of one mail, exactly once. Raises only when the database cannot
         be used (then nothing was committed and the caller retries the mail later). The
-        intake holds `store.large_mail` around a large mail, from before it has it in hand."""
+        intake holds `store.large_mail` around a large mail, from before it has it in hand.
+        `whole_size`: `raw` is only the header of a mail of that size, over the limit, whose
+        body the intake left on the server (it goes to the IMAP quarantine folder whole)."""
         now = self.clock()
         try:
             mail: ParsedMail | None = self.parse(raw)
@@ -154,7 +160,7 @@ class Pipeline:
             log.exception("cannot parse mail (%d bytes)", len(raw))
             mail, failure = None, _summary(exc)
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
-        arrival = Arrival(raw, key, source, now, mail)
+        arrival = Arrival(raw, key, source, now, mail, whole_size or len(raw))
         for attempt in range(3):
             try:
                 with self.store.transaction() as session:
@@ -164,7 +170,7 @@ class Pipeline:
                         return earlier
                     if mail is None:
                         return self._quarantine(session, arrival, f"parse error: {failure}")
-                    if len(raw) > self.config.settings.intake.max_message_bytes:
+                    if arrival.size > self.config.settings.intake.max_message_bytes:
                         return self._too_large(session, arrival, mail)
                     return self._apply(session, arrival, mail)
             except IntegrityError:
@@ -523,7 +529,9 @@ class Pipeline:
 
     def _too_large(self, session: Session, arrival: Arrival, mail: ParsedMail) -> Result:
         limit = self.config.settings.intake.max_message_bytes
-        reason = f"message of {len(arrival.raw)} bytes is over the {limit}-byte limit"
+        reason = f"message of {arrival.size} bytes is over the {limit}-byte limit"
+        if arrival.size != len(arrival.raw):
+            reason += "; only its header is stored, the whole mail is in the IMAP quarantine folder"
         result = self._quarantine(session, arrival, reason)
         if decide(mail, self.config).outcome not in ("route", "needs_info"):
             return result  # no answer to machines or strangers
@@ -531,7 +539,7 @@ class Pipeline:
         context = {
             "agent": {"name": mail.from_name, "address": mail.from_address},
             "original_subject": mail.subject,
-            "size_mb": f"{len(arrival.raw) / 1_048_576:.1f}",
+            "size_mb": f"{arrival.size / 1_048_576:.1f}",
             "limit_mb": f"{limit / 1_048_576:.1f}",
             "intake_address": settings.intake.address,
         }

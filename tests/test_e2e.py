@@ -8,14 +8,18 @@ import random
 import smtplib
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from imapclient import IMAPClient
 
 from mailrouter import intake
 from mailrouter import store as store_module
+from mailrouter.config import load_config
 from mailrouter.intake import BUSY_POLL_SECONDS, keep_polling
+from mailrouter.pipeline import Pipeline
 from mailrouter.store import Store
 
 from .conftest import DaemonThread, Dovecot, RecordingRelay, crlf, escalation, wait_until
@@ -268,3 +272,63 @@ def test_large_mails_over_imap_are_fetched_in_slices_and_forwarded_intact(
         if part.get_filename()
     }
     assert received == blobs
+
+
+def test_a_mail_over_the_size_limit_is_quarantined_from_its_header_alone(
+    dovecot: Dovecot,
+    write_config: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fetching and parsing a mail over the limit would cost several times its size in
+    # memory, only to refuse it: its header says who to tell, the server keeps the mail.
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    msg = email.message_from_bytes(escalation("01-hibot-basic.eml"), policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    msg.make_mixed()
+    msg.add_attachment(random.Random(3).randbytes(200_000), maintype="image", subtype="png")
+    big = msg.as_bytes()
+    mailbox.append("INBOX", big)
+    mailbox.append("INBOX", escalation("02-panda-basic.eml"))  # a small one after it
+    config = load_config(
+        write_config(
+            {
+                "intake": {
+                    "source": "imap",
+                    "imap": dovecot.imap_settings(user),
+                    "max_message_bytes": 100_000,
+                }
+            }
+        )
+    )
+    fetched: list[Any] = []
+    real_fetch = IMAPClient.fetch
+
+    def spying_fetch(self: IMAPClient, messages: Any, data: Any, *args: Any) -> Any:
+        fetched.append(data)
+        return real_fetch(self, messages, data, *args)
+
+    monkeypatch.setattr(IMAPClient, "fetch", spying_fetch)
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, lambda: datetime.now(UTC))
+    poller = intake.ImapIntake(config.settings.intake.imap, lambda: pipeline)
+    client = poller.connect()
+    assert poller.run_pass(client) == 2
+    assert ["BODY.PEEK[HEADER]"] in fetched
+    assert fetched.count(["BODY.PEEK[]"]) == 1  # the small mail's group; never the big one
+    big_inbound, small_inbound = store.inbound()
+    assert big_inbound.outcome == "quarantined"
+    reason = big_inbound.reason or ""
+    assert f"message of {len(crlf(big))} bytes is over the 100000-byte limit" in reason
+    assert "only its header is stored" in reason
+    assert big_inbound.raw.endswith(b"\r\n\r\n") and len(big_inbound.raw) < 2000
+    assert small_inbound.outcome == "routed"
+    (reply,) = [m for m in store.outbound() if m.kind == "too_large"]
+    assert reply.recipients == ["laura.gomez@example.com"]
+    # The mail itself is whole in the quarantine folder.
+    client.select_folder("Quarantine")
+    (uid,) = client.search("ALL")
+    kept = client.fetch([uid], ["BODY.PEEK[]"])[uid][b"BODY[]"]
+    assert kept == crlf(big)
+    client.logout()
+    store.close()
