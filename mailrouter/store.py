@@ -79,10 +79,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value is not None else None
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
-        """On SQLite, which stores UTC as ISO text without a zone, the text with "+00:00"
-        added is parsed by `datetime.fromisoformat` straight into an aware datetime: ten
-        times faster than parsing it naive and then `replace(tzinfo=...)`, which was half
-        the time of a digest over 100,000 open cases."""
+        """On SQLite, which stores UTC as ISO text without a zone: the text with "+00:00"
+        added, parsed by `datetime.fromisoformat` straight into an aware datetime (0.4 us
+        here), instead of parsed naive and then given its zone by `replace` (2.5 us). A
+        digest over 100,000 open cases reads 200,000 of them."""
         standard = super().result_processor(dialect, coltype)
         if dialect.name != "sqlite":
             return standard
