@@ -570,6 +570,44 @@ def digest_time(work: Path, open_cases: int) -> dict[str, float]:
     }
 
 
+PEER_REQUIREMENT = "django-helpdesk==2.6.1"
+PEER_VENV = OUT / "peer-venv"
+
+
+def peer_python() -> Path:
+    """The peer's own virtualenv, built on first use (pip needs PyPI): it never shares the
+    router's packages."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", PEER_REQUIREMENT], check=True
+        )
+    return python
+
+
+def peer(dovecot: Dovecot, work: Path, n: int) -> dict[str, Any]:
+    """django-helpdesk's get_email over the same kind of mailbox: one ticket per mail,
+    nothing forwarded, timed from its first IMAP command to its last (its start-up and
+    schema are not counted, unlike the router's)."""
+    try:
+        python = peer_python()
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return {"skipped": f"could not build {PEER_VENV}: {exc}"}
+    user = dovecot.new_user()
+    append_all(dovecot, user, [raw for _, raw in escalations(n, seed=13)])
+    folder = Path(tempfile.mkdtemp(dir=work))
+    mailbox = [dovecot.host, str(dovecot.port), user, dovecot.password]
+    answer = subprocess.run(
+        [str(python), str(PROJECT / "bench" / "peer.py"), *mailbox, str(folder)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    measured = json.loads(answer.stdout.splitlines()[-1])
+    return {"name": PEER_REQUIREMENT, "msg_per_s": n / measured["seconds"], **measured}
+
+
 # --- the report --------------------------------------------------------------------------
 
 
@@ -606,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     parser.add_argument(
         "--only",
-        choices=("burst", "growth", "memory", "latency"),
+        choices=("burst", "growth", "memory", "latency", "peer"),
         help="one measurement alone, printed as JSON (to profile it)",
     )
     args = parser.parse_args(argv)
@@ -633,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                 "growth": lambda: growth(dovecot, relay, work, n, quick),
                 "memory": lambda: memory(dovecot, relay, work, quick),
                 "latency": lambda: latencies(dovecot, relay, work, quick),
+                "peer": lambda: peer(dovecot, work, n),
             }[args.only]()
             print(json.dumps(part, indent=2))
             return 0
@@ -659,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         results["memory"] = memory(dovecot, relay, work, quick)
         results["latency"] = latencies(dovecot, relay, work, quick)
+        # The smoke run does not build the peer's virtualenv (it needs PyPI and a minute).
+        results["peer"] = {"skipped": "--quick"} if quick else peer(dovecot, work, n)
     finally:
         relay.stop()
         stop_dovecot(dovecot)
@@ -708,6 +749,19 @@ def report(r: dict[str, Any]) -> str:
         ),
         ("IDLE floor p50, s", f"{floor:.3f}", "", ""),
     ]
+    p = r["peer"]
+    if "msg_per_s" in p:
+        rows.insert(
+            3,
+            (
+                f"peer: {p['name']} get_email, msg/s",
+                f"{p['msg_per_s']:.0f}",
+                f"ingest only; router {b['median_msg_per_s'] / p['msg_per_s']:.1f}x",
+                "",
+            ),
+        )
+    else:
+        rows.insert(3, ("peer", "—", f"skipped: {p['skipped']}"[:60], ""))
     for name, key, target in (
         ("IMAP IDLE", "imap_idle", "p50 ≤ floor + 0.1, p99 ≤ 1.5"),
         ("SMTP listener", "smtp_listener", "p50 ≤ 0.05, p99 ≤ 0.25"),
