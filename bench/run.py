@@ -1,6 +1,7 @@
 """`make bench`: throughput, latency and memory of the real path, against the machine's own
-ceiling measured in the same run. Real servers on loopback only, started here: a private
-Dovecot as the intake mailbox, an aiosmtpd relay in its own process, SQLite as the store.
+ceiling and a peer (django-helpdesk, bench/peer.py) measured in the same run. Real servers on
+loopback only, started here: a private Dovecot as the intake mailbox, an aiosmtpd relay in
+its own process, SQLite as the store.
 
     python -m bench.run [--n 2000] [--runs 3] [--quick]
 

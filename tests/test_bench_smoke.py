@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from .conftest import PROJECT
+from .conftest import PROJECT, Dovecot
 
 pytestmark = pytest.mark.integration
 
@@ -22,3 +23,15 @@ def test_bench_quick_run_produces_every_figure() -> None:
     assert results["latency"]["imap_idle"]["count"] > 0
     assert results["latency"]["smtp_listener"]["count"] > 0
     assert results["cost_growth"]["digest"]["digests"] > 0
+    assert results["peer"] == {"skipped": "--quick"}
+
+
+def test_the_peer_ingests_every_mail_when_its_virtualenv_is_there(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    from bench.run import PEER_VENV, peer
+
+    if not (PEER_VENV / "bin" / "python").exists():
+        pytest.skip(f"{PEER_VENV} is built by the first full `make bench` (it needs PyPI)")
+    measured = peer(dovecot, tmp_path, 5)
+    assert measured["tickets"] == 5 and measured["left_in_inbox"] == 0
