@@ -172,7 +172,7 @@ def write_config(
     # A burst of thousands from a few agents is the point here, not a loop.
     data["loop_protection"] = {"max_per_sender_per_hour": 0, "max_relays_per_case_per_hour": 0}
     # The mail path is measured here; digests are timed on their own (whatever the weekday).
-    data["digest"] = {"schedule": "0 3 29 2 *"}  # 29 February: not in any run
+    data["digest"] = {"schedule": "0 3 29 2 *"}  # 29 February: once in four years
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
