@@ -170,10 +170,10 @@ class ImapIntake:
         limit = self.pipeline().config.settings.intake.max_message_bytes
         # A group never adds up to more than the limit, so a mail over it is a group alone.
         for group in _size_groups(sizes, min(FETCH_BYTES, limit)):
-            pipeline = self.pipeline()
-            size = sum(sizes[uid] for uid in group)
             if self.stop.is_set():
                 return
+            pipeline = self.pipeline()
+            size = sum(sizes[uid] for uid in group)
             if size > limit:
                 # Over the limit: only the header is fetched, enough to quarantine it with
                 # the reason and tell the agent; the mail itself moves to quarantine whole.
