@@ -81,6 +81,21 @@ def test_a_sender_stopped_mid_batch_hands_back_only_what_it_did_not_send(
     assert len(list(config.outbox_dir.iterdir())) == len(store.outbound())  # each file once
 
 
+def test_a_batch_sent_whole_is_not_handed_back(
+    write_config: Callable[..., Path], clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Handing back costs a write transaction per batch; a batch sent whole has nothing to
+    # hand back.
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
+    sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
+    handed_back: list[list[int]] = []
+    monkeypatch.setattr(sender, "_unclaim", handed_back.append)
+    assert asyncio.run(sender.deliver_due()) == 2
+    assert handed_back == []
+
+
 def test_file_transport_writes_each_row_once(
     write_config: Callable[..., Path], clock: Clock, tmp_path: Path
 ) -> None:

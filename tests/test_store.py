@@ -172,3 +172,33 @@ def test_times_read_back_from_sqlite_are_the_times_written(tmp_path: Path) -> No
         dues = list(session.scalars(select(Case.follow_up_due).order_by(Case.id).limit(2)))
     assert dues == [NOW, NOW]
     store.close()
+
+
+def test_the_quarantine_lists_the_newest_without_their_bytes(tmp_path: Path) -> None:
+    from sqlalchemy import inspect as orm_state
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with store.transaction() as session:
+        ids = [
+            add_message(
+                session,
+                b"x" * 10,
+                created_at=NOW,
+                direction="in",
+                kind="quarantined",
+                outcome=outcome,
+            )
+            for outcome in ("quarantined", "routed", "quarantined", "quarantined")
+        ]
+    listed = store.quarantined(2)
+    assert [m.id for m in listed] == [ids[2], ids[3]]  # the newest two, oldest first
+    assert all("body" not in orm_state(m).dict for m in listed)  # bytes not loaded
+    assert [m.id for m in store.quarantined(1, message_id=ids[0])] == [ids[0]]
+    assert store.quarantined(1, message_id=ids[1]) == []
+    store.close()
+
+
+def test_the_daemon_does_not_load_the_html_parser_until_a_mail_needs_it() -> None:
+    probe = "import sys, mailrouter.daemon; print('bs4' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "False", loaded.stderr
