@@ -10,7 +10,9 @@ are committed together or not at all.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import random
 import sqlite3
 import threading
@@ -314,11 +316,19 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL (None for anything else, in-memory included)."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///") :])
+    return None
+
+
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
     """An engine for `url`; on SQLite, a `read_only` one begins deferred transactions, which
     WAL lets run beside a writer instead of queueing behind its lock."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    database_file = sqlite_path(url)
+    if database_file is not None:
+        database_file.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -354,6 +364,41 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+class WriteTurn:
+    """The one turn to write an SQLite file, queued for by this process's threads and, with
+    `lock_path`, by every process using the file. SQLite lets one writer in at a time and
+    makes the others poll with growing sleeps (1 ms, 2, 5 ... up to 100 ms each); a thread
+    waiting here sleeps in the kernel instead and wakes the moment the turn is free. The
+    kernel drops a dead process's `flock`, so a killed writer never leaves the turn taken.
+    Re-entrant within a thread."""
+
+    def __init__(self, lock_path: Path | None = None) -> None:
+        self._threads = threading.RLock()
+        self._depth = 0
+        self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path else None
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+        self._depth += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
     """The database handle passed to every step that reads or writes state."""
 
@@ -362,12 +407,14 @@ class Store:
         if run_migrations:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # SQLite lets one writer in at a time and makes the others poll with growing sleeps
-        # (up to 100 ms each); queueing this process's writers here hands the lock over the
-        # moment it is free. Other processes still meet at SQLite's own lock.
-        self._write_turn = threading.RLock() if self.engine.dialect.name == "sqlite" else None
-        separate = self.engine.dialect.name == "sqlite" and url != "sqlite:///:memory:"
-        self._read_engine = make_engine(url, read_only=True) if separate else self.engine
+        database_file = sqlite_path(url)
+        self._write_turn: WriteTurn | None = None
+        if self.engine.dialect.name == "sqlite":
+            lock = (
+                database_file.with_name(database_file.name + "-writer") if database_file else None
+            )
+            self._write_turn = WriteTurn(lock)
+        self._read_engine = make_engine(url, read_only=True) if database_file else self.engine
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
         # Memory, not storage: a large mail costs a few copies of itself wherever it is
         # handled (parse, render, the database driver, the relay connection), so the
@@ -416,6 +463,8 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
         self._read_engine.dispose()
+        if self._write_turn is not None:
+            self._write_turn.close()
 
     def cases(self, limit: int = 200) -> list[Case]:
         with self.reading() as session:

@@ -3,6 +3,7 @@ and the migration that moved the bodies of an existing database."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import subprocess
@@ -202,3 +203,71 @@ def test_the_daemon_does_not_load_the_html_parser_until_a_mail_needs_it() -> Non
     probe = "import sys, mailrouter.daemon; print('bs4' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert loaded.stdout.strip() == "False", loaded.stderr
+
+
+_HOLD_A_WRITE = """
+import sys
+from mailrouter.store import Store
+store = Store(sys.argv[1])
+with store.transaction() as session:
+    print("holding", flush=True)
+    sys.stdin.readline()
+print("done", flush=True)
+"""
+
+
+def _turn_is_free(lock: Path) -> bool:
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the lock if we got it
+    return True
+
+
+@pytest.mark.parametrize("ending", ["commit", "kill -9"])
+def test_processes_queue_for_the_write_turn_and_a_killed_one_frees_it(
+    tmp_path: Path, ending: str
+) -> None:
+    """Writers in different processes wait for one another in the kernel (flock on
+    `<db>-writer`) rather than in SQLite's sleep-and-poll; a writer killed mid-transaction
+    leaves the turn free for the next."""
+    db = tmp_path / "db.sqlite"
+    url = f"sqlite:///{db}"
+    Store(url).close()  # migrated before the writer starts
+    lock = tmp_path / "db.sqlite-writer"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_WRITE, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert writer.stdout is not None and writer.stdin is not None
+    assert writer.stdout.readline().strip() == "holding"
+    assert not _turn_is_free(lock)
+    if ending == "commit":
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == "done"
+    else:
+        writer.kill()
+    writer.wait(30)
+    assert _turn_is_free(lock)
+    # And this process writes at once after it.
+    store = Store(url)
+    assert store.read_raw(_add(store, b"after")) == b"after"
+    store.close()
+
+
+def test_two_stores_of_one_process_take_turns(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    first, second = Store(url), Store(url)
+    with first.transaction():
+        assert not _turn_is_free(tmp_path / "db.sqlite-writer")
+    assert _turn_is_free(tmp_path / "db.sqlite-writer")
+    assert second.read_raw(_add(second, b"x")) == b"x"
+    first.close()
+    second.close()
