@@ -34,7 +34,7 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from mailrouter.daemon import run_daemon
 
-    run_daemon(_load(args))
+    run_daemon(_load(args), sender_only=args.sender_only)
     return 0
 
 
@@ -208,9 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=os.environ.get("MAILROUTER_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT").set_defaults(
-        func=cmd_run
+    run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run.add_argument(
+        "--sender-only",
+        action="store_true",
+        help="only send the outbox, until standard input closes (the daemon starts this "
+        "itself when outbound.sender_process is on)",
     )
+    run.set_defaults(func=cmd_run)
     commands.add_parser(
         "check-config", help="validate config.yaml and providers/*.yaml"
     ).set_defaults(func=cmd_check_config)

@@ -101,6 +101,11 @@ class OutboundSettings(_Model):
     file: FileTransportSettings = FileTransportSettings()
     smtp: SmtpSettings = SmtpSettings()
     retry: RetrySettings = RetrySettings()
+    sender_process: bool = Field(
+        False,
+        description="send the outbox from a process of its own, on a second core: more "
+        "escalations a second in a burst, for a second interpreter's memory",
+    )
 
 
 class Condition(_Model):

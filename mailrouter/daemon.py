@@ -5,6 +5,12 @@ reload on SIGHUP (a broken configuration is refused and the last good one
 kept), and shutdown: on SIGTERM/SIGINT the intake stops taking new mail, the message
 in hand and the outbox row in flight are finished, and the process exits 0.
 The IMAP poller, which blocks, runs in its own thread.
+
+With `outbound.sender_process` the sender runs in a child process instead
+(`mailrouter run --sender-only`), which the daemon starts, wakes through the
+child's standard input (a line per new batch of outbox rows), restarts if it
+dies, and stops by closing that input: a child whose daemon is gone, killed
+included, sees the end of its input and stops too.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,6 +41,8 @@ from mailrouter.store import Store
 log = logging.getLogger(__name__)
 
 SENDER_IDLE_SECONDS = 5.0
+SENDER_PROCESS_STOP_SECONDS = 60.0  # a row in flight to a slow relay, finished before exit
+SENDER_PROCESS_MAX_RESTART_SECONDS = 60.0
 
 
 def utc_now() -> datetime:
@@ -53,8 +63,13 @@ def outbound_lanes(config: Config) -> int:
 
 
 class Daemon:
-    def __init__(self, config: Config, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self, config: Config, clock: Callable[[], datetime] = utc_now, *, sender_only: bool = False
+    ) -> None:
+        """`sender_only`: this process is the sender process of a daemon (see the module)."""
         self.config = config
+        self.sender_only = sender_only
+        self.sender_process: asyncio.subprocess.Process | None = None
         self.clock = clock
         self.store = Store(config.database_url)
         # Replaced whole on reload; intakes fetch it per mail, so each mail sees one config.
@@ -102,6 +117,8 @@ class Daemon:
         )
         self.pipeline = Pipeline(self.config, self.store, self.clock)
         self.followup = Followup(self.config, self.store, self.clock)
+        if self.sender_process is not None and self.sender_process.returncode is None:
+            self.sender_process.send_signal(signal.SIGHUP)  # its failure notices use templates
         log.info(
             "configuration reloaded: %d providers, %d routes",
             len(self.config.providers),
@@ -117,11 +134,18 @@ class Daemon:
                 loop.add_signal_handler(signum, self.stop)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.sender_only:
+            await self._run_sender_only()
+            return
+        in_process = not self.config.settings.outbound.sender_process
+        wake = self.outbox_changed.set if in_process else self._wake_sender_process
 
         def wake_sender() -> None:
-            loop.call_soon_threadsafe(self.outbox_changed.set)
+            loop.call_soon_threadsafe(wake)
 
-        sender_task = asyncio.create_task(self._sender_loop())
+        sender_task = asyncio.create_task(
+            self._sender_loop() if in_process else self._keep_sender_process()
+        )
         scheduler = self._start_scheduler(wake_sender)
         settings = self.config.settings
         try:
@@ -241,6 +265,85 @@ class Daemon:
                 await asyncio.wait_for(self.outbox_changed.wait(), await self._idle_seconds())
             self.outbox_changed.clear()
 
+    async def _run_sender_only(self) -> None:
+        """The sender process: send until the daemon closes our standard input."""
+        loop = asyncio.get_running_loop()
+        wakes = sys.stdin.fileno()
+        os.set_blocking(wakes, False)
+        # Ctrl-C reaches the whole process group; the daemon decides when we stop.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGINT, lambda: None)
+
+        def woken() -> None:
+            try:
+                if not os.read(wakes, 4096):
+                    loop.remove_reader(wakes)  # the end of input stays readable
+                    self.stop()  # the daemon stopped, or died
+            except BlockingIOError:
+                return
+            self.outbox_changed.set()
+
+        loop.add_reader(wakes, woken)
+        log.info("mailrouter sender process; outbound: %s", self._outbound_description())
+        try:
+            await self._sender_loop()
+        finally:
+            loop.remove_reader(wakes)
+            await self.transport.close()
+            self.store.close()
+
+    def _sender_command(self) -> list[str]:
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        config = str(self.config.path)
+        return [sys.executable, "-m", "mailrouter", "--config", config, "--log-level", level]
+
+    async def _keep_sender_process(self) -> None:
+        """Run the sender process until we stop; start it again, after a growing pause, if
+        it dies. Rows it had claimed are released by the next one (their owner is dead)."""
+        pause = 1.0
+        while True:
+            child = await asyncio.create_subprocess_exec(
+                *self._sender_command(), "run", "--sender-only", stdin=asyncio.subprocess.PIPE
+            )
+            self.sender_process = child
+            self._wake_sender_process()  # whatever is due already
+            exited = asyncio.create_task(child.wait())
+            stopping = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if self.stopping.is_set():
+                await self._stop_sender_process(child, exited)
+                return
+            log.error(
+                "the sender process exited with status %s; starting it again in %.0f s",
+                child.returncode,
+                pause,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), pause)
+            if self.stopping.is_set():
+                return
+            pause = min(pause * 2, SENDER_PROCESS_MAX_RESTART_SECONDS)
+
+    async def _stop_sender_process(
+        self, child: asyncio.subprocess.Process, exited: asyncio.Task[int]
+    ) -> None:
+        if child.stdin is not None:
+            child.stdin.close()  # its cue to finish the row in flight and exit
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), SENDER_PROCESS_STOP_SECONDS)
+        except TimeoutError:
+            log.error("the sender process did not stop in time; killing it")
+            child.kill()
+            await exited
+
+    def _wake_sender_process(self) -> None:
+        child = self.sender_process
+        if child is None or child.stdin is None or child.stdin.is_closing():
+            return
+        if child.stdin.transport.get_write_buffer_size() == 0:  # a wake on its way is enough
+            child.stdin.write(b"\n")
+
     async def _idle_seconds(self) -> float:
         try:
             upcoming = await asyncio.to_thread(self.sender.next_wakeup)
@@ -252,9 +355,9 @@ class Daemon:
         return min(SENDER_IDLE_SECONDS, max(0.05, seconds))
 
 
-def run_daemon(config: Config) -> None:
+def run_daemon(config: Config, *, sender_only: bool = False) -> None:
     return_large_buffers_to_the_system()
-    asyncio.run(Daemon(config).run())
+    asyncio.run(Daemon(config, sender_only=sender_only).run())
 
 
 def return_large_buffers_to_the_system() -> None:

@@ -141,12 +141,14 @@ class ImapIntake:
             unknown: list[int] = []
             known = self.pipeline().known_outcomes(self.mailbox, uidvalidity, batch)
             for uid in batch:
-                if uid in known:
+                if uid not in known:
+                    unknown.append(uid)
+                elif not known[uid].in_other_hands:
                     # Committed before a crash, not yet moved: finish the move only.
                     destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
-                else:
-                    unknown.append(uid)
             for uid, result in self._process_new(client, uidvalidity, unknown):
+                if result.in_other_hands:
+                    continue
                 if not result.duplicate:
                     processed += 1
                 self.on_committed()

@@ -123,7 +123,13 @@ class Rig:
 def rig_for(
     tmp_path: Path, relay: RecordingRelay, write_config: Callable[..., Path]
 ) -> Callable[..., Rig]:
-    def make(imap: Dovecot, folder: str = "INBOX", password: str = "", **imap_extra: Any) -> Rig:
+    def make(
+        imap: Dovecot,
+        folder: str = "INBOX",
+        password: str = "",
+        sender_process: bool = False,
+        **imap_extra: Any,
+    ) -> Rig:
         user = imap.new_user()
         client = imap.client(user)
         if not client.folder_exists(folder):
@@ -144,6 +150,7 @@ def rig_for(
                     "transport": "smtp",
                     "smtp": {"host": relay.host, "port": relay.port, "security": "none"},
                     "retry": {"first_delay": 0.2, "max_delay": 1.0, "give_up_after": 3600},
+                    "sender_process": sender_process,
                 },
             }
         )
@@ -191,9 +198,14 @@ def report(scenario: str, messages: int, faults: str, lost: int, dups: int, seco
     )
 
 
-def test_kill_9_at_random_moments(dovecot: Dovecot, rig_for: Callable[..., Rig]) -> None:
+@pytest.mark.parametrize("sender_process", [False, True], ids=["one process", "sender process"])
+def test_kill_9_at_random_moments(
+    dovecot: Dovecot, rig_for: Callable[..., Rig], sender_process: bool
+) -> None:
+    """With `outbound.sender_process` only the daemon is killed: its sender process sees
+    its input end, finishes the mail in hand and exits, beside the next daemon's."""
     total, kills = scale(60, 300), scale(6, 20)
-    rig = rig_for(dovecot)
+    rig = rig_for(dovecot, sender_process=sender_process)
     rng = random.Random(2026)
     mails = escalations(total)
     chunk = -(-total // kills)
@@ -213,7 +225,8 @@ def test_kill_9_at_random_moments(dovecot: Dovecot, rig_for: Callable[..., Rig])
     # Only a kill between the relay's 250 and the commit of "sent" may repeat a mail.
     assert dups <= kills
     print(f"\nkill -9: {kills} kills, {dups} duplicate deliveries (same Message-ID)")
-    report("kill -9 at random moments", total, f"{kills} kills", lost, dups, drained)
+    name = "kill -9 at random moments" + (", sender process" if sender_process else "")
+    report(name, total, f"{kills} kills", lost, dups, drained)
 
 
 def test_imap_server_outage(private_dovecot: Dovecot, rig_for: Callable[..., Rig]) -> None:

@@ -8,7 +8,7 @@ import random
 import smtplib
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -140,11 +140,14 @@ def test_imap_intake_end_to_end(
 def test_imap_crash_between_commit_and_move(
     dovecot: Dovecot, relay: RecordingRelay, write_config: Callable[..., Path]
 ) -> None:
-    """Outcome committed but the daemon died before MOVE: the next pass only moves it."""
+    """Outcome committed but the daemon died before MOVE: a later pass only moves it, once
+    the mail has been committed longer than a worker takes to move its batch (until then it
+    may be another daemon's on the same mailbox, about to move it itself)."""
     from mailrouter.config import load_config
-    from mailrouter.daemon import utc_now
     from mailrouter.intake import ImapIntake
-    from mailrouter.pipeline import ImapSource, Pipeline
+    from mailrouter.pipeline import MOVE_GRACE_SECONDS, ImapSource, Pipeline
+
+    now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
 
     user = dovecot.new_user()
     mailbox = dovecot.client(user)
@@ -153,7 +156,7 @@ def test_imap_crash_between_commit_and_move(
         write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
     )
     store = Store(config.database_url)
-    pipeline = Pipeline(config, store, utc_now)
+    pipeline = Pipeline(config, store, lambda: now[0])
     intake = ImapIntake(config.settings.intake.imap, lambda: pipeline)
     info = mailbox.select_folder("INBOX")
     (uid,) = mailbox.search("ALL")
@@ -162,6 +165,11 @@ def test_imap_crash_between_commit_and_move(
     assert first.outcome == "routed"
 
     client = intake.connect()
+    now[0] += timedelta(seconds=MOVE_GRACE_SECONDS / 2)
+    assert intake.run_pass(client) == 0  # not processed again, and not moved yet
+    mailbox.select_folder("INBOX")
+    assert mailbox.search("ALL") == [uid]
+    now[0] += timedelta(seconds=MOVE_GRACE_SECONDS)
     assert intake.run_pass(client) == 0  # nothing new processed...
     client.logout()
     mailbox.select_folder("INBOX")

@@ -119,6 +119,30 @@ def test_same_mail_twice_is_processed_once(pipeline: Pipeline) -> None:
     assert len(pipeline.store.outbound()) == 2
 
 
+def test_an_imap_message_another_worker_committed_is_left_for_it_to_move(
+    pipeline: Pipeline,
+) -> None:
+    """Two daemons on one mailbox fetch the same UIDs; the one that commits a mail moves
+    it. The other, finding this very message committed since it looked, leaves it alone
+    (two MOVEs of one message at once can copy it twice); the same mail under another UID
+    is an ordinary duplicate, which its own intake moves."""
+    raw = escalation("01-hibot-basic.eml")
+    source = ImapSource("imap://x", 1, 7)
+    assert not pipeline.process(raw, source).in_other_hands
+    same_message = pipeline.process(raw, source)
+    assert same_message.duplicate and same_message.in_other_hands
+    for elsewhere in (ImapSource("imap://x", 1, 8), ImapSource("imap://x", 2, 7)):
+        another_copy = pipeline.process(raw, elsewhere)  # another UID, or a recreated mailbox
+        assert another_copy.duplicate and not another_copy.in_other_hands
+    # Looked up before processing: in other hands while fresh, then ours to move.
+    (known,) = pipeline.known_outcomes("imap://x", 1, [7]).values()
+    assert known.in_other_hands and known.outcome == "routed"
+    later = Pipeline(pipeline.config, pipeline.store, lambda: NOW + timedelta(seconds=60))
+    (stale,) = later.known_outcomes("imap://x", 1, [7]).values()
+    assert not stale.in_other_hands and stale.outcome == "routed"
+    assert len(pipeline.store.outbound()) == 2
+
+
 def test_mail_without_message_id_dedupes_on_content(pipeline: Pipeline) -> None:
     raw = b"\n".join(
         line
