@@ -225,7 +225,7 @@ def test_kill_9_at_random_moments(
     # Only a kill between the relay's 250 and the commit of "sent" may repeat a mail.
     assert dups <= kills
     print(f"\nkill -9: {kills} kills, {dups} duplicate deliveries (same Message-ID)")
-    name = "kill -9 at random moments" + (", sender process" if sender_process else "")
+    name = "kill -9, sender process" if sender_process else "kill -9 at random moments"
     report(name, total, f"{kills} kills", lost, dups, drained)
 
 
