@@ -541,7 +541,7 @@ def big_attachments(
     daemon = start_daemon(config, run_dir / "daemon.log")
     done = wait_for(lambda: relay.delivered(count), timeout=300, step=0.2)
     elapsed = time.monotonic() - started
-    rss = sum(peak_rss_mb(pid) for pid in with_children(daemon.pid))
+    each = [peak_rss_mb(pid) for pid in with_children(daemon.pid)]
     daemon.send_signal(signal.SIGTERM)
     daemon.wait(60)
     received = {h for r in relay.records() for h in r["hashes"]}
@@ -550,7 +550,8 @@ def big_attachments(
         "attachment_mb": size_mb,
         "finished": done,
         "seconds": elapsed,
-        "peak_rss_mb": rss,
+        "peak_rss_mb": sum(each),
+        "peak_rss_mb_each": each,
         "attachments_intact": sum(h in received for h in blobs),
     }
 
