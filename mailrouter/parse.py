@@ -74,10 +74,14 @@ def content_hash(raw: bytes) -> str:
     return hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_SPACES = re.compile(r"\s{2,}")
+_NOT_WORD = re.compile(r"[^\w]+")
+
+
 def clean_header(value: str) -> str:
     """One line of text: CR, LF and other control characters become spaces."""
-    value = re.sub(r"[\x00-\x1f\x7f]+", " ", value)
-    return re.sub(r"\s{2,}", " ", value).strip()
+    return _SPACES.sub(" ", _CONTROL.sub(" ", value)).strip()
 
 
 # Labels mail software puts on charsets that Python knows under another name,
@@ -145,7 +149,7 @@ def normalize(text: str) -> str:
     """Case-, accent- and punctuation-insensitive form used to compare labels and values."""
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(re.sub(r"[^\w]+", " ", stripped).split())
+    return " ".join(_NOT_WORD.sub(" ", stripped).split())
 
 
 def html_to_text(html: str) -> str:

@@ -52,6 +52,7 @@ from mailrouter.store import (
     Message,
     MessageBody,
     Store,
+    add_case,
     add_event,
     add_message,
 )
@@ -484,8 +485,7 @@ class Pipeline:
         case.fields = dict(mail.fields)
         case.follow_up_due = None if needs_info else self._due(now, decision.priority)
         if case.id is None:
-            session.add(case)
-            session.flush()  # the case id is the case tag, needed by the templates below
+            add_case(session, case)  # its id is the case tag, needed by the templates below
         self._inbound(session, arrival, outcome, decision.reason, case=case)
         for outgoing in self.renderer.decision_mails(self._case_info(case), mail, decision, now):
             self._send(session, case.id, now, outgoing)

@@ -11,6 +11,7 @@ A template reads like a mail: `Subject: ...`, a blank line, then the body.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import uuid
 from collections.abc import Sequence
@@ -94,6 +95,13 @@ def _one_line(value: str) -> bool:
     # Printable ASCII and tabs only: other control characters (\v, \f, \x1c-\x1e) are
     # line boundaries to Python's str.splitlines, which compat32 folds on.
     return len(value) < 900 and _PLAIN_HEADER(value) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_address(header: str) -> tuple[str, str]:
+    """`outbound.from`, parsed once rather than twice per mail (the stdlib's address
+    parser is slow)."""
+    return parseaddr(header)
 
 
 _PLAIN_HEADER = re.compile(r"[\t -~]*").fullmatch
@@ -204,7 +212,8 @@ class Renderer:
         subject = subject.replace("=?", "= ?")
         settings = self.config.settings
         sender_header = settings.outbound.from_
-        sender = parseaddr(sender_header)[1] or settings.intake.address
+        name, address = _parsed_address(sender_header)
+        sender = address or settings.intake.address
         message_id = make_msgid(idstring=kind, domain=settings.intake.domain)
 
         text = _text_part(body, "plain")
@@ -224,7 +233,6 @@ class Renderer:
                 mixed.attach(_attachment_part(item, placeholder))
             content = mixed
         msg = content
-        name, address = parseaddr(sender_header)
         msg["From"] = formataddr((name, address), charset="utf-8") if name else address
         msg["To"] = ", ".join(to)
         # typeshed wants a str, but a Header is what makes a non-ASCII subject encoded words.

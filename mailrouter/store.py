@@ -198,6 +198,7 @@ class MessageBody(Base):
 
 
 # The outbox's table for Core statements on the sender's hot path (no ORM bookkeeping).
+CASES = cast(Table, Case.__table__)
 MESSAGES = cast(Table, Message.__table__)
 BODIES = cast(Table, MessageBody.__table__)
 
@@ -250,9 +251,22 @@ def _sqlite_driver(connection: Connection) -> sqlite3.Connection:
 
 # Built once: composing a statement costs more than running it on the mail path, and the
 # ORM's unit of work costs more again (these rows are written, never changed in the session).
+_INSERT_CASE = insert(CASES).returning(CASES.c.id)
 _INSERT_MESSAGE = insert(MESSAGES).returning(MESSAGES.c.id)
 _INSERT_BODY = insert(BODIES)
 _INSERT_EVENT = insert(EVENTS)
+
+
+def add_case(session: Session, case: Case) -> int:
+    """Insert a new case in the session's transaction and give `case` its id. The object
+    is not added to the session: a change made to it afterwards is not saved."""
+    values = {
+        column.key: getattr(case, column.key)
+        for column in CASES.columns
+        if getattr(case, column.key) is not None  # unset: the column's default
+    }
+    case.id = int(session.connection().execute(_INSERT_CASE, values).scalar_one())
+    return case.id
 
 
 def add_message(session: Session, raw: bytes, **columns: Any) -> int:
