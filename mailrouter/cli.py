@@ -190,6 +190,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
     if not args.dry_run and run.queued:
         daemon = Daemon(config)
         sent = asyncio.run(daemon.sender.deliver_due())
+        daemon.sender.close()
         asyncio.run(daemon.transport.close())
         print(f"{len(run.queued)} digests queued; {sent} mails sent (everything due in the outbox)")
     if not run.rendered:

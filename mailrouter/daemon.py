@@ -158,6 +158,7 @@ class Daemon:
             self.outbox_changed.set()
             scheduler.shutdown(wait=False)
             await sender_task
+            self.sender.close()
             await self.transport.close()
             self.store.close()
             log.info("mailrouter stopped")
@@ -289,6 +290,7 @@ class Daemon:
             await self._sender_loop()
         finally:
             loop.remove_reader(wakes)
+            self.sender.close()
             await self.transport.close()
             self.store.close()
 

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -270,6 +271,75 @@ def _start_ticks(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+class SentJournal:
+    """The rows a sender has had accepted by the relay but may not have recorded as sent
+    yet: a line per mail, on disk (fsync) right after the relay's 250, before the database
+    write, which can wait its turn behind the intake's transaction. Emptied when those
+    writes are committed; removed when the sender closes. If the sender dies, whoever
+    releases its claims reads its journal first and records the rows listed there as sent
+    instead of sending them again: a kill repeats a mail only within the few hundred
+    microseconds before the line is on disk. One file per sender, named after its process
+    (`<pid>-<start>-<n>.ids`) in `<database>-sent/` beside an SQLite file."""
+
+    def __init__(self, folder: Path | None, identity: str) -> None:
+        self.folder = folder
+        _, pid, start = identity.split(":")[-3:]
+        self.path = folder / f"{pid}-{start}-{id(self):x}.ids" if folder else None
+        self._fd: int | None = None
+        self._opening = threading.Lock()
+
+    def record(self, row_id: int) -> None:
+        if self.path is None:
+            return
+        with self._opening:
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(self._fd, f"{row_id}\n".encode())  # one short O_APPEND write: whole or not
+        os.fsync(self._fd)
+
+    def clear(self) -> None:
+        """Every recorded row's "sent" is committed: forget them."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def files_of(self, owner: str) -> list[Path]:
+        """The journals of the process that made claim `owner` (`host:pid:start:batch`)."""
+        _, _, rest = owner.partition(":")
+        pid, _, start = rest.partition(":")
+        start = start.split(":", 1)[0]
+        if self.folder is None or not self.folder.is_dir() or not pid.isdigit():
+            return []
+        return sorted(self.folder.glob(f"{pid}-{start}-*.ids"))
+
+    def dead_files(self, here: str) -> list[Path]:
+        """Journals left by processes of this host that no longer run."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        dead = []
+        for path in self.folder.glob("*.ids"):
+            pid, _, rest = path.stem.partition("-")
+            start = rest.rsplit("-", 1)[0]
+            if pid.isdigit() and _start_ticks(int(pid)) != start:
+                dead.append(path)
+        return dead
+
+
+def _listed(paths: list[Path]) -> set[int]:
+    ids: set[int] = set()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            ids.update(int(line) for line in path.read_text().split() if line.isdigit())
+    return ids
+
+
 def _claim_is_dead(claimed_by: str, here: str) -> bool:
     """Whether a claim was made by a process on this host that no longer runs."""
     host, _, rest = claimed_by.partition(":")
@@ -339,37 +409,73 @@ class Sender:
         self.on_failed = on_failed
         self.identity = process_identity()
         self._batches = 0
+        database = store.database_file
+        folder = database.with_name(database.name + "-sent") if database else None
+        self.journal = SentJournal(folder, self.identity)
+        self._swept = False
+
+    def close(self) -> None:
+        """Remove this sender's journal (everything in it is recorded as sent by now)."""
+        self.journal.close()
 
     def release_stale_claims(self) -> int:
-        """Put back rows claimed by a sender that died before sending or recording them."""
+        """Put back rows claimed by a sender that died before sending them; record as sent
+        those its journal lists (the relay had accepted them)."""
         now, here = self.clock(), socket.gethostname()
         with self.store.reading() as session:
             claimed_any = session.scalar(
                 select(Message.id).where(Message.delivery == "sending").limit(1)
             )
         if claimed_any is None:
+            if not self._swept:  # once: journals of dead senders whose rows are all settled
+                for path in self.journal.dead_files(here):
+                    path.unlink(missing_ok=True)
+                self._swept = True
             return 0  # the usual case, answered without taking the write lock
+        journals: list[Path] = []
         with self.store.transaction() as session:
             claimed = session.execute(
                 select(Message.id, Message.claimed_by, Message.claimed_until).where(
                     Message.delivery == "sending"
                 )
             ).all()
-            stale = [
-                row_id
+            stale = {
+                row_id: owner
                 for row_id, owner, until in claimed
                 if owner is None
                 or (until is not None and until < now)
                 or _claim_is_dead(owner, here)
-            ]
-            if stale:
+            }
+            journals = sorted(
+                {
+                    path
+                    for owner in set(stale.values())
+                    if owner
+                    for path in self.journal.files_of(owner)
+                }
+            )
+            delivered = _listed(journals) & set(stale)
+            if delivered:
                 session.execute(
                     update(Message)
-                    .where(Message.id.in_(stale), Message.delivery == "sending")
+                    .where(Message.id.in_(delivered), Message.delivery == "sending")
+                    .values(delivery="sent", sent_at=now, claimed_by=None, claimed_until=None)
+                )
+            if stale.keys() - delivered:
+                session.execute(
+                    update(Message)
+                    .where(Message.id.in_(stale.keys() - delivered), Message.delivery == "sending")
                     .values(delivery="pending", claimed_by=None, claimed_until=None)
                 )
+        for path in journals:  # their owners are gone; what they listed is recorded now
+            path.unlink(missing_ok=True)
         if stale:
-            log.warning("released %d outbox rows claimed by a sender that stopped", len(stale))
+            log.warning(
+                "released %d outbox rows claimed by a sender that stopped (%d of them it had "
+                "sent: recorded as sent, not sent again)",
+                len(stale),
+                len(delivered),
+            )
         return len(stale)
 
     def claim_due(self, limit: int = 100) -> list[tuple[int, int | None]]:
@@ -452,6 +558,7 @@ class Sender:
             untried = [row_id for row_id, _ in claimed if row_id not in settled]
             if untried:
                 await asyncio.to_thread(self._unclaim, untried)
+            self.journal.clear()  # every "sent" of the batch is committed (or handed back)
         return sent
 
     def _unclaim(self, row_ids: list[int]) -> None:
@@ -526,6 +633,7 @@ class Sender:
             return {row.id: row for row in found}
 
     def _mark_sent(self, row_id: int) -> None:
+        self.journal.record(row_id)  # at once: the database write may wait for its turn
         self.store.write(_MARK_SENT, {"row_id": row_id, "sent_at": self.clock()})
 
     def _retry_later(self, row_id: int, error: str) -> None:

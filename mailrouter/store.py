@@ -422,6 +422,7 @@ class Store:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         database_file = sqlite_path(url)
+        self.database_file = database_file
         self._write_turn: WriteTurn | None = None
         if self.engine.dialect.name == "sqlite":
             lock = (

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -312,3 +315,59 @@ def test_a_large_mail_reaches_the_relay_as_sendmail_would_deliver_it(
     expected = normalize_message_line_endings(data)
     assert [m.data == expected for m in relay.messages] == [True, True]
     assert relay.messages[0].rcpt_tos == ["soporte@hibot.us"]
+
+
+_SEND_AND_DIE_BEFORE_RECORDING = """
+import asyncio, os, signal, sys
+from mailrouter.config import load_config
+from mailrouter.daemon import make_transport, utc_now
+from mailrouter.deliver import Sender
+from mailrouter.store import Store
+config = load_config(sys.argv[1])
+store = Store(config.database_url)
+sender = Sender(store, make_transport(config), config.settings.outbound.retry, utc_now)
+# Killed after the relay's 250 and the journal line, before the database hears of it.
+store.write = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+asyncio.run(sender.deliver_due())
+"""
+
+
+def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_sent_again(
+    write_config: Callable[..., Path], relay: RecordingRelay
+) -> None:
+    from mailrouter.daemon import make_transport, utc_now
+
+    path = write_config(
+        {
+            "outbound": {
+                "transport": "smtp",
+                "smtp": {"host": relay.host, "port": relay.port, "security": "none"},
+            }
+        }
+    )
+    config = load_config(path)
+    store = Store(config.database_url)
+    Pipeline(config, store, utc_now).process(escalation("01-hibot-basic.eml"))  # 2 rows
+    dying = subprocess.run(
+        [sys.executable, "-c", _SEND_AND_DIE_BEFORE_RECORDING, str(path)],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dying.returncode == -signal.SIGKILL, dying.stderr
+    assert len(relay.messages) == 1
+    assert {m.delivery for m in store.outbound()} == {"sending"}  # both claimed, none recorded
+    journals = list(store.database_file.parent.glob("*-sent/*.ids"))  # type: ignore[union-attr]
+    assert len(journals) == 1
+
+    sender = Sender(store, make_transport(config), config.settings.outbound.retry, utc_now)
+    # The dead sender's claims are released: the mail it had sent recorded, the other sent.
+    assert asyncio.run(sender.deliver_due()) == 1
+    sender.close()
+    forward, ack = store.outbound()
+    assert (forward.delivery, ack.delivery) == ("sent", "sent")
+    received = [headers_of(m.data)["Message-ID"] for m in relay.messages]
+    assert received == [f"<{forward.message_id}>", f"<{ack.message_id}>"]
+    assert not journals[0].exists()
+    assert not list(store.database_file.parent.glob("*-sent/*.ids"))  # type: ignore[union-attr]
