@@ -273,12 +273,13 @@ def _start_ticks(pid: int) -> str:
 
 class SentJournal:
     """The rows a sender has had accepted by the relay but may not have recorded as sent
-    yet: a line per mail, on disk (fsync) right after the relay's 250, before the database
+    yet: a line per mail, written the moment the relay answers 250 (in the kernel's hands
+    from then on, so a killed process keeps it) and synced to disk before the database
     write, which can wait its turn behind the intake's transaction. Emptied when those
     writes are committed; removed when the sender closes. If the sender dies, whoever
     releases its claims reads its journal first and records the rows listed there as sent
-    instead of sending them again: a kill repeats a mail only within the few hundred
-    microseconds before the line is on disk. One file per sender, named after its process
+    instead of sending them again: a kill repeats a mail only in the microseconds between
+    the 250 and the line. One file per sender, named after its process
     (`<pid>-<start>-<n>.ids`) in `<database>-sent/` beside an SQLite file."""
 
     def __init__(self, folder: Path | None, identity: str) -> None:
@@ -296,7 +297,11 @@ class SentJournal:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.write(self._fd, f"{row_id}\n".encode())  # one short O_APPEND write: whole or not
-        os.fsync(self._fd)
+
+    def sync(self) -> None:
+        """On disk, not only in the kernel: for a power cut, not only a kill."""
+        if self._fd is not None:
+            os.fsync(self._fd)
 
     def clear(self) -> None:
         """Every recorded row's "sent" is committed: forget them."""
@@ -600,6 +605,8 @@ class Sender:
                     raw,
                     file_name(row_id, row.kind, row.recipients),
                 )
+                # Before anything else: from here a kill no longer repeats the mail.
+                self.journal.record(row_id)
             except TemporaryFailure as exc:
                 await asyncio.to_thread(self._retry_later, row_id, str(exc))
                 return False
@@ -608,7 +615,6 @@ class Sender:
                 return False
             finally:
                 del raw
-        # The only window where a crash repeats a mail: keep it to this one statement.
         await asyncio.to_thread(self._mark_sent, row_id)
         return True
 
@@ -633,7 +639,7 @@ class Sender:
             return {row.id: row for row in found}
 
     def _mark_sent(self, row_id: int) -> None:
-        self.journal.record(row_id)  # at once: the database write may wait for its turn
+        self.journal.sync()  # before the database write, which may wait for its turn
         self.store.write(_MARK_SENT, {"row_id": row_id, "sent_at": self.clock()})
 
     def _retry_later(self, row_id: int, error: str) -> None:
