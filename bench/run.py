@@ -707,14 +707,20 @@ def main(argv: list[str] | None = None) -> int:
             }[args.only]()
             print(json.dumps(part, indent=2))
             return 0
-        # The two ways of running, in turns, so that the machine's drift touches both alike.
+        # The two ways of running and the ceiling, in turns, so that the machine's drift
+        # (its speed moves by a third within the hour) touches all three alike.
         bursts: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        ceilings = []
         for _ in range(runs):
             for sender_process in (False, True):
                 bursts[sender_process].append(
                     burst(dovecot, relay, work, n, sender_process=sender_process)
                 )
-        results["ceiling"] = ceiling(dovecot, relay, work, n)
+            ceilings.append(ceiling(dovecot, relay, work, n))
+        rates = [c["msg_per_s"] for c in ceilings]
+        results["ceiling"] = {
+            key: statistics.median(c[key] for c in ceilings) for key in ceilings[0]
+        } | {"min": min(rates), "max": max(rates)}
         for key, sender_process in (("burst", False), ("burst_sender_process", True)):
             results[key] = summarise(bursts[sender_process], results["ceiling"]["msg_per_s"])
         loaded = growth(dovecot, relay, work, n, quick)
@@ -773,7 +779,12 @@ def report(r: dict[str, Any]) -> str:
             f"min {b['min']:.0f} max {b['max']:.0f}",
             "≥ 300",
         ),
-        ("ceiling, msg/s (same run)", f"{c['msg_per_s']:.0f}", "", ""),
+        (
+            "ceiling, msg/s (median of runs)",
+            f"{c['msg_per_s']:.0f}",
+            f"min {c['min']:.0f} max {c['max']:.0f}",
+            "",
+        ),
         ("burst / ceiling", f"{b['ratio_to_ceiling']:.0%}", "", "≥ 50 %"),
         (
             "burst, sender_process on, msg/s",

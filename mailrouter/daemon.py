@@ -302,25 +302,35 @@ class Daemon:
     async def _keep_sender_process(self) -> None:
         """Run the sender process until we stop; start it again, after a growing pause, if
         it dies. Rows it had claimed are released by the next one (their owner is dead)."""
+        loop = asyncio.get_running_loop()
         pause = 1.0
         while True:
-            child = await asyncio.create_subprocess_exec(
-                *self._sender_command(), "run", "--sender-only", stdin=asyncio.subprocess.PIPE
-            )
-            self.sender_process = child
-            self._wake_sender_process()  # whatever is due already
-            exited = asyncio.create_task(child.wait())
-            stopping = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if self.stopping.is_set():
-                await self._stop_sender_process(child, exited)
-                return
-            log.error(
-                "the sender process exited with status %s; starting it again in %.0f s",
-                child.returncode,
-                pause,
-            )
+            started = loop.time()
+            try:
+                child = await asyncio.create_subprocess_exec(
+                    *self._sender_command(), "run", "--sender-only", stdin=asyncio.subprocess.PIPE
+                )
+            except OSError as exc:
+                log.error(
+                    "cannot start the sender process (%s); trying again in %.0f s", exc, pause
+                )
+            else:
+                self.sender_process = child
+                self._wake_sender_process()  # whatever is due already
+                exited = asyncio.create_task(child.wait())
+                stopping = asyncio.create_task(self.stopping.wait())
+                await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if self.stopping.is_set():
+                    await self._stop_sender_process(child, exited)
+                    return
+                if loop.time() - started > SENDER_PROCESS_MAX_RESTART_SECONDS:
+                    pause = 1.0  # it had been running well: not a crash loop
+                log.error(
+                    "the sender process exited with status %s; starting it again in %.0f s",
+                    child.returncode,
+                    pause,
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), pause)
             if self.stopping.is_set():

@@ -315,16 +315,17 @@ class SentJournal:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
-    def files_of(self, owner: str) -> list[Path]:
-        """The journals of the process that made claim `owner` (`host:pid:start:batch`)."""
-        _, _, rest = owner.partition(":")
+    def files_of(self, owner: str, here: str) -> list[Path]:
+        """The journals of the process that made claim `owner` (`host:pid:start:batch`), if
+        it ran on this host (`here`): another host's journal is on that host."""
+        host, _, rest = owner.partition(":")
         pid, _, start = rest.partition(":")
         start = start.split(":", 1)[0]
-        if self.folder is None or not self.folder.is_dir() or not pid.isdigit():
+        if host != here or self.folder is None or not self.folder.is_dir() or not pid.isdigit():
             return []
         return sorted(self.folder.glob(f"{pid}-{start}-*.ids"))
 
-    def dead_files(self, here: str) -> list[Path]:
+    def dead_files(self) -> list[Path]:
         """Journals left by processes of this host that no longer run."""
         if self.folder is None or not self.folder.is_dir():
             return []
@@ -433,11 +434,11 @@ class Sender:
             )
         if claimed_any is None:
             if not self._swept:  # once: journals of dead senders whose rows are all settled
-                for path in self.journal.dead_files(here):
+                for path in self.journal.dead_files():
                     path.unlink(missing_ok=True)
                 self._swept = True
             return 0  # the usual case, answered without taking the write lock
-        journals: list[Path] = []
+        finished: list[Path] = []
         with self.store.transaction() as session:
             claimed = session.execute(
                 select(Message.id, Message.claimed_by, Message.claimed_until).where(
@@ -451,15 +452,12 @@ class Sender:
                 or (until is not None and until < now)
                 or _claim_is_dead(owner, here)
             }
-            journals = sorted(
-                {
-                    path
-                    for owner in set(stale.values())
-                    if owner
-                    for path in self.journal.files_of(owner)
-                }
-            )
+            owners = {owner for owner in stale.values() if owner}
+            journals = [path for owner in owners for path in self.journal.files_of(owner, here)]
             delivered = _listed(journals) & set(stale)
+            # A live owner whose lease ran out keeps writing its journal: leave it be.
+            dead = [owner for owner in owners if _claim_is_dead(owner, here)]
+            finished = [path for owner in dead for path in self.journal.files_of(owner, here)]
             if delivered:
                 session.execute(
                     update(Message)
@@ -472,7 +470,7 @@ class Sender:
                     .where(Message.id.in_(stale.keys() - delivered), Message.delivery == "sending")
                     .values(delivery="pending", claimed_by=None, claimed_until=None)
                 )
-        for path in journals:  # their owners are gone; what they listed is recorded now
+        for path in finished:  # their owners are gone; what they listed is recorded now
             path.unlink(missing_ok=True)
         if stale:
             log.warning(
