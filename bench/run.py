@@ -41,7 +41,15 @@ from imapclient import IMAPClient
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from tests.conftest import Dovecot, _dovecot_binary, _start_dovecot, free_port, stop_dovecot  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    Dovecot,
+    _dovecot_binary,
+    _start_dovecot,
+    children_of,
+    free_port,
+    smtp_listening,
+    stop_dovecot,
+)
 from tests.factory import AGENTS, VENDORS, escalations  # noqa: E402
 
 OUT = PROJECT / "var" / "bench"
@@ -224,8 +232,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def with_children(pid: int) -> list[int]:
     """The daemon and the sender process it started, if any (read before stopping it)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *map(int, children)]
+    return [pid, *children_of(pid)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -421,7 +428,7 @@ def latency(
         )
         client = dovecot.client(user)
     else:
-        wait_for(lambda: _listening(listen), timeout=30)
+        wait_for(lambda: smtp_listening(listen), timeout=30)
     time.sleep(1.0)
     relay.reset()
     count = int(rate * seconds)
@@ -460,15 +467,6 @@ def _has_folder(dovecot: Dovecot, user: str, folder: str) -> bool:
         return bool(client.folder_exists(folder))
     finally:
         client.logout()
-
-
-def _listening(port: int) -> bool:
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=1) as s:
-            s.noop()
-        return True
-    except OSError:
-        return False
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

@@ -284,7 +284,7 @@ class SentJournal:
 
     def __init__(self, folder: Path | None, identity: str) -> None:
         self.folder = folder
-        _, pid, start = identity.split(":")[-3:]
+        _, pid, start = _claimant(identity)
         self.path = folder / f"{pid}-{start}-{id(self):x}.ids" if folder else None
         self._fd: int | None = None
         self._opening = threading.Lock()
@@ -318,9 +318,7 @@ class SentJournal:
     def files_of(self, owner: str, here: str) -> list[Path]:
         """The journals of the process that made claim `owner` (`host:pid:start:batch`), if
         it ran on this host (`here`): another host's journal is on that host."""
-        host, _, rest = owner.partition(":")
-        pid, _, start = rest.partition(":")
-        start = start.split(":", 1)[0]
+        host, pid, start = _claimant(owner)
         if host != here or self.folder is None or not self.folder.is_dir() or not pid.isdigit():
             return []
         return sorted(self.folder.glob(f"{pid}-{start}-*.ids"))
@@ -346,11 +344,16 @@ def _listed(paths: list[Path]) -> set[int]:
     return ids
 
 
-def _claim_is_dead(claimed_by: str, here: str) -> bool:
-    """Whether a claim was made by a process on this host that no longer runs."""
+def _claimant(claimed_by: str) -> tuple[str, str, str]:
+    """(host, pid, start) of the process that made a claim (`host:pid:start[:batch]`)."""
     host, _, rest = claimed_by.partition(":")
     pid, _, start = rest.partition(":")
-    start = start.split(":", 1)[0]
+    return host, pid, start.split(":", 1)[0]
+
+
+def _claim_is_dead(claimed_by: str, here: str) -> bool:
+    """Whether a claim was made by a process on this host that no longer runs."""
+    host, pid, start = _claimant(claimed_by)
     if host != here or not pid.isdigit():
         return False  # another machine's claim: only its lease can expire it
     return _start_ticks(int(pid)) != start
@@ -415,9 +418,7 @@ class Sender:
         self.on_failed = on_failed
         self.identity = process_identity()
         self._batches = 0
-        database = store.database_file
-        folder = database.with_name(database.name + "-sent") if database else None
-        self.journal = SentJournal(folder, self.identity)
+        self.journal = SentJournal(store.beside("-sent"), self.identity)
         self._swept = False
 
     def close(self) -> None:
@@ -445,19 +446,19 @@ class Sender:
                     Message.delivery == "sending"
                 )
             ).all()
+            dead = {owner for _, owner, _ in claimed if owner and _claim_is_dead(owner, here)}
             stale = {
                 row_id: owner
                 for row_id, owner, until in claimed
-                if owner is None
-                or (until is not None and until < now)
-                or _claim_is_dead(owner, here)
+                if owner is None or (until is not None and until < now) or owner in dead
             }
-            owners = {owner for owner in stale.values() if owner}
-            journals = [path for owner in owners for path in self.journal.files_of(owner, here)]
-            delivered = _listed(journals) & set(stale)
+            journals = {
+                owner: self.journal.files_of(owner, here) for owner in set(stale.values()) if owner
+            }
+            delivered = _listed([path for paths in journals.values() for path in paths])
+            delivered &= stale.keys()
             # A live owner whose lease ran out keeps writing its journal: leave it be.
-            dead = [owner for owner in owners if _claim_is_dead(owner, here)]
-            finished = [path for owner in dead for path in self.journal.files_of(owner, here)]
+            finished = [path for owner in dead for path in journals.get(owner, [])]
             if delivered:
                 session.execute(
                     update(Message)

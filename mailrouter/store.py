@@ -421,15 +421,12 @@ class Store:
         if run_migrations:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        database_file = sqlite_path(url)
-        self.database_file = database_file
+        self.database_file = sqlite_path(url)
         self._write_turn: WriteTurn | None = None
         if self.engine.dialect.name == "sqlite":
-            lock = (
-                database_file.with_name(database_file.name + "-writer") if database_file else None
-            )
-            self._write_turn = WriteTurn(lock)
-        self._read_engine = make_engine(url, read_only=True) if database_file else self.engine
+            self._write_turn = WriteTurn(self.beside("-writer"))
+        separate = self.database_file is not None
+        self._read_engine = make_engine(url, read_only=True) if separate else self.engine
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
         # Memory, not storage: a large mail costs a few copies of itself wherever it is
         # handled (parse, render, the database driver, the relay connection), so the
@@ -474,6 +471,13 @@ class Store:
     def engine_for_reading(self) -> Engine:
         """For Core reads on the hot path: connections that never wait for the writers."""
         return self._read_engine
+
+    def beside(self, suffix: str) -> Path | None:
+        """A path next to the SQLite file (`<file><suffix>`), as SQLite's own -wal and
+        -shm are; None when the database is not a local file."""
+        if self.database_file is None:
+            return None
+        return self.database_file.with_name(self.database_file.name + suffix)
 
     def close(self) -> None:
         self.engine.dispose()

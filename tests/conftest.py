@@ -8,6 +8,7 @@ import email
 import email.policy
 import os
 import shutil
+import smtplib
 import socket
 import subprocess
 import tempfile
@@ -33,6 +34,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def smtp_listening(port: int) -> bool:
+    """Whether an SMTP server answers on 127.0.0.1:`port` (a daemon's listener is up)."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=2) as probe:
+            probe.noop()
+        return True
+    except OSError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes `pid` started and that still run (none once it is gone)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, step: float = 0.05) -> bool:

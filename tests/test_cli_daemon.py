@@ -18,7 +18,16 @@ import pytest
 
 from mailrouter.store import _sqlite_pragmas
 
-from .conftest import PROJECT, RecordingRelay, crlf, escalation, free_port, wait_until
+from .conftest import (
+    PROJECT,
+    RecordingRelay,
+    children_of,
+    crlf,
+    escalation,
+    free_port,
+    smtp_listening,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +64,7 @@ def test_run_with_shipped_defaults(tmp_path: Path) -> None:
         [sys.executable, "-m", "mailrouter", "run"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
-        assert wait_until(lambda: _listening(port), timeout=30), (
+        assert wait_until(lambda: smtp_listening(port), timeout=30), (
             "the daemon did not start listening"
         )
         with smtplib.SMTP("127.0.0.1", port) as client:
@@ -191,11 +200,6 @@ def test_processes_opening_a_new_database_together_all_come_up(tmp_path: Path) -
     assert failed == 0
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
-
-
 def _gone(pid: int) -> bool:
     """Exited: no process, or a zombie nobody has reaped yet (in a container without init)."""
     try:
@@ -231,7 +235,7 @@ def test_the_sender_process_is_started_restarted_reloaded_and_stopped_with_the_d
             )
 
     def send(name: str) -> None:
-        assert wait_until(lambda: _listening(port), timeout=30), log.read_text()
+        assert wait_until(lambda: smtp_listening(port), timeout=30), log.read_text()
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.sendmail(
                 "agent@example.com", ["escalaciones@example.com"], crlf(escalation(name))
@@ -241,13 +245,13 @@ def test_the_sender_process_is_started_restarted_reloaded_and_stopped_with_the_d
     try:
         send("01-hibot-basic.eml")
         assert wait_until(lambda: len(relay.messages) == 2), log.read_text()
-        (child,) = _children(daemon.pid)
+        (child,) = children_of(daemon.pid)
         command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         assert b"--sender-only" in command
 
         # Killed, it is started again, and mail flows on through the new one.
         os.kill(child, signal.SIGKILL)
-        assert wait_until(lambda: _children(daemon.pid) not in ([], [child]), timeout=30)
+        assert wait_until(lambda: children_of(daemon.pid) not in ([], [child]), timeout=30)
         send("02-panda-basic.eml")
         assert wait_until(lambda: len(relay.messages) == 4), log.read_text()
         assert "the sender process exited with status -9; starting it again" in log.read_text()
@@ -255,7 +259,7 @@ def test_the_sender_process_is_started_restarted_reloaded_and_stopped_with_the_d
         # SIGHUP reloads both (the sender's failure notices are rendered from templates).
         daemon.send_signal(signal.SIGHUP)
         assert wait_until(lambda: log.read_text().count("configuration reloaded") == 2)
-        (child,) = _children(daemon.pid)
+        (child,) = children_of(daemon.pid)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
@@ -264,18 +268,9 @@ def test_the_sender_process_is_started_restarted_reloaded_and_stopped_with_the_d
 
     # A daemon killed outright takes its sender process with it (its input ends).
     daemon = start()
-    assert wait_until(lambda: len(_children(daemon.pid)) == 1, timeout=30)
-    (child,) = _children(daemon.pid)
+    assert wait_until(lambda: len(children_of(daemon.pid)) == 1, timeout=30)
+    (child,) = children_of(daemon.pid)
     daemon.kill()
     daemon.wait(30)
     assert wait_until(lambda: _gone(child), timeout=30), log.read_text()
     assert len(relay.to("soporte@hibot.us")) == 1  # nothing sent twice across the restarts
-
-
-def _listening(port: int) -> bool:
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=2) as probe:
-            probe.noop()
-        return True
-    except OSError:
-        return False

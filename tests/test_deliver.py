@@ -371,3 +371,24 @@ def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_s
     assert received == [f"<{forward.message_id}>", f"<{ack.message_id}>"]
     assert not journals[0].exists()
     assert not list(store.database_file.parent.glob("*-sent/*.ids"))  # type: ignore[union-attr]
+
+
+def test_a_live_sender_whose_lease_ran_out_keeps_its_journal_and_its_sent_rows(
+    write_config: Callable[..., Path], clock: Clock
+) -> None:
+    """A claim past its lease is released even though its sender still runs (stuck, say):
+    the rows its journal lists are recorded as sent, not sent again, and the journal it
+    is still writing is left where it is."""
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
+    transport = FileTransport(config.outbox_dir)
+    stuck = Sender(store, transport, config.settings.outbound.retry, clock)
+    (first, _), (second, _) = stuck.claim_due()
+    stuck.journal.record(first)  # the relay took it; the "sent" never got written
+    clock.now += Sender.LEASE + timedelta(seconds=1)
+    other = Sender(store, transport, config.settings.outbound.retry, clock)
+    assert other.release_stale_claims() == 2
+    assert {m.id: m.delivery for m in store.outbound()} == {first: "sent", second: "pending"}
+    assert stuck.journal.path is not None and stuck.journal.path.exists()
+    stuck.close()
