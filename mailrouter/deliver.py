@@ -3,9 +3,11 @@
 Owns the transports (a folder of .eml files, or an SMTP relay through
 aiosmtplib), the classification of failures (4xx and connection errors are
 temporary and retried with exponential backoff and jitter; 5xx is permanent),
-and the sender loop. A row is marked sent in one statement right after the
-relay's 250, so a crash can repeat at most that one mail, with the same
-Message-ID. Mails of one case leave in the order they were decided.
+and the sender loop. A row's id goes to the sender's journal the moment the
+relay answers 250, and its "sent" to the database soon after, in one write
+with the others sent meanwhile: a crash between the two does not repeat the
+mail (the journal tells). Mails of one case leave in the order they were
+decided.
 """
 
 from __future__ import annotations
@@ -308,11 +310,11 @@ class SentJournal:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
 
-    def close(self) -> None:
+    def close(self, *, remove: bool = True) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self.path is not None:
+        if self.path is not None and remove:
             self.path.unlink(missing_ok=True)
 
     def files_of(self, owner: str, here: str) -> list[Path]:
@@ -420,10 +422,26 @@ class Sender:
         self._batches = 0
         self.journal = SentJournal(store.beside("-sent"), self.identity)
         self._swept = False
+        # Rows the relay took whose "sent" is not yet in the database: queued, then being
+        # written (one transaction for all of them) by the `_marking` task.
+        self._unmarked: list[tuple[int, datetime]] = []
+        self._writing: list[tuple[int, datetime]] = []
+        self._marking: asyncio.Task[Exception | None] | None = None
 
     def close(self) -> None:
-        """Remove this sender's journal (everything in it is recorded as sent by now)."""
-        self.journal.close()
+        """Write the "sent" marks still queued, then remove this sender's journal. A mark
+        that cannot be written leaves the journal on disk for whoever releases our claims."""
+        if self._unmarked and not self._writing:
+            try:
+                self._mark_sent(self._unmarked)
+                self._unmarked = []
+            except Exception:
+                log.exception(
+                    "could not record %d sent mails; kept in %s",
+                    len(self._unmarked),
+                    self.journal.path,
+                )
+        self.journal.close(remove=not self._unmarked and not self._writing)
 
     def release_stale_claims(self) -> int:
         """Put back rows claimed by a sender that died before sending them; record as sent
@@ -521,6 +539,7 @@ class Sender:
     async def deliver_due(self, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Send every row that is due now, up to `lanes` at once; return how many were sent.
         A case's mails go down one lane in order, and stop at the first that fails."""
+        await self._marks_committed()  # any left by a failed write of the last pass
         await asyncio.to_thread(self.release_stale_claims)
         claimed = await asyncio.to_thread(self.claim_due)
         by_case: dict[object, list[int]] = {}
@@ -562,6 +581,7 @@ class Sender:
             untried = [row_id for row_id, _ in claimed if row_id not in settled]
             if untried:
                 await asyncio.to_thread(self._unclaim, untried)
+            await self._marks_committed()
             self.journal.clear()  # every "sent" of the batch is committed (or handed back)
         return sent
 
@@ -614,8 +634,36 @@ class Sender:
                 return False
             finally:
                 del raw
-        await asyncio.to_thread(self._mark_sent, row_id)
+        self._unmarked.append((row_id, self.clock()))
+        if self._marking is None or self._marking.done():
+            self._marking = asyncio.create_task(self._mark_unmarked())
         return True
+
+    async def _mark_unmarked(self) -> Exception | None:
+        """Write the queued "sent" marks until none is left, all those queued meanwhile in
+        one transaction: the lanes go on sending, and one write serves many mails instead of
+        each mail queueing for the database's writer turn with the intake. Returns the
+        error of a write that failed (its marks go back in the queue, still journaled)."""
+        while self._unmarked:
+            self._writing, self._unmarked = self._unmarked, []
+            try:
+                await asyncio.to_thread(self._mark_sent, self._writing)
+            except Exception as exc:
+                self._unmarked[:0] = self._writing
+                return exc
+            finally:
+                self._writing = []
+        return None
+
+    async def _marks_committed(self) -> None:
+        """Every "sent" so far is in the database; a failed write raises here."""
+        if self._unmarked and (self._marking is None or self._marking.done()):
+            self._marking = asyncio.create_task(self._mark_unmarked())
+        if self._marking is not None:
+            # Shielded: a cancelled pass does not stop a write half done.
+            error = await asyncio.shield(self._marking)
+            if error is not None:
+                raise error
 
     @contextlib.asynccontextmanager
     async def _large_mail_turn(self) -> AsyncIterator[None]:
@@ -637,9 +685,9 @@ class Sender:
             found = connection.execute(_ROWS_TO_SEND, {"ids": row_ids, "small": PRELOAD_BYTES})
             return {row.id: row for row in found}
 
-    def _mark_sent(self, row_id: int) -> None:
+    def _mark_sent(self, marks: list[tuple[int, datetime]]) -> None:
         self.journal.sync()  # before the database write, which may wait for its turn
-        self.store.write(_MARK_SENT, {"row_id": row_id, "sent_at": self.clock()})
+        self.store.write(_MARK_SENT, [{"row_id": row_id, "sent_at": at} for row_id, at in marks])
 
     def _retry_later(self, row_id: int, error: str) -> None:
         now = self.clock()

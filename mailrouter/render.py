@@ -178,6 +178,9 @@ class Renderer:
             keep_trailing_newline=True,
             # Only HTML templates (`*.html.j2`) escape what they are given.
             autoescape=lambda name: name is not None and ".html" in name,
+            # Templates change with a reload (SIGHUP builds a new Renderer), never between two
+            # mails of one configuration: no stat of the file for every mail rendered.
+            auto_reload=False,
         )
 
     def render(self, template: str, context: dict[str, Any]) -> tuple[str, str]:

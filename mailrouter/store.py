@@ -452,8 +452,11 @@ class Store:
         with self._readers.begin() as session:
             yield session
 
-    def write(self, statement: Executable, params: dict[str, Any] | None = None) -> None:
-        """Run one Core statement in a transaction of its own: the cheapest durable write."""
+    def write(
+        self, statement: Executable, params: dict[str, Any] | list[dict[str, Any]] | None = None
+    ) -> None:
+        """Run one Core statement (once per item of a list of `params`) in a transaction of
+        its own: the cheapest durable write."""
         with self._write_turn or contextlib.nullcontext(), self.engine.begin() as connection:
             connection.execute(statement, params)
 
