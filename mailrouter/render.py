@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email import message_from_bytes
-from email.charset import QP, Charset
+from email.charset import BASE64, QP, Charset
 from email.header import Header
 from email.message import Message
 from email.mime.base import MIMEBase
@@ -66,6 +66,11 @@ class TemplateShapeError(ValueError):
 # header text as RFC 2047 encoded words, CRLF line ends as SMTP wants them.
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
+# Encoded words of a non-ASCII header in base64: for quoted-printable, or for "whichever is
+# shorter" (the stdlib's choice for UTF-8), the stdlib measures the encoding of every prefix
+# of the header character by character, quadratic: 0.5 ms of a Spanish subject, per mail.
+_UTF8_HEADER = Charset("utf-8")
+_UTF8_HEADER.header_encoding = BASE64
 
 
 class _WirePolicy(Compat32):
@@ -89,6 +94,12 @@ class _WirePolicy(Compat32):
 
 
 _ID_HEADERS = frozenset({"message-id", "in-reply-to"})
+
+
+def subject_header(subject: str) -> str | Header:
+    """What goes in a Subject: the text itself when ASCII, else a Header, which compat32
+    writes as RFC 2047 encoded words (typeshed's header type says str only)."""
+    return subject if subject.isascii() else Header(subject, _UTF8_HEADER)
 
 
 def _one_line(value: str) -> bool:
@@ -238,8 +249,7 @@ class Renderer:
         msg = content
         msg["From"] = formataddr((name, address), charset="utf-8") if name else address
         msg["To"] = ", ".join(to)
-        # typeshed wants a str, but a Header is what makes a non-ASCII subject encoded words.
-        msg["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")  # type: ignore[assignment]
+        msg["Subject"] = subject_header(subject)  # type: ignore[assignment]
         msg["Date"] = format_datetime(now)
         msg["Message-ID"] = message_id
         msg["Reply-To"] = settings.intake.address

@@ -13,9 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailrouter.config import load_config
-from mailrouter.parse import agent_part, extract_fields, parse_message
+from mailrouter.parse import (
+    agent_part,
+    clean_header,
+    decode_header_text,
+    extract_fields,
+    parse_message,
+)
 from mailrouter.pipeline import field_aliases
-from mailrouter.render import _WIRE
+from mailrouter.render import _WIRE, subject_header
 
 from .conftest import PROJECT
 
@@ -121,3 +127,15 @@ def test_the_short_header_shortcut_writes_what_compat32_writes(name: str, value:
             _WIRE.fold_binary(name, value)
         return
     assert _WIRE.fold_binary(name, value) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=300))
+def test_a_subject_is_written_in_ascii_lines_and_read_back_as_itself(subject: str) -> None:
+    """Non-ASCII subjects go out as base64 encoded words, folded (the stdlib aims at 78
+    characters a line and may overshoot by a few; 998 is the limit)."""
+    subject = subject.replace("=?", "= ?")  # as the renderer leaves it
+    written = _WIRE.fold_binary("Subject", subject_header(subject)).decode("ascii")
+    lines = written.split("\r\n")
+    assert lines[-1] == "" and all(len(line) <= 998 for line in lines)
+    assert decode_header_text(written.removeprefix("Subject: ")) == clean_header(subject)
