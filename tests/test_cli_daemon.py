@@ -274,3 +274,35 @@ def test_the_sender_process_is_started_restarted_reloaded_and_stopped_with_the_d
     daemon.wait(30)
     assert wait_until(lambda: _gone(child), timeout=30), log.read_text()
     assert len(relay.to("soporte@hibot.us")) == 1  # nothing sent twice across the restarts
+
+
+def test_a_sender_process_that_cannot_start_is_tried_again(
+    write_config: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starting the sender process fails (its interpreter is gone, say): the daemon logs it,
+    waits, and starts it again; stopping then closes its input and waits for it."""
+    import asyncio
+
+    from mailrouter.config import load_config
+    from mailrouter.daemon import Daemon
+
+    daemon = Daemon(load_config(write_config({"outbound": {"sender_process": True}})))
+    # The second start runs a stand-in that, like the real one, ends when its input does.
+    commands = iter(
+        [["/nonexistent/python"], [sys.executable, "-c", "import sys; sys.stdin.read()"]]
+    )
+    daemon._sender_command = lambda: next(commands)  # type: ignore[method-assign]
+
+    async def scenario() -> int | None:
+        keeper = asyncio.create_task(daemon._keep_sender_process())
+        while daemon.sender_process is None:
+            assert not keeper.done()
+            await asyncio.sleep(0.05)
+        daemon.stop()
+        await asyncio.wait_for(keeper, 30)
+        return daemon.sender_process.returncode
+
+    assert asyncio.run(scenario()) == 0
+    failed = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
+    assert len(failed) == 1 and "trying again in 1 s" in failed[0]
+    daemon.store.close()
