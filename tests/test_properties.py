@@ -4,7 +4,9 @@ header shortcut of the wire policy writes what compat32 would."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from email import message_from_bytes
 from email.errors import HeaderParseError
 from email.policy import compat32
 
@@ -21,7 +23,7 @@ from mailrouter.parse import (
     parse_message,
 )
 from mailrouter.pipeline import field_aliases
-from mailrouter.render import _WIRE, subject_header
+from mailrouter.render import _WIRE, _text_part, subject_header
 
 from .conftest import PROJECT
 
@@ -139,3 +141,29 @@ def test_a_subject_is_written_in_ascii_lines_and_read_back_as_itself(subject: st
     lines = written.split("\r\n")
     assert lines[-1] == "" and all(len(line) <= 998 for line in lines)
     assert decode_header_text(written.removeprefix("Subject: ")) == clean_header(subject)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=400),
+    subtype=st.sampled_from(["plain", "html"]),
+)
+def test_a_text_part_reads_back_as_its_text(text: str, subtype: str) -> None:
+    """Quoted-printable by binascii: lines of at most 76 characters that decode to the
+    text itself (line ends as CRLF on the wire), with the headers the email package
+    would write."""
+    written = _text_part(text, subtype).as_bytes(policy=_WIRE)
+    head, _, body = written.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"MIME-Version: 1.0",
+        f'Content-Type: text/{subtype}; charset="utf-8"'.encode(),
+        b"Content-Transfer-Encoding: quoted-printable",
+    ]
+    assert all(len(line) <= 76 for line in body.split(b"\r\n"))
+    decoded = message_from_bytes(written).get_payload(decode=True)
+    assert _lf(decoded) == _lf(text.encode())
+
+
+def _lf(data: bytes) -> bytes:
+    # A line ends in CR, LF or both in the text; on the wire, CRLF (as the email package's).
+    return re.sub(rb"\r\n?", b"\n", data)
