@@ -648,8 +648,12 @@ class Sender:
             self._writing, self._unmarked = self._unmarked, []
             try:
                 await asyncio.to_thread(self._mark_sent, self._writing)
-            except Exception as exc:
+            except BaseException as exc:
+                # Still journaled; written again later (harmless if this write got through
+                # after all, as it may when only our wait for it was cancelled).
                 self._unmarked[:0] = self._writing
+                if not isinstance(exc, Exception):
+                    raise
                 return exc
             finally:
                 self._writing = []
