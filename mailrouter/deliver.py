@@ -422,16 +422,16 @@ class Sender:
         self._batches = 0
         self.journal = SentJournal(store.beside("-sent"), self.identity)
         self._swept = False
-        # Rows the relay took whose "sent" is not yet in the database: queued, then being
-        # written (one transaction for all of them) by the `_marking` task.
+        # Rows the relay took whose "sent" is not yet in the database, queued for the
+        # `_marking` task (which writes all those queued at once, in one transaction).
         self._unmarked: list[tuple[int, datetime]] = []
-        self._writing: list[tuple[int, datetime]] = []
         self._marking: asyncio.Task[Exception | None] | None = None
 
     def close(self) -> None:
         """Write the "sent" marks still queued, then remove this sender's journal. A mark
         that cannot be written leaves the journal on disk for whoever releases our claims."""
-        if self._unmarked and not self._writing:
+        writing = self._marking is not None and not self._marking.done()
+        if self._unmarked and not writing:
             try:
                 self._mark_sent(self._unmarked)
                 self._unmarked = []
@@ -441,7 +441,7 @@ class Sender:
                     len(self._unmarked),
                     self.journal.path,
                 )
-        self.journal.close(remove=not self._unmarked and not self._writing)
+        self.journal.close(remove=not self._unmarked and not writing)
 
     def release_stale_claims(self) -> int:
         """Put back rows claimed by a sender that died before sending them; record as sent
@@ -635,9 +635,12 @@ class Sender:
             finally:
                 del raw
         self._unmarked.append((row_id, self.clock()))
-        if self._marking is None or self._marking.done():
-            self._marking = asyncio.create_task(self._mark_unmarked())
+        self._start_marking()
         return True
+
+    def _start_marking(self) -> None:
+        if self._unmarked and (self._marking is None or self._marking.done()):
+            self._marking = asyncio.create_task(self._mark_unmarked())
 
     async def _mark_unmarked(self) -> Exception | None:
         """Write the queued "sent" marks until none is left, all those queued meanwhile in
@@ -645,24 +648,21 @@ class Sender:
         each mail queueing for the database's writer turn with the intake. Returns the
         error of a write that failed (its marks go back in the queue, still journaled)."""
         while self._unmarked:
-            self._writing, self._unmarked = self._unmarked, []
+            batch, self._unmarked = self._unmarked, []
             try:
-                await asyncio.to_thread(self._mark_sent, self._writing)
+                await asyncio.to_thread(self._mark_sent, batch)
             except BaseException as exc:
                 # Still journaled; written again later (harmless if this write got through
                 # after all, as it may when only our wait for it was cancelled).
-                self._unmarked[:0] = self._writing
+                self._unmarked[:0] = batch
                 if not isinstance(exc, Exception):
                     raise
                 return exc
-            finally:
-                self._writing = []
         return None
 
     async def _marks_committed(self) -> None:
         """Every "sent" so far is in the database; a failed write raises here."""
-        if self._unmarked and (self._marking is None or self._marking.done()):
-            self._marking = asyncio.create_task(self._mark_unmarked())
+        self._start_marking()
         if self._marking is not None:
             # Shielded: a cancelled pass does not stop a write half done.
             error = await asyncio.shield(self._marking)

@@ -62,10 +62,6 @@ class TemplateShapeError(ValueError):
     pass
 
 
-# The classic email API (compat32) builds a mail several times faster than EmailMessage, to
-# the same standards: text bodies quoted-printable, headers folded at spaces, non-ASCII
-# header text as RFC 2047 encoded words, CRLF line ends as SMTP wants them.
-
 # Encoded words of a non-ASCII header in base64: for quoted-printable, or for "whichever is
 # shorter" (the stdlib's choice for UTF-8), the stdlib measures the encoding of every prefix
 # of the header character by character, quadratic: 0.4 ms of a Spanish subject, per mail.
@@ -73,6 +69,9 @@ _UTF8_HEADER = Charset("utf-8")
 _UTF8_HEADER.header_encoding = BASE64
 
 
+# The classic email API (compat32) builds a mail several times faster than EmailMessage, to
+# the same standards: text bodies quoted-printable, headers folded at spaces, non-ASCII
+# header text as RFC 2047 encoded words, CRLF line ends as SMTP wants them.
 class _WirePolicy(Compat32):
     """compat32 with CRLF, except that a message id header stays on one line: folding it is
     legal, but tools that match replies to their thread by id are not all that careful."""

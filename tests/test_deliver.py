@@ -454,6 +454,10 @@ def test_the_sent_marks_of_mails_sent_meanwhile_are_written_together(
     assert {m.sent_at for m in store.outbound()} == {clock.now}
 
 
+def _database_locked(statement: Any, params: Any = None) -> None:
+    raise OperationalError("UPDATE messages", {}, Exception("database is locked"))
+
+
 def test_sent_marks_that_cannot_be_written_are_kept_and_written_at_the_next_pass(
     write_config: Callable[..., Path], clock: Clock
 ) -> None:
@@ -463,12 +467,8 @@ def test_sent_marks_that_cannot_be_written_are_kept_and_written_at_the_next_pass
     store = Store(config.database_url)
     Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
     sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
-    write = store.write
 
-    def database_locked(statement: Any, params: Any = None) -> None:
-        raise OperationalError("UPDATE messages", {}, Exception("database is locked"))
-
-    store.write = database_locked  # type: ignore[method-assign]
+    store.write = _database_locked  # type: ignore[method-assign]
     with pytest.raises(OperationalError):
         asyncio.run(sender.deliver_due())
     assert len(list(config.outbox_dir.iterdir())) == 2
@@ -477,7 +477,7 @@ def test_sent_marks_that_cannot_be_written_are_kept_and_written_at_the_next_pass
     journaled = {int(line) for line in sender.journal.path.read_text().split()}
     assert journaled == {m.id for m in store.outbound()}
 
-    store.write = write  # type: ignore[method-assign]
+    del store.write  # the class's own again
     assert asyncio.run(sender.deliver_due()) == 0
     assert {m.delivery for m in store.outbound()} == {"sent"}
     assert len(list(config.outbox_dir.iterdir())) == 2  # nothing sent again
@@ -494,17 +494,14 @@ def test_a_sender_closed_with_marks_it_cannot_write_leaves_its_journal(
     Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
     sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
 
-    def database_locked(statement: Any, params: Any = None) -> None:
-        raise OperationalError("UPDATE messages", {}, Exception("database is locked"))
-
-    store.write = database_locked  # type: ignore[method-assign]
+    store.write = _database_locked  # type: ignore[method-assign]
     with pytest.raises(OperationalError):
         asyncio.run(sender.deliver_due())
     sender.close()
     assert sender.journal.path is not None and sender.journal.path.exists()
     # Whoever releases the dead claims later reads it: nothing goes twice.
     clock.now += Sender.LEASE + timedelta(seconds=1)
-    store.write = Store.write.__get__(store)  # type: ignore[method-assign]
+    del store.write  # the class's own again
     other = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
     assert asyncio.run(other.deliver_due()) == 0
     assert {m.delivery for m in store.outbound()} == {"sent"}
