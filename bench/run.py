@@ -60,32 +60,48 @@ AGENT_ADDRESSES = {address for _, address in AGENTS}
 # --- the relay, in a process of its own --------------------------------------------------
 
 
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+# A part's file name, as get_filename() finds it: filename= or name=, RFC 2231 forms too.
+_NAMES_A_FILE = re.compile(rb"(?i)name\*?[0-9*]*=")
+
+
 def _relay_main(port: int, log_path: str, ready: Any) -> None:
-    """Records one line per mail received: arrival time, recipients, Message-ID, attachment
-    hashes. Runs until killed."""
+    """Records one line per mail received: arrival time, recipients, Message-ID, subject, and
+    the hashes of its attachments. Runs until killed.
+
+    The ceiling waits for each 250 of this relay, so what it does per mail is the least the
+    measurements need: the headers alone are parsed, and the whole mail only when it carries
+    a file (the attachment test). A full parse of every mail made the ceiling 10-20 % slower
+    and so flattered the router's ratio to it."""
     import email.header
+    import email.parser
+    import email.policy
 
     from aiosmtpd.controller import Controller
 
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    headers_only = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
     class Recorder:
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            msg = email.message_from_bytes(envelope.original_content)
-            hashes = [
-                hashlib.sha256(part.get_payload(decode=True) or b"").hexdigest()
-                for part in msg.walk()
-                if part.get_filename()
-            ]
+            content = envelope.original_content
+            head = headers_only.parsebytes(_HEADER_END.split(content, maxsplit=1)[0])
+            hashes = []
+            if _NAMES_A_FILE.search(content):
+                hashes = [
+                    hashlib.sha256(part.get_payload(decode=True) or b"").hexdigest()
+                    for part in email.message_from_bytes(content).walk()
+                    if part.get_filename()
+                ]
             subject = str(
-                email.header.make_header(email.header.decode_header(msg.get("Subject", "")))
+                email.header.make_header(email.header.decode_header(head.get("Subject", "")))
             )
             log.write(
                 json.dumps(
                     {
                         "t": time.time(),
                         "to": envelope.rcpt_tos,
-                        "id": msg.get("Message-ID", ""),
+                        "id": head.get("Message-ID", ""),
                         "subject": subject,
                         "hashes": hashes,
                     }
