@@ -753,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         relay.stop()
         stop_dovecot(dovecot)
         shutil.rmtree(dovecot.base, ignore_errors=True)
+    results["targets"] = targets(results)
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     print(report(results))
     return 0
@@ -771,6 +772,34 @@ def summarise(bursts: list[dict[str, float]], ceiling_msg_per_s: float) -> dict[
     }
 
 
+def targets(r: dict[str, Any]) -> dict[str, bool | None]:
+    """Each of issue 7's targets, met or not by this run's figures (None: not measured)."""
+    b, bp, g, lat = r["burst"], r["burst_sender_process"], r["cost_growth"], r["latency"]
+    floor = lat["idle_floor"].get("p50_s")
+
+    def latency(key: str, p50: float | None, p99: float) -> bool | None:
+        v = lat[key]
+        return (
+            None if p50 is None or not v.get("count") else v["p50_s"] <= p50 and v["p99_s"] <= p99
+        )
+
+    def memory(m: dict[str, Any]) -> bool:
+        return bool(m["peak_rss_mb"] <= 150 and m["attachments_intact"] == m["mails"])
+
+    return {
+        "burst_300": b["median_msg_per_s"] >= 300,
+        "burst_half_ceiling": b["ratio_to_ceiling"] >= 0.5,
+        "burst_sender_process_300": bp["median_msg_per_s"] >= 300,
+        "burst_sender_process_half_ceiling": bp["ratio_to_ceiling"] >= 0.5,
+        "growth_80": g["ratio_to_empty"] >= 0.8,
+        "digest_5s": g["digest"]["seconds"] < 5,
+        "memory_150mb": memory(r["memory"]),
+        "memory_sender_process_150mb": memory(r["memory_sender_process"]),
+        "imap_idle": latency("imap_idle", None if floor is None else floor + 0.1, 1.5),
+        "smtp_listener": latency("smtp_listener", 0.05, 0.25),
+    }
+
+
 def report(r: dict[str, Any]) -> str:
     b, c, g, m, lat = r["burst"], r["ceiling"], r["cost_growth"], r["memory"], r["latency"]
     bp, mp = r["burst_sender_process"], r["memory_sender_process"]
@@ -782,31 +811,41 @@ def report(r: dict[str, Any]) -> str:
             f"{p['msg_per_s']:.0f}",
             f"ingest only; router {b['median_msg_per_s'] / p['msg_per_s']:.1f}x",
             "",
+            None,
         )
         if "msg_per_s" in p
-        else ("peer", "—", f"skipped: {p['skipped']}"[:60], "")
+        else ("peer", "—", f"skipped: {p['skipped']}"[:60], "", None)
     )
-    rows = [
+    rows: list[tuple[str, str, str, str, str | None]] = [
         (
             "burst, msg/s (median of runs)",
             f"{b['median_msg_per_s']:.0f}",
             f"min {b['min']:.0f} max {b['max']:.0f}",
             "≥ 300",
+            "burst_300",
         ),
         (
             "ceiling, msg/s (median of runs)",
             f"{c['msg_per_s']:.0f}",
             f"min {c['min']:.0f} max {c['max']:.0f}",
             "",
+            None,
         ),
-        ("burst / ceiling", f"{b['ratio_to_ceiling']:.0%}", "", "≥ 50 %"),
+        ("burst / ceiling", f"{b['ratio_to_ceiling']:.0%}", "", "≥ 50 %", "burst_half_ceiling"),
         (
             "burst, sender_process on, msg/s",
             f"{bp['median_msg_per_s']:.0f}",
             f"min {bp['min']:.0f} max {bp['max']:.0f}",
             "≥ 300",
+            "burst_sender_process_300",
         ),
-        ("burst / ceiling, sender_process on", f"{bp['ratio_to_ceiling']:.0%}", "", "≥ 50 %"),
+        (
+            "burst / ceiling, sender_process on",
+            f"{bp['ratio_to_ceiling']:.0%}",
+            "",
+            "≥ 50 %",
+            "burst_sender_process_half_ceiling",
+        ),
         peer_row,
         (
             "CPU per escalation, ms: daemon / ceiling",
@@ -814,44 +853,51 @@ def report(r: dict[str, Any]) -> str:
             f"{c['cpu_ms_per_msg']:.1f} (relay {b['relay_cpu_ms_per_msg']:.1f} / "
             f"{c['relay_cpu_ms_per_msg']:.1f})",
             "",
+            None,
         ),
         (
             "CPU per escalation, ms: sender_process on",
             f"{bp['daemon_cpu_ms_per_msg']:.1f}",
             f"both processes (relay {bp['relay_cpu_ms_per_msg']:.1f})",
             "",
+            None,
         ),
         (
             "peak RSS in the burst, MB",
             f"{b['peak_rss_mb']:.0f}",
             f"sender_process on: {bp['peak_rss_mb']:.0f} (sum of 2)",
             "",
+            None,
         ),
         (
             f"with {g['existing_cases']} cases, msg/s",
             f"{g['msg_per_s']:.0f}",
             f"{g['ratio_to_empty']:.0%} of empty",
             "≥ 80 %",
+            "growth_80",
         ),
         (
             f"digest --dry-run over {g['digest']['open_cases']} open cases, s",
             f"{g['digest']['seconds']:.2f}",
             f"in-process {g['digest']['in_process_seconds']:.2f}",
             "< 5",
+            "digest_5s",
         ),
         (
             f"{m['mails']} × {m['attachment_mb']} MB attachments: peak RSS, MB",
             f"{m['peak_rss_mb']:.0f}",
             f"{m['attachments_intact']}/{m['mails']} intact",
             "≤ 150",
+            "memory_150mb",
         ),
         (
             "the same, sender_process on (sum of 2), MB",
             f"{mp['peak_rss_mb']:.0f}",
             f"{mp['attachments_intact']}/{mp['mails']} intact",
             "≤ 150",
+            "memory_sender_process_150mb",
         ),
-        ("IDLE floor p50, s", f"{floor:.3f}", "", ""),
+        ("IDLE floor p50, s", f"{floor:.3f}", "", "", None),
     ]
     for name, key, target in (
         ("IMAP IDLE", "imap_idle", "p50 ≤ floor + 0.1, p99 ≤ 1.5"),
@@ -865,11 +911,17 @@ def report(r: dict[str, Any]) -> str:
                     f"{v['p50_s']:.3f}",
                     f"{v['p95_s']:.3f} / {v['p99_s']:.3f} / {v['max_s']:.3f}",
                     target,
+                    key,
                 )
             )
+    met = r["targets"]
+    verdict = {True: "met", False: "NOT MET", None: ""}
     width = max(len(row[0]) for row in rows)
-    lines = [f"{'measure':<{width}}  {'value':>8}  {'detail':<32} target"]
-    lines += [f"{a:<{width}}  {v:>8}  {d:<32} {t}" for a, v, d, t in rows]
+    lines = [f"{'measure':<{width}}  {'value':>8}  {'detail':<32} {'target':<30} verdict"]
+    lines += [
+        f"{a:<{width}}  {v:>8}  {d:<32} {t:<30} {verdict[met.get(k) if k else None]}"
+        for a, v, d, t, k in rows
+    ]
     return "\n".join(lines)
 
 

@@ -24,6 +24,62 @@ def test_bench_quick_run_produces_every_figure() -> None:
     assert results["latency"]["smtp_listener"]["count"] > 0
     assert results["cost_growth"]["digest"]["digests"] > 0
     assert results["peer"] == {"skipped": "--quick"}
+    assert set(results["targets"]) >= {"burst_300", "burst_half_ceiling", "memory_150mb"}
+
+
+def test_each_target_is_judged_from_the_figures_of_the_run() -> None:
+    from bench.run import report, targets
+
+    burst = {"median_msg_per_s": 69.0, "min": 66.0, "max": 75.0, "ratio_to_ceiling": 0.43}
+    burst |= {"peak_rss_mb": 82.0, "daemon_cpu_ms_per_msg": 13.8, "relay_cpu_ms_per_msg": 3.3}
+    latency = {"count": 10, "p50_s": 0.6, "p95_s": 0.7, "p99_s": 0.9, "max_s": 1.0}
+    results = {
+        "burst": burst,
+        "burst_sender_process": burst | {"median_msg_per_s": 88.0, "ratio_to_ceiling": 0.55},
+        "ceiling": {"msg_per_s": 159.0, "min": 142.0, "max": 181.0, "cpu_ms_per_msg": 3.0}
+        | {"relay_cpu_ms_per_msg": 3.2},
+        "cost_growth": {
+            "existing_cases": 100000,
+            "msg_per_s": 72.0,
+            "ratio_to_empty": 0.79,
+            "digest": {"open_cases": 100000, "seconds": 3.8, "in_process_seconds": 2.2},
+        },
+        # Under 150 MB, but an attachment arrived changed: not met.
+        "memory": {
+            "mails": 20,
+            "attachment_mb": 10,
+            "peak_rss_mb": 132.0,
+            "attachments_intact": 19,
+        },
+        "memory_sender_process": {
+            "mails": 20,
+            "attachment_mb": 10,
+            "peak_rss_mb": 149.0,
+            "attachments_intact": 20,
+        },
+        "latency": {
+            "idle_floor": {"p50_s": 0.501},
+            "imap_idle": latency,  # p50 0.6 is within floor + 0.1
+            "smtp_listener": {"count": 0},  # not measured
+        },
+        "peer": {"skipped": "--quick"},
+    }
+    met = targets(results)
+    assert met == {
+        "burst_300": False,
+        "burst_half_ceiling": False,
+        "burst_sender_process_300": False,
+        "burst_sender_process_half_ceiling": True,
+        "growth_80": False,
+        "digest_5s": True,
+        "memory_150mb": False,
+        "memory_sender_process_150mb": True,
+        "imap_idle": True,
+        "smtp_listener": None,
+    }
+    table = report(results | {"targets": met})
+    assert "burst / ceiling, sender_process on" in table
+    assert table.count("NOT MET") == 5 and table.count(" met") == 4
 
 
 def test_the_peer_ingests_every_mail_when_its_virtualenv_is_there(
