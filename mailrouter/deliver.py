@@ -280,8 +280,10 @@ class SentJournal:
     write, which can wait its turn behind the intake's transaction. Emptied when those
     writes are committed; removed when the sender closes. If the sender dies, whoever
     releases its claims reads its journal first and records the rows listed there as sent
-    instead of sending them again: a kill repeats a mail only in the microseconds between
-    the 250 and the line. One file per sender, named after its process
+    instead of sending them again: a kill repeats a mail only in the instant between the
+    250 and the line (microseconds for a sender in a process of its own; up to a few
+    milliseconds in one process, while the intake's thread holds the interpreter before
+    the sender's turn). One file per sender, named after its process
     (`<pid>-<start>-<n>.ids`) in `<database>-sent/` beside an SQLite file."""
 
     def __init__(self, folder: Path | None, identity: str) -> None:
