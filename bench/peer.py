@@ -82,7 +82,7 @@ def main(host: str, port: int, user: str, password: str, workdir: Path) -> dict[
     seconds = time.monotonic() - started
     server = imaplib.IMAP4(host, port)
     server.login(user, password)
-    left = int(server.select("INBOX")[1][0])
+    left = int(server.select("INBOX")[1][0] or b"0")
     server.logout()
     return {"seconds": seconds, "tickets": Ticket.objects.count(), "left_in_inbox": left}
 

@@ -65,6 +65,11 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _NAMES_A_FILE = re.compile(rb"(?i)name\*?[0-9*]*=")
 
 
+def _decoded(part: email.message.Message) -> bytes:
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
 def _relay_main(port: int, log_path: str, ready: Any) -> None:
     """Records one line per mail received: arrival time, recipients, Message-ID, subject, and
     the hashes of its attachments. Runs until killed.
@@ -89,7 +94,7 @@ def _relay_main(port: int, log_path: str, ready: Any) -> None:
             hashes = []
             if _NAMES_A_FILE.search(content):
                 hashes = [
-                    hashlib.sha256(part.get_payload(decode=True) or b"").hexdigest()
+                    hashlib.sha256(_decoded(part)).hexdigest()
                     for part in email.message_from_bytes(content).walk()
                     if part.get_filename()
                 ]
@@ -712,14 +717,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if args.only:
-            part = {
+            measure: dict[str, Callable[[], Any]] = {
                 "burst": lambda: burst(dovecot, relay, work, n, sender_process=args.sender_process),
                 "growth": lambda: growth(dovecot, relay, work, n, quick),
                 "memory": lambda: memory(dovecot, relay, work, quick, args.sender_process),
                 "latency": lambda: latencies(dovecot, relay, work, quick),
                 "peer": lambda: peer(dovecot, work, n),
-            }[args.only]()
-            print(json.dumps(part, indent=2))
+            }
+            print(json.dumps(measure[args.only](), indent=2))
             return 0
         # The two ways of running and the ceiling, in turns, so that the machine's drift
         # (its speed moves by a third within the hour) touches all three alike.
