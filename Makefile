@@ -42,7 +42,7 @@ bench: $(STAMP) system-deps
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy mailrouter
+	$(BIN)/mypy mailrouter bench
 
 check-config: $(STAMP)
 	$(BIN)/mailrouter --config config.yaml check-config
