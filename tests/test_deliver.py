@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from mailrouter import deliver
 from mailrouter import store as store_module
-from mailrouter.config import RetrySettings, SmtpSettings, load_config
+from mailrouter.config import Config, RetrySettings, SmtpSettings, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_delay
 from mailrouter.pipeline import Pipeline
 from mailrouter.store import Store
@@ -458,26 +458,32 @@ def _database_locked(statement: Any, params: Any = None) -> None:
     raise OperationalError("UPDATE messages", {}, Exception("database is locked"))
 
 
+def _pass_whose_marks_fail(config: Config, clock: Clock) -> tuple[Store, Sender]:
+    """An escalation's mails sent by a pass whose "sent" write the database refuses (the
+    pass fails); the store's write is its own again afterwards."""
+    store = Store(config.database_url)
+    Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
+    sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
+    store.write = _database_locked  # type: ignore[method-assign]
+    with pytest.raises(OperationalError):
+        asyncio.run(sender.deliver_due())
+    del store.write  # the class's own again
+    return store, sender
+
+
 def test_sent_marks_that_cannot_be_written_are_kept_and_written_at_the_next_pass(
     write_config: Callable[..., Path], clock: Clock
 ) -> None:
     """The database refuses the "sent" write: the pass fails, nothing is sent twice, the
     journal keeps the rows, and the next pass records them before doing anything else."""
     config = load_config(write_config())
-    store = Store(config.database_url)
-    Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
-    sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
-
-    store.write = _database_locked  # type: ignore[method-assign]
-    with pytest.raises(OperationalError):
-        asyncio.run(sender.deliver_due())
+    store, sender = _pass_whose_marks_fail(config, clock)
     assert len(list(config.outbox_dir.iterdir())) == 2
     assert {m.delivery for m in store.outbound()} == {"sending"}
     assert sender.journal.path is not None
     journaled = {int(line) for line in sender.journal.path.read_text().split()}
     assert journaled == {m.id for m in store.outbound()}
 
-    del store.write  # the class's own again
     assert asyncio.run(sender.deliver_due()) == 0
     assert {m.delivery for m in store.outbound()} == {"sent"}
     assert len(list(config.outbox_dir.iterdir())) == 2  # nothing sent again
@@ -490,13 +496,8 @@ def test_a_sender_closed_with_marks_it_cannot_write_leaves_its_journal(
     write_config: Callable[..., Path], clock: Clock
 ) -> None:
     config = load_config(write_config())
-    store = Store(config.database_url)
-    Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
-    sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
-
+    store, sender = _pass_whose_marks_fail(config, clock)
     store.write = _database_locked  # type: ignore[method-assign]
-    with pytest.raises(OperationalError):
-        asyncio.run(sender.deliver_due())
     sender.close()
     assert sender.journal.path is not None and sender.journal.path.exists()
     # Whoever releases the dead claims later reads it: nothing goes twice.
