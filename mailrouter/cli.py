@@ -20,9 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailrouter.config import Config, ConfigError, load_config
+from mailrouter.model import CaseInfo
 from mailrouter.parse import parse_message
 from mailrouter.pipeline import field_aliases
-from mailrouter.render import CaseInfo, Renderer
+from mailrouter.render import Renderer
 from mailrouter.route import decide
 from mailrouter.store import Store
 

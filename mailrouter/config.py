@@ -11,7 +11,7 @@ import os
 import re
 import ssl
 from dataclasses import dataclass, field
-from datetime import date, time
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,7 +19,26 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mailrouter.sla import DAY_NAMES, Calendar
+DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class Calendar:
+    """When SLA time runs: built from `timezone` and `business_hours` (see `Config.calendar`)."""
+
+    zone: ZoneInfo
+    business_hours: bool = False
+    days: frozenset[int] = frozenset(range(5))  # Monday = 0
+    start: time = time(8, 0)
+    end: time = time(18, 0)
+    holidays: frozenset[date] = frozenset()
+
+    def is_working_day(self, day: date) -> bool:
+        return day.weekday() in self.days and day not in self.holidays
+
+    def _at(self, day: date, moment: time) -> datetime:
+        return datetime.combine(day, moment, tzinfo=self.zone).astimezone(UTC)
+
 
 PRIORITIES = ("BAJA", "MEDIA", "ALTA", "URGENTE")
 

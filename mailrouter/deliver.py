@@ -30,7 +30,8 @@ from sqlalchemy import Row, bindparam, case, func, null, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings, tls_context
-from mailrouter.store import BODIES, MESSAGES, Message, Store, is_large
+from mailrouter.model import is_large
+from mailrouter.store import BODIES, MESSAGES, Message, Store
 
 log = logging.getLogger(__name__)
 

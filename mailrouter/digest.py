@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import select
@@ -24,17 +24,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Config, Provider
+from mailrouter.model import (
+    LISTED_STATUSES,
+    REMINDED_STATUSES,
+    CaseInfo,
+    DigestCase,
+    OutgoingMail,
+    case_tag,
+)
 from mailrouter.parse import agent_part, parse_message
 from mailrouter.pipeline import queue_mail
-from mailrouter.render import CaseInfo, OutgoingMail, Renderer
+from mailrouter.render import Renderer
 from mailrouter.sla import windows_overdue
-from mailrouter.store import Case, DigestRecord, Message, Store, add_event, case_tag
+from mailrouter.store import Case, DigestRecord, Message, Store, add_event
 
 log = logging.getLogger(__name__)
 
-# Cases a digest lists: everything not closed.
-LISTED_STATUSES = ("open", "vendor_replied", "awaiting_vendor", "needs_info", "undeliverable")
-REMINDED_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
 PRIORITY_LOOK = {
     "URGENTE": ("🔴", "#d93025"),
     "ALTA": ("🟠", "#f29900"),
@@ -112,22 +117,6 @@ class Digest:
     @property
     def subject(self) -> str:
         return f"Escalaciones: {self.overdue} vencidas, {self.open} abiertas"
-
-
-class DigestCase(Protocol):
-    """What a digest reads of a case: a `Case`, or a row of the same columns."""
-
-    id: int
-    created_at: datetime
-    status: str
-    provider: str
-    priority: str
-    agent_address: str
-    agent_name: str
-    client: str
-    subject: str
-    follow_up_due: datetime | None
-    vendor_ticket: str | None
 
 
 DIGEST_COLUMNS = [Case.__table__.c[name] for name in DigestCase.__annotations__]

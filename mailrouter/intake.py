@@ -26,7 +26,8 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from mailrouter.config import ImapSettings, tls_context
-from mailrouter.pipeline import ImapSource, Pipeline, Result
+from mailrouter.model import ImapSource, Result
+from mailrouter.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

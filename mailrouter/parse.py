@@ -16,62 +16,23 @@ import base64
 import email
 import email.message
 import email.policy
-import hashlib
 import logging
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.parser import BytesFeedParser
 from email.utils import getaddresses, parseaddr
 
 import mailparser
 
+from mailrouter.model import Attachment, ParsedMail
+
 log = logging.getLogger(__name__)
 
 LOOP_HEADER = "X-Mailrouter-Loop"
 _FEED_SLICE = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Attachment:
-    filename: str
-    content_type: str
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class ParsedMail:
-    raw: bytes
-    message_id: str | None
-    subject: str
-    from_address: str
-    from_name: str
-    to: list[str]
-    in_reply_to: str | None
-    references: list[str]
-    body: str
-    agent_text: str
-    fields: dict[str, str]
-    attachments: list[Attachment] = field(default_factory=list)
-    machine_reason: str | None = None
-
-    @property
-    def content_hash(self) -> str:
-        return content_hash(self.raw)
-
-    @property
-    def dedupe_key(self) -> str:
-        """What identifies this mail wherever it arrives from (IMAP, SMTP, twice)."""
-        if self.message_id:
-            return f"mid:{self.message_id}"
-        return f"sha256:{self.content_hash}"
-
-
-def content_hash(raw: bytes) -> str:
-    """Hash of a mail's bytes, blind to CRLF vs LF (IMAP and files differ there)."""
-    return hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")

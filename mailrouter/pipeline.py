@@ -14,8 +14,8 @@ from __future__ import annotations
 import email
 import logging
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -32,19 +32,30 @@ from sqlalchemy.exc import TimeoutError as DBTimeoutError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import PRIORITIES, Config, Provider
-from mailrouter.parse import (
+from mailrouter.model import (
+    OPEN_STATUSES,
+    Arrival,
     Attachment,
+    CaseInfo,
+    Clock,
+    Decision,
+    ImapSource,
+    OutgoingMail,
     ParsedMail,
+    Result,
+    ThreadHeaders,
+    content_hash,
+)
+from mailrouter.parse import (
     agent_part,
     alias_index,
     bounce_details,
-    content_hash,
     is_bounce,
     normalize,
     parse_message,
 )
-from mailrouter.render import CaseInfo, OutgoingMail, Renderer
-from mailrouter.route import Decision, decide, sender_allowed
+from mailrouter.render import Renderer
+from mailrouter.route import decide, sender_allowed
 from mailrouter.sla import due_after
 from mailrouter.store import (
     IMAP_STATE,
@@ -57,8 +68,6 @@ from mailrouter.store import (
     add_message,
 )
 from mailrouter.thread import (
-    OPEN_STATUSES,
-    ThreadHeaders,
     agent_thread,
     case_by_thread,
     case_by_ticket,
@@ -77,46 +86,12 @@ PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 # The database is down, locked or gone: the mail is not at fault, it must be retried.
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, DBTimeoutError)
 
-Clock = Callable[[], datetime]
-
 
 def field_aliases(config: Config) -> dict[str, str]:
     """Normalised label -> canonical field name, from the `fields` section of config.yaml."""
     return alias_index(
         {name: [spec.label, *spec.aliases] for name, spec in config.settings.fields.items()}
     )
-
-
-@dataclass(frozen=True)
-class ImapSource:
-    mailbox: str
-    uidvalidity: int
-    uid: int
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """One inbound mail as processing knows it: bytes, identity, origin, time, parse, and
-    its size (more than the bytes when only its header was fetched)."""
-
-    raw: bytes
-    key: str
-    source: ImapSource | None
-    now: datetime
-    mail: ParsedMail | None
-    size: int
-
-
-@dataclass(frozen=True)
-class Result:
-    outcome: str  # routed | needs_info | threaded | ignored | quarantined
-    reason: str
-    case_id: int | None = None
-    duplicate: bool = False
-    # Committed moments ago by another worker on the same mailbox (a second daemon), which
-    # moves it: moving it here too could run beside that MOVE, and a mail moved by two
-    # sessions at once can land in the folder twice. Left for a later pass.
-    in_other_hands: bool = False
 
 
 class Pipeline:

@@ -16,7 +16,6 @@ import functools
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from email import message_from_bytes
 from email.charset import BASE64, Charset
@@ -33,29 +32,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from mailrouter.config import Config, Provider
-from mailrouter.parse import LOOP_HEADER, Attachment, ParsedMail, clean_header
-from mailrouter.route import Decision
-
-
-@dataclass(frozen=True)
-class OutgoingMail:
-    kind: str
-    message_id: str
-    sender: str
-    recipients: list[str]
-    subject: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class CaseInfo:
-    """What templates may show of a case."""
-
-    tag: str
-    priority: str
-    status: str
-    follow_up_due: str
-    ticket: str = ""
+from mailrouter.model import Attachment, CaseInfo, Decision, OutgoingMail, ParsedMail
+from mailrouter.parse import LOOP_HEADER, clean_header
 
 
 class TemplateShapeError(ValueError):

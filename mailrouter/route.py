@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
-from typing import Literal
 
 from mailrouter.config import PRIORITIES, Condition, Config, Provider, Route
-from mailrouter.parse import ParsedMail, normalize
+from mailrouter.model import Decision, MissingField, ParsedMail
+from mailrouter.parse import normalize
 
 _PRIORITY_WORDS = {
     "baja": "BAJA",
@@ -69,28 +68,6 @@ def choose_route(mail: ParsedMail, routes: list[Route]) -> Route:
         if route.when is None or condition_matches(route.when, mail):
             return route
     return routes[-1]
-
-
-@dataclass(frozen=True)
-class MissingField:
-    name: str
-    label: str
-    problem: str = ""
-
-
-Outcome = Literal["route", "needs_info", "ignore", "quarantine"]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do with one inbound mail, and why (shown by `mailrouter route`)."""
-
-    outcome: Outcome
-    reason: str
-    route: Route | None = None
-    provider: Provider | None = None
-    priority: str = "MEDIA"
-    missing: list[MissingField] = field(default_factory=list)
 
 
 _ADDRESS = re.compile(r"[^@\s<>(),;:]+@[^@\s<>(),;:]+\.[^@\s<>(),;:]+")

@@ -8,27 +8,9 @@ the zone, so daylight-saving changes never shift a window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from datetime import UTC, datetime, time, timedelta
 
-DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-@dataclass(frozen=True)
-class Calendar:
-    zone: ZoneInfo
-    business_hours: bool = False
-    days: frozenset[int] = frozenset(range(5))  # Monday = 0
-    start: time = time(8, 0)
-    end: time = time(18, 0)
-    holidays: frozenset[date] = frozenset()
-
-    def is_working_day(self, day: date) -> bool:
-        return day.weekday() in self.days and day not in self.holidays
-
-    def _at(self, day: date, moment: time) -> datetime:
-        return datetime.combine(day, moment, tzinfo=self.zone).astimezone(UTC)
+from mailrouter.config import Calendar
 
 
 def due_after(start: datetime, hours: float, calendar: Calendar) -> datetime:

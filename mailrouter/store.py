@@ -52,16 +52,11 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.sql.expression import Executable
 
+from mailrouter.model import case_tag, is_large
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-# A mail over this size is handled with care for memory: one at a time per process, its
-# bytes fetched, written to the database and sent in slices.
-LARGE_MAIL_BYTES = 1024 * 1024
-
-
-def is_large(size: int) -> bool:
-    return size > LARGE_MAIL_BYTES
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -135,11 +130,6 @@ class Case(Base):
 
     def tag(self, prefix: str) -> str:
         return case_tag(prefix, self.id)
-
-
-def case_tag(prefix: str, case_id: int) -> str:
-    """How a case is named to people and in subjects: ESC-000123."""
-    return f"{prefix}-{case_id:06d}"
 
 
 class Message(Base):

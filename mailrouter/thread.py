@@ -13,18 +13,16 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Config, Provider
-from mailrouter.parse import ParsedMail, normalize
-from mailrouter.route import Decision, normalize_priority
+from mailrouter.model import OPEN_STATUSES, Commands, Decision, ParsedMail, ThreadHeaders
+from mailrouter.parse import normalize
+from mailrouter.route import normalize_priority
 from mailrouter.store import Case, Message
-
-# A case that is still being worked on, and so can receive duplicates and replies.
-OPEN_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
 
 
 def tagged_case_id(subject: str, prefix: str) -> int | None:
@@ -88,17 +86,6 @@ def case_by_ticket(session: Session, mail: ParsedMail, vendors: list[Provider]) 
             if found is not None:
                 return found
     return None
-
-
-@dataclass
-class Commands:
-    """What an agent's reply asks besides the text to relay."""
-
-    close: bool = False
-    priority: str | None = None
-    notes: list[str] = field(default_factory=list)
-    followups: list[str] = field(default_factory=list)
-    text: str = ""
 
 
 _COMMAND = re.compile(r"^\s*#(resuelto|cerrar|prioridad|nota|seguimiento)\b[:\s]*(.*)$", re.I)
@@ -177,12 +164,6 @@ def _same_keys(case: Case, mail: ParsedMail, keys: Sequence[str]) -> bool:
         for key in keys
         if key != "cliente" and case.fields.get(key) and mail.fields.get(key)
     )
-
-
-@dataclass(frozen=True)
-class ThreadHeaders:
-    in_reply_to: str | None
-    references: list[str]
 
 
 def _thread(session: Session, case: Case, ours: str, theirs: str) -> ThreadHeaders:

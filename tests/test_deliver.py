@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from mailrouter import deliver
-from mailrouter import store as store_module
+from mailrouter import deliver, model
 from mailrouter.config import Config, RetrySettings, SmtpSettings, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_delay
 from mailrouter.pipeline import Pipeline
@@ -235,7 +234,7 @@ def test_large_mails_leave_one_at_a_time_beside_small_ones(
     forwards = [len(r.raw) for r in pipeline.store.outbound() if r.kind == "forward"]
     acks = [len(r.raw) for r in pipeline.store.outbound() if r.kind == "acknowledgement"]
     assert max(acks) < min(forwards)
-    monkeypatch.setattr(store_module, "LARGE_MAIL_BYTES", min(forwards) - 1)
+    monkeypatch.setattr(model, "LARGE_MAIL_BYTES", min(forwards) - 1)
     relay.data_delay = 0.05
     in_flight: list[str] = []
     most_large = 0
@@ -245,7 +244,7 @@ def test_large_mails_leave_one_at_a_time_beside_small_ones(
         nonlocal most_large
         mid = "".join(str(headers_of(data)["Message-ID"]).split()).strip("<>")
         in_flight.append(mid)
-        most_large = max(most_large, sum(store_module.is_large(sizes[m]) for m in in_flight))
+        most_large = max(most_large, sum(model.is_large(sizes[m]) for m in in_flight))
         try:
             await real_send(sender_, rcpts, data, name)
         finally:
@@ -303,7 +302,7 @@ def test_a_large_mail_reaches_the_relay_as_sendmail_would_deliver_it(
     from aiosmtplib.protocol import normalize_message_line_endings
 
     data = _awkward_mail(3 * 1024 * 1024, seed=7)
-    assert store_module.is_large(len(data))
+    assert model.is_large(len(data))
     transport = SmtpTransport(SmtpSettings(host=relay.host, port=relay.port, security="none"))
     relay.refuse["nobody@vendor.example"] = "550 5.1.1 no such user"
 

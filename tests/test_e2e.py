@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from imapclient import IMAPClient
 
-from mailrouter import intake
-from mailrouter import store as store_module
+from mailrouter import intake, model
 from mailrouter.config import load_config
 from mailrouter.intake import BUSY_POLL_SECONDS, keep_polling
 from mailrouter.pipeline import Pipeline
@@ -145,7 +144,8 @@ def test_imap_crash_between_commit_and_move(
     may be another daemon's on the same mailbox, about to move it itself)."""
     from mailrouter.config import load_config
     from mailrouter.intake import ImapIntake
-    from mailrouter.pipeline import MOVE_GRACE_SECONDS, ImapSource, Pipeline
+    from mailrouter.model import ImapSource
+    from mailrouter.pipeline import MOVE_GRACE_SECONDS, Pipeline
 
     now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
 
@@ -247,7 +247,7 @@ def test_large_mails_over_imap_are_fetched_in_slices_and_forwarded_intact(
     # Scaled down (slices of 64 KB, a 300 KB attachment) to run fast; the same path takes a
     # 10 MB screenshot in 4 MB slices.
     monkeypatch.setattr(intake, "FETCH_BYTES", 64 * 1024)
-    monkeypatch.setattr(store_module, "LARGE_MAIL_BYTES", 100 * 1024)
+    monkeypatch.setattr(model, "LARGE_MAIL_BYTES", 100 * 1024)
     user = dovecot.new_user()
     mailbox = dovecot.client(user)
     blobs = {}

@@ -18,7 +18,8 @@ from sqlalchemy import event, update
 
 from mailrouter.config import load_config
 from mailrouter.digest import Followup
-from mailrouter.pipeline import ImapSource, Pipeline
+from mailrouter.model import ImapSource
+from mailrouter.pipeline import Pipeline
 from mailrouter.render import _base64_lines
 from mailrouter.store import Base, Case, Store
 

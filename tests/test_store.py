@@ -18,6 +18,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, update
 
+from mailrouter import model
 from mailrouter import store as store_module
 from mailrouter.store import MESSAGES, MIGRATIONS_DIR, Store, add_message, make_engine
 
@@ -54,7 +55,7 @@ def test_a_large_body_is_written_in_slices_not_bound_whole(tmp_path: Path) -> No
             bound.extend(len(v) for v in items if isinstance(v, (bytes, memoryview)))
 
     event.listen(store.engine, "before_cursor_execute", record)
-    raw = os.urandom(store_module.LARGE_MAIL_BYTES + 1)
+    raw = os.urandom(model.LARGE_MAIL_BYTES + 1)
     row_id = _add(store, raw)
     event.remove(store.engine, "before_cursor_execute", record)
     assert max(bound, default=0) < 1024

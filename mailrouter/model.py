@@ -1,0 +1,264 @@
+"""Model: the records that cross module boundaries, and the words they use. No logic
+beyond a few pure helpers on the records; no I/O, no database, no network.
+
+A mail comes in as a `ParsedMail`, is decided as a `Decision`, may cause
+`OutgoingMail`s, and its processing ends in a `Result`. A case is whatever has the
+attributes of `CaseRecord`: a database row in the daemon, a `CaseData` in memory
+for a new case and in the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from mailrouter.config import Provider, Route
+
+# A case that is still being worked on, and so can receive duplicates and replies.
+OPEN_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
+# Cases a digest lists: everything not closed.
+LISTED_STATUSES = ("open", "vendor_replied", "awaiting_vendor", "needs_info", "undeliverable")
+# Cases that get overdue reminders.
+REMINDED_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
+
+# A mail over this size is handled with care for memory: one at a time per process, its
+# bytes fetched, written to the database and sent in slices.
+LARGE_MAIL_BYTES = 1024 * 1024
+
+Clock = Callable[[], datetime]
+
+
+def is_large(size: int) -> bool:
+    return size > LARGE_MAIL_BYTES
+
+
+def case_tag(prefix: str, case_id: int) -> str:
+    """How a case is named to people and in subjects: ESC-000123."""
+    return f"{prefix}-{case_id:06d}"
+
+
+def content_hash(raw: bytes) -> str:
+    """Hash of a mail's bytes, blind to CRLF vs LF (IMAP and files differ there)."""
+    return hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
+
+
+# --- one inbound mail --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    raw: bytes
+    message_id: str | None
+    subject: str
+    from_address: str
+    from_name: str
+    to: list[str]
+    in_reply_to: str | None
+    references: list[str]
+    body: str
+    agent_text: str
+    fields: dict[str, str]
+    attachments: list[Attachment] = field(default_factory=list)
+    # Why a machine wrote this mail (and so it must never be answered), or None.
+    machine_reason: str | None = None
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.raw)
+
+    @property
+    def dedupe_key(self) -> str:
+        """What identifies this mail wherever it arrives from (IMAP, SMTP, twice)."""
+        if self.message_id:
+            return f"mid:{self.message_id}"
+        return f"sha256:{self.content_hash}"
+
+
+@dataclass(frozen=True)
+class ImapSource:
+    mailbox: str
+    uidvalidity: int
+    uid: int
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One inbound mail as processing knows it: bytes, identity, origin, time, parse, and
+    its size (more than the bytes when only its header was fetched)."""
+
+    raw: bytes
+    key: str
+    source: ImapSource | None
+    now: datetime
+    mail: ParsedMail | None
+    size: int
+
+
+# routed | needs_info | threaded | ignored | quarantined
+InboundOutcome = Literal["routed", "needs_info", "threaded", "ignored", "quarantined"]
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: str  # an InboundOutcome
+    reason: str
+    case_id: int | None = None
+    duplicate: bool = False
+    # Committed moments ago by another worker on the same mailbox (a second daemon), which
+    # moves it: moving it here too could run beside that MOVE, and a mail moved by two
+    # sessions at once can land in the folder twice. Left for a later pass.
+    in_other_hands: bool = False
+
+
+# --- what to do with it ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MissingField:
+    name: str
+    label: str
+    problem: str = ""
+
+
+Outcome = Literal["route", "needs_info", "ignore", "quarantine"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one inbound mail, and why (shown by `mailrouter route`)."""
+
+    outcome: Outcome
+    reason: str
+    route: Route | None = None
+    provider: Provider | None = None
+    priority: str = "MEDIA"
+    missing: list[MissingField] = field(default_factory=list)
+
+
+@dataclass
+class Commands:
+    """What an agent's reply asks besides the text to relay."""
+
+    close: bool = False
+    priority: str | None = None
+    notes: list[str] = field(default_factory=list)
+    followups: list[str] = field(default_factory=list)
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class ThreadHeaders:
+    in_reply_to: str | None
+    references: list[str]
+
+
+# --- cases -------------------------------------------------------------------------------
+
+
+class CaseRecord(Protocol):
+    """What the decision paths read and write on a case. A case handed out by a book is
+    live until its transaction commits: what a handler sets on it is saved then."""
+
+    id: int
+    created_at: datetime
+    updated_at: datetime
+    status: str  # open | vendor_replied | awaiting_vendor | needs_info | undeliverable | closed
+    provider: str
+    route: str
+    priority: str
+    agent_address: str
+    agent_name: str
+    client: str
+    client_key: str  # the client normalised: what duplicate detection compares
+    subject: str
+    fields: dict[str, str]
+    follow_up_due: datetime | None
+    vendor_ticket: str | None
+    # The due time an overdue reminder (to the agent) and its escalation (to the lead) were
+    # sent for: one of each per overdue period.
+    reminded_due: datetime | None
+    escalated_due: datetime | None
+
+
+@dataclass
+class CaseData:
+    """A case in memory: a new case before the book stores it, and the in-memory book's."""
+
+    created_at: datetime
+    updated_at: datetime
+    agent_address: str
+    agent_name: str = ""
+    subject: str = ""
+    status: str = "open"
+    provider: str = ""
+    route: str = ""
+    priority: str = "MEDIA"
+    client: str = ""
+    client_key: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+    follow_up_due: datetime | None = None
+    vendor_ticket: str | None = None
+    reminded_due: datetime | None = None
+    escalated_due: datetime | None = None
+    id: int = 0  # 0 until the book has stored it
+
+
+class DigestCase(Protocol):
+    """What a digest reads of a case: a case, or a row of the same columns."""
+
+    id: int
+    created_at: datetime
+    status: str
+    provider: str
+    priority: str
+    agent_address: str
+    agent_name: str
+    client: str
+    subject: str
+    follow_up_due: datetime | None
+    vendor_ticket: str | None
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """What templates may show of a case."""
+
+    tag: str
+    priority: str
+    status: str
+    follow_up_due: str
+    ticket: str = ""
+
+
+# --- what leaves -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    kind: str
+    message_id: str
+    sender: str
+    recipients: list[str]
+    subject: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FailedMail:
+    """An outbox mail refused for good (5xx, or retries exhausted), as the sender reports it."""
+
+    row_id: int
+    case_id: int | None
+    kind: str
+    recipients: list[str]
+    error: str
