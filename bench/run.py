@@ -293,7 +293,7 @@ def seed_cases(db: Path, count: int) -> None:
     their follow-up due in the coming weeks (an overdue backlog is another measurement)."""
     from datetime import timedelta
 
-    from mailrouter.store import Store
+    from mailrouter.store.db import Store
 
     Store(f"sqlite:///{db}").close()  # schema
     moment = datetime.now(UTC).replace(tzinfo=None)
@@ -578,7 +578,7 @@ def big_attachments(
 def digest_time(work: Path, open_cases: int) -> dict[str, float]:
     from mailrouter.config import load_config
     from mailrouter.digest import Followup
-    from mailrouter.store import Store
+    from mailrouter.store.db import Store
 
     folder = Path(tempfile.mkdtemp(dir=work))
     seed_cases(folder / "bench.db", open_cases)

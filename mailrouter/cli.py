@@ -25,7 +25,7 @@ from mailrouter.parse import parse_message
 from mailrouter.pipeline import field_aliases
 from mailrouter.render import Renderer
 from mailrouter.route import decide
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 
 
 def _load(args: argparse.Namespace) -> Config:

@@ -36,7 +36,7 @@ from mailrouter.deliver import FileTransport, Sender, SmtpTransport, Transport
 from mailrouter.digest import Followup
 from mailrouter.intake import ImapIntake, SmtpIntake
 from mailrouter.pipeline import Pipeline
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings, tls_context
 from mailrouter.model import is_large
-from mailrouter.store import BODIES, MESSAGES, Message, Store
+from mailrouter.store.db import Store
+from mailrouter.store.tables import BODIES, MESSAGES, Message
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import Config, Provider
@@ -36,7 +35,8 @@ from mailrouter.parse import agent_part, parse_message
 from mailrouter.pipeline import queue_mail
 from mailrouter.render import Renderer
 from mailrouter.sla import windows_overdue
-from mailrouter.store import Case, DigestRecord, Message, Store, add_event
+from mailrouter.store.db import Conflict, Store, add_event
+from mailrouter.store.tables import Case, DigestRecord, Message
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ class Followup:
                     session.flush()  # the unique (recipient, period) says if it was sent
                     queue_mail(session, None, now, mail)
                 run.queued.append(digest.recipient)
-            except IntegrityError:
+            except Conflict:
                 run.already_sent.append(digest.recipient)
         if run.queued:
             log.info("digests for %s queued to %s", period, ", ".join(run.queued))

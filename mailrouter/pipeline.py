@@ -22,13 +22,6 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy import case as sql_case
-from sqlalchemy.exc import (
-    DisconnectionError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-)
-from sqlalchemy.exc import TimeoutError as DBTimeoutError
 from sqlalchemy.orm import Session
 
 from mailrouter.config import PRIORITIES, Config, Provider
@@ -57,16 +50,8 @@ from mailrouter.parse import (
 from mailrouter.render import Renderer
 from mailrouter.route import decide, sender_allowed
 from mailrouter.sla import due_after
-from mailrouter.store import (
-    IMAP_STATE,
-    Case,
-    Message,
-    MessageBody,
-    Store,
-    add_case,
-    add_event,
-    add_message,
-)
+from mailrouter.store.db import Conflict, Store, Unavailable, add_case, add_event, add_message
+from mailrouter.store.tables import IMAP_STATE, Case, Message, MessageBody
 from mailrouter.thread import (
     agent_thread,
     case_by_thread,
@@ -82,9 +67,6 @@ from mailrouter.thread import (
 log = logging.getLogger(__name__)
 
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
-
-# The database is down, locked or gone: the mail is not at fault, it must be retried.
-INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, DBTimeoutError)
 
 
 def field_aliases(config: Config) -> dict[str, str]:
@@ -157,12 +139,12 @@ class Pipeline:
                     if arrival.size > self.config.settings.intake.max_message_bytes:
                         return self._too_large(session, arrival, mail)
                     return self._apply(session, arrival, mail)
-            except IntegrityError:
+            except Conflict:
                 # Another worker committed this mail, or the same mailbox's state, between
                 # our lookup and our insert: look again.
                 if attempt == 2:
                     raise
-            except INFRASTRUCTURE_ERRORS:
+            except Unavailable:
                 raise
             except Exception as exc:
                 # A poison mail: this mail makes our code raise. Whatever it had half-written

@@ -22,7 +22,7 @@ from mailrouter.config import Config, Provider
 from mailrouter.model import OPEN_STATUSES, Commands, Decision, ParsedMail, ThreadHeaders
 from mailrouter.parse import normalize
 from mailrouter.route import normalize_priority
-from mailrouter.store import Case, Message
+from mailrouter.store.tables import Case, Message
 
 
 def tagged_case_id(subject: str, prefix: str) -> int | None:

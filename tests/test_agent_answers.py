@@ -14,7 +14,8 @@ import pytest
 
 from mailrouter.config import load_config
 from mailrouter.pipeline import Pipeline
-from mailrouter.store import Message, Store
+from mailrouter.store.db import Store
+from mailrouter.store.tables import Message
 
 from .conftest import escalation
 

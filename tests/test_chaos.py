@@ -371,7 +371,7 @@ def test_login_refused_keeps_outbox_flowing(dovecot: Dovecot, rig_for: Callable[
     from mailrouter.config import load_config
     from mailrouter.daemon import utc_now
     from mailrouter.pipeline import Pipeline
-    from mailrouter.store import Store
+    from mailrouter.store.db import Store
 
     from .conftest import escalation
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailrouter.store import _sqlite_pragmas
+from mailrouter.store.db import _sqlite_pragmas
 
 from .conftest import (
     PROJECT,

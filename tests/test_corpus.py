@@ -10,7 +10,7 @@ import pytest
 
 from mailrouter.config import load_config
 from mailrouter.pipeline import Pipeline
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 
 from .conftest import CORPUS
 
@@ -53,7 +53,7 @@ def test_corpus_mail_reaches_an_outcome(pipeline: Pipeline, path: Path) -> None:
     with pipeline.store.transaction() as session:
         from sqlalchemy import select
 
-        from mailrouter.store import Message
+        from mailrouter.store.tables import Message
 
         stored = session.scalars(
             select(Message).where(Message.direction == "in").order_by(Message.id.desc())

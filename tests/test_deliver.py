@@ -20,7 +20,7 @@ from mailrouter import deliver, model
 from mailrouter.config import Config, RetrySettings, SmtpSettings, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_delay
 from mailrouter.pipeline import Pipeline
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 
 from .conftest import RecordingRelay, escalation, headers_of
 from .factory import escalations
@@ -324,7 +324,7 @@ import asyncio, os, signal, sys
 from mailrouter.config import load_config
 from mailrouter.daemon import make_transport, utc_now
 from mailrouter.deliver import Sender
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 config = load_config(sys.argv[1])
 store = Store(config.database_url)
 transport = make_transport(config)

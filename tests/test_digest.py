@@ -16,7 +16,8 @@ from mailrouter.config import load_config
 from mailrouter.deliver import Sender, SmtpTransport
 from mailrouter.digest import Followup, build_digests
 from mailrouter.pipeline import Pipeline
-from mailrouter.store import Message, Store
+from mailrouter.store.db import Store
+from mailrouter.store.tables import Message
 
 from .conftest import DaemonThread, RecordingRelay, escalation, wait_until
 from .factory import escalations

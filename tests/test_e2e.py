@@ -19,7 +19,7 @@ from mailrouter import intake, model
 from mailrouter.config import load_config
 from mailrouter.intake import BUSY_POLL_SECONDS, keep_polling
 from mailrouter.pipeline import Pipeline
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 
 from .conftest import DaemonThread, Dovecot, RecordingRelay, crlf, escalation, wait_until
 from .factory import VENDORS, escalations

@@ -21,7 +21,8 @@ from mailrouter.digest import Followup
 from mailrouter.model import ImapSource
 from mailrouter.pipeline import Pipeline
 from mailrouter.render import _base64_lines
-from mailrouter.store import Base, Case, Store
+from mailrouter.store.db import Store
+from mailrouter.store.tables import Base, Case
 
 from .conftest import escalation
 from .factory import escalations
@@ -227,11 +228,13 @@ def test_database_failure_is_retried_not_quarantined(
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
+    from mailrouter.store.db import Unavailable
+
     def locked(*args: object) -> None:
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
     monkeypatch.setattr("mailrouter.pipeline.decide", locked)
-    with pytest.raises(OperationalError):
+    with pytest.raises(Unavailable):  # the store's word for it
         pipeline.process(escalation("01-hibot-basic.eml"))
     assert pipeline.store.inbound() == []  # nothing recorded: the next try starts afresh
     monkeypatch.undo()

@@ -19,8 +19,9 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, update
 
 from mailrouter import model
-from mailrouter import store as store_module
-from mailrouter.store import MESSAGES, MIGRATIONS_DIR, Store, add_message, make_engine
+from mailrouter.store import db as store_module
+from mailrouter.store.db import MIGRATIONS_DIR, Store, add_message, make_engine
+from mailrouter.store.tables import MESSAGES
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
@@ -117,7 +118,7 @@ def test_a_current_database_is_opened_without_alembic(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     Store(url).close()  # new: migrated
     probe = (
-        "import sys; from mailrouter.store import Store; Store(sys.argv[1]).close(); "
+        "import sys; from mailrouter.store.db import Store; Store(sys.argv[1]).close(); "
         "print(any(name.split('.')[0] == 'alembic' for name in sys.modules))"
     )
     opened = subprocess.run(
@@ -136,7 +137,7 @@ def test_times_read_back_from_sqlite_are_the_times_written(tmp_path: Path) -> No
 
     from sqlalchemy import select
 
-    from mailrouter.store import Case
+    from mailrouter.store.tables import Case
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     moments = [
@@ -208,7 +209,7 @@ def test_the_daemon_does_not_load_the_html_parser_until_a_mail_needs_it() -> Non
 
 _HOLD_A_WRITE = """
 import sys
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 store = Store(sys.argv[1])
 with store.transaction() as session:
     print("holding", flush=True)

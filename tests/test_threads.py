@@ -16,7 +16,8 @@ import pytest
 from mailrouter.config import load_config
 from mailrouter.parse import parse_message
 from mailrouter.pipeline import Pipeline, field_aliases
-from mailrouter.store import Message, Store
+from mailrouter.store.db import Store
+from mailrouter.store.tables import Message
 
 from .conftest import CORPUS, PROJECT, escalation
 

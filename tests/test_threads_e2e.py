@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from mailrouter.store import Store
+from mailrouter.store.db import Store
 
 from .conftest import (
     DaemonThread,

@@ -6,8 +6,20 @@ Revises: 0002
 
 from __future__ import annotations
 
+import re
+import unicodedata
+
 import sqlalchemy as sa
 from alembic import op
+
+
+def normalize(text: str) -> str:
+    """A frozen copy of `core.parse.normalize` as it was at this revision: a migration must
+    compute the keys it wrote then, whatever the live code becomes."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[^\w]+", " ", stripped).split())
+
 
 revision = "0003"
 down_revision = "0002"
@@ -25,8 +37,6 @@ def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index("ix_messages_sender_time", ["sender", "created_at"], unique=False)
     # Cases opened before this revision get their key too, so they are found as duplicates.
-    from mailrouter.parse import normalize
-
     bind = op.get_bind()
     for case_id, client in bind.execute(sa.text("SELECT id, client FROM cases")).all():
         bind.execute(

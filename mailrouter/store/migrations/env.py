@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from alembic import context
 
-from mailrouter.store import Base
+from mailrouter.store.tables import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only `alembic` CLI use without the store
-    raise RuntimeError("run migrations through mailrouter.store.migrate()")
+    raise RuntimeError("run migrations through mailrouter.store.db.migrate()")
 
 context.configure(
     connection=connection,

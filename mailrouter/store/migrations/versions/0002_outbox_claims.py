@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import mailrouter.store
+import mailrouter.store.tables
 
 revision = "0002"
 down_revision = "0001"
@@ -21,7 +21,7 @@ def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("claimed_by", sa.String(length=256), nullable=True))
         batch_op.add_column(
-            sa.Column("claimed_until", mailrouter.store.UTCDateTime(), nullable=True)
+            sa.Column("claimed_until", mailrouter.store.tables.UTCDateTime(), nullable=True)
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import mailrouter.store
+import mailrouter.store.tables
 
 revision = "0001"
 down_revision = None
@@ -22,8 +22,8 @@ def upgrade() -> None:
     op.create_table(
         "cases",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("created_at", mailrouter.store.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", mailrouter.store.UTCDateTime(), nullable=False),
+        sa.Column("created_at", mailrouter.store.tables.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", mailrouter.store.tables.UTCDateTime(), nullable=False),
         sa.Column("status", sa.String(length=32), nullable=False),
         sa.Column("provider", sa.String(length=64), nullable=False),
         sa.Column("route", sa.String(length=128), nullable=False),
@@ -33,7 +33,7 @@ def upgrade() -> None:
         sa.Column("client", sa.String(length=320), nullable=False),
         sa.Column("subject", sa.Text(), nullable=False),
         sa.Column("fields", sa.JSON(), nullable=False),
-        sa.Column("follow_up_due", mailrouter.store.UTCDateTime(), nullable=True),
+        sa.Column("follow_up_due", mailrouter.store.tables.UTCDateTime(), nullable=True),
         sa.Column("vendor_ticket", sa.String(length=128), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
@@ -53,7 +53,7 @@ def upgrade() -> None:
         "events",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("case_id", sa.Integer(), nullable=False),
-        sa.Column("at", mailrouter.store.UTCDateTime(), nullable=False),
+        sa.Column("at", mailrouter.store.tables.UTCDateTime(), nullable=False),
         sa.Column("kind", sa.String(length=64), nullable=False),
         sa.Column("detail", sa.Text(), nullable=False),
         sa.ForeignKeyConstraint(
@@ -68,7 +68,7 @@ def upgrade() -> None:
     op.create_table(
         "messages",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("created_at", mailrouter.store.UTCDateTime(), nullable=False),
+        sa.Column("created_at", mailrouter.store.tables.UTCDateTime(), nullable=False),
         sa.Column("case_id", sa.Integer(), nullable=True),
         sa.Column("direction", sa.String(length=3), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
@@ -86,9 +86,9 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("delivery", sa.String(length=16), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_at", mailrouter.store.UTCDateTime(), nullable=True),
+        sa.Column("next_attempt_at", mailrouter.store.tables.UTCDateTime(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("sent_at", mailrouter.store.UTCDateTime(), nullable=True),
+        sa.Column("sent_at", mailrouter.store.tables.UTCDateTime(), nullable=True),
         sa.ForeignKeyConstraint(
             ["case_id"],
             ["cases.id"],
