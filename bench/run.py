@@ -577,7 +577,7 @@ def big_attachments(
 
 def digest_time(work: Path, open_cases: int) -> dict[str, float]:
     from mailrouter.config import load_config
-    from mailrouter.digest import Followup
+    from mailrouter.service import Followup
     from mailrouter.store.db import Store
 
     folder = Path(tempfile.mkdtemp(dir=work))

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from mailrouter.config import Config, ConfigError, load_config
 from mailrouter.model import CaseInfo
-from mailrouter.parse import parse_message
-from mailrouter.pipeline import field_aliases
+from mailrouter.parse import field_aliases, parse_message
 from mailrouter.render import Renderer
 from mailrouter.route import decide
 from mailrouter.store.db import Store
@@ -156,7 +155,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 def cmd_digest(args: argparse.Namespace) -> int:
     from mailrouter.daemon import Daemon, utc_now
-    from mailrouter.digest import Followup
+    from mailrouter.service import Followup
 
     config = _load(args)
     if not args.preview and not args.now:

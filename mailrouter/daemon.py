@@ -33,9 +33,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from mailrouter.config import Config, ConfigError, load_config
 from mailrouter.deliver import FileTransport, Sender, SmtpTransport, Transport
-from mailrouter.digest import Followup
 from mailrouter.intake import ImapIntake, SmtpIntake
-from mailrouter.pipeline import Pipeline
+from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 
 log = logging.getLogger(__name__)
@@ -80,9 +79,7 @@ class Daemon:
             self.transport,
             config.settings.outbound.retry,
             clock,
-            on_failed=lambda session, row, error: self.pipeline.delivery_failed(
-                session, row, error
-            ),
+            on_failed=lambda session, failed: self.pipeline.delivery_failed(session, failed),
             lanes=outbound_lanes(config),
         )
         self.followup = Followup(config, self.store, clock)

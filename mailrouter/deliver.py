@@ -23,16 +23,14 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiosmtplib
-from sqlalchemy import Row, bindparam, case, func, null, select, update
-from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings, SmtpSettings, tls_context
 from mailrouter.model import is_large
 from mailrouter.store.db import Store
-from mailrouter.store.tables import BODIES, MESSAGES, Message
+from mailrouter.store.outbox import OnFailed, Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +225,6 @@ async def _quit(client: aiosmtplib.SMTP | None) -> None:
             client.close()
 
 
-def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> float:
-    """Exponential backoff with jitter: half fixed, half random, so retries spread out."""
-    delay = min(retry.max_delay, retry.first_delay * 2 ** max(0, attempts - 1))
-    return float(delay * (0.5 + rng.random() / 2))
-
-
 def file_name(row_id: int, kind: str, recipients: list[str]) -> str:
     recipient = re.sub(r"[^A-Za-z0-9@._-]", "_", (recipients or ["nobody"])[0])
     return f"{row_id:06d}-{kind}-{recipient}"
@@ -241,29 +233,6 @@ def file_name(row_id: int, kind: str, recipients: list[str]) -> str:
 def process_identity() -> str:
     """`host:pid:start` of this process; `start` tells a live process from a reused pid."""
     return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
-
-
-def _due_rows(session: Session, now: datetime, limit: int) -> list[int]:
-    """Ids of the pending rows due now, in order, skipping every case that has an earlier row
-    waiting for a retry or being sent."""
-    rows = session.execute(
-        select(Message.id, Message.case_id, Message.delivery, Message.next_attempt_at)
-        .where(Message.delivery.in_(("pending", "sending")))
-        .order_by(Message.id)
-    ).all()
-    blocked: set[int] = set()
-    due: list[int] = []
-    for row_id, case_id, delivery, next_at in rows:
-        if case_id is not None and case_id in blocked:
-            continue
-        if delivery == "sending" or (next_at is not None and next_at > now):
-            if case_id is not None:
-                blocked.add(case_id)
-            continue
-        due.append(row_id)
-        if len(due) >= limit:
-            break
-    return due
 
 
 def _start_ticks(pid: int) -> str:
@@ -365,37 +334,6 @@ def _claim_is_dead(claimed_by: str, here: str) -> bool:
     return _start_ticks(int(pid)) != start
 
 
-PRELOAD_BYTES = 64 * 1024  # mails up to this size are read with their batch
-
-# Built once: composing a statement costs more than running it on this path.
-_ROWS_TO_SEND = (
-    select(
-        MESSAGES.c.id,
-        MESSAGES.c.kind,
-        MESSAGES.c.sender,
-        MESSAGES.c.recipients,
-        MESSAGES.c.delivery,
-        func.length(BODIES.c.raw).label("size"),
-        case((func.length(BODIES.c.raw) <= bindparam("small"), BODIES.c.raw), else_=null()).label(
-            "raw"
-        ),
-    )
-    .join_from(MESSAGES, BODIES, BODIES.c.id == MESSAGES.c.id)
-    .where(MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
-)
-_MARK_SENT = (
-    update(MESSAGES)
-    .where(MESSAGES.c.id == bindparam("row_id"))
-    .values(
-        delivery="sent",
-        sent_at=bindparam("sent_at"),
-        last_error=None,
-        claimed_by=None,
-        claimed_until=None,
-    )
-)
-
-
 class Sender:
     """Delivers due outbox rows. Several senders (daemons) may share one database: a sender
     claims rows before sending them, so no row is sent by two. A claim whose process died
@@ -410,13 +348,14 @@ class Sender:
         retry: RetrySettings,
         clock: Callable[[], datetime],
         rng: random.Random | None = None,
-        on_failed: Callable[[Session, Message, str], None] | None = None,
+        on_failed: OnFailed | None = None,
         lanes: int = 1,
     ) -> None:
-        """`on_failed(session, row, error)` runs in the transaction that marks a row failed;
+        """`on_failed(session, failed)` runs in the transaction that marks a row failed;
         `lanes` is how many mails may be in flight at once."""
         self.lanes = lanes
         self.store = store
+        self.outbox = Outbox(store)
         self.transport = transport
         self.retry = retry
         self.clock = clock
@@ -450,95 +389,45 @@ class Sender:
     def release_stale_claims(self) -> int:
         """Put back rows claimed by a sender that died before sending them; record as sent
         those its journal lists (the relay had accepted them)."""
-        now, here = self.clock(), socket.gethostname()
-        with self.store.reading() as session:
-            claimed_any = session.scalar(
-                select(Message.id).where(Message.delivery == "sending").limit(1)
-            )
-        if claimed_any is None:
+        here = socket.gethostname()
+        if not self.outbox.any_claimed():
             if not self._swept:  # once: journals of dead senders whose rows are all settled
                 for path in self.journal.dead_files():
                     path.unlink(missing_ok=True)
                 self._swept = True
             return 0  # the usual case, answered without taking the write lock
-        finished: list[Path] = []
-        with self.store.transaction() as session:
-            claimed = session.execute(
-                select(Message.id, Message.claimed_by, Message.claimed_until).where(
-                    Message.delivery == "sending"
-                )
-            ).all()
-            dead = {owner for _, owner, _ in claimed if owner and _claim_is_dead(owner, here)}
-            stale = {
-                row_id: owner
-                for row_id, owner, until in claimed
-                if owner is None or (until is not None and until < now) or owner in dead
-            }
-            journals = {
-                owner: self.journal.files_of(owner, here) for owner in set(stale.values()) if owner
-            }
-            delivered = _listed([path for paths in journals.values() for path in paths])
-            delivered &= stale.keys()
-            # A live owner whose lease ran out keeps writing its journal: leave it be.
-            finished = [path for owner in dead for path in journals.get(owner, [])]
-            if delivered:
-                session.execute(
-                    update(Message)
-                    .where(Message.id.in_(delivered), Message.delivery == "sending")
-                    .values(delivery="sent", sent_at=now, claimed_by=None, claimed_until=None)
-                )
-            if stale.keys() - delivered:
-                session.execute(
-                    update(Message)
-                    .where(Message.id.in_(stale.keys() - delivered), Message.delivery == "sending")
-                    .values(delivery="pending", claimed_by=None, claimed_until=None)
-                )
-        for path in finished:  # their owners are gone; what they listed is recorded now
-            path.unlink(missing_ok=True)
-        if stale:
+
+        def delivered_by(owners: set[str]) -> set[int]:
+            return _listed(
+                [path for owner in owners for path in self.journal.files_of(owner, here)]
+            )
+
+        released = self.outbox.release_stale(
+            self.clock(), lambda owner: _claim_is_dead(owner, here), delivered_by
+        )
+        # Their owners are gone and what they listed is recorded now. (A live owner whose
+        # lease ran out keeps writing its journal: it is left be.)
+        for owner in released.dead_owners:
+            for path in self.journal.files_of(owner, here):
+                path.unlink(missing_ok=True)
+        if released.stale:
             log.warning(
                 "released %d outbox rows claimed by a sender that stopped (%d of them it had "
                 "sent: recorded as sent, not sent again)",
-                len(stale),
-                len(delivered),
+                released.stale,
+                released.delivered,
             )
-        return len(stale)
+        return released.stale
 
     def claim_due(self, limit: int = 100) -> list[tuple[int, int | None]]:
         """Claim the due pending rows, in order, skipping every case that has an earlier row
         waiting or being sent; return (id, case id) of the rows now ours."""
-        now = self.clock()
         self._batches += 1
         token = f"{self.identity}:{self._batches}"
-        # A snapshot answers the usual "nothing due" without the write lock; the choice is
-        # then made again under the lock, so two senders never split one case's mails.
-        with self.store.reading() as session:
-            if not _due_rows(session, now, 1):
-                return []
-        with self.store.transaction() as session:
-            due = _due_rows(session, now, limit)
-            if not due:
-                return []
-            session.execute(
-                update(Message)
-                .where(Message.id.in_(due), Message.delivery == "pending")
-                .values(delivery="sending", claimed_by=token, claimed_until=now + self.LEASE)
-            )
-            mine = session.execute(
-                select(Message.id, Message.case_id)
-                .where(Message.claimed_by == token, Message.delivery == "sending")
-                .order_by(Message.id)
-            ).all()
-        return [(row_id, case_id) for row_id, case_id in mine]
+        return self.outbox.claim_due(token, self.clock(), self.LEASE, limit)
 
     def next_wakeup(self) -> datetime | None:
-        with self.store.reading() as session:
-            return session.scalar(
-                select(Message.next_attempt_at)
-                .where(Message.delivery == "pending")
-                .order_by(Message.next_attempt_at)
-                .limit(1)
-            )
+        return self.outbox.next_wakeup()
 
     async def deliver_due(self, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Send every row that is due now, up to `lanes` at once; return how many were sent.
@@ -555,7 +444,7 @@ class Sender:
         sent = 0
         one_large_mail = asyncio.Lock()
         # One read for the batch (small mails with their bytes) instead of one per mail.
-        rows = self._read_rows([row_id for row_id, _ in claimed])
+        rows = self.outbox.read_rows([row_id for row_id, _ in claimed])
 
         settled: set[int] = set()  # rows whose outcome is recorded: nothing to hand back
 
@@ -590,29 +479,18 @@ class Sender:
         return sent
 
     def _unclaim(self, row_ids: list[int]) -> None:
-        if not row_ids:
-            return
-        with self.store.transaction() as session:
-            session.execute(
-                update(Message)
-                .where(
-                    Message.id.in_(row_ids),
-                    Message.delivery == "sending",
-                    Message.claimed_by.like(f"{self.identity}:%"),
-                )
-                .values(delivery="pending", claimed_by=None, claimed_until=None)
-            )
+        self.outbox.unclaim(row_ids, self.identity)
 
     async def deliver_one(
         self,
         row_id: int,
         one_large_mail: asyncio.Lock | None = None,
-        row: Row[*tuple[Any, ...]] | None = None,
+        row: OutboxRow | None = None,
     ) -> bool:
         """Send one row this sender has claimed (`row`: as `_read_rows` gave it). Mails over
         `LARGE_MAIL_BYTES` are read and sent one at a time (under `one_large_mail` and the
         store's large-mail turn): each costs a few copies of itself on the way out."""
-        row = row or self._read_rows([row_id]).get(row_id)
+        row = row or self.outbox.read_rows([row_id]).get(row_id)
         if row is None or row.delivery != "sending":
             return False
         large = is_large(row.size)
@@ -685,52 +563,12 @@ class Sender:
         finally:
             turn.release()
 
-    def _read_rows(self, row_ids: list[int]) -> dict[int, Row[*tuple[Any, ...]]]:
-        """The rows to send, with their bytes when small (the others are read when sent)."""
-        if not row_ids:
-            return {}
-        with self.store.engine_for_reading().connect() as connection:
-            found = connection.execute(_ROWS_TO_SEND, {"ids": row_ids, "small": PRELOAD_BYTES})
-            return {row.id: row for row in found}
-
     def _mark_sent(self, marks: list[tuple[int, datetime]]) -> None:
         self.journal.sync()  # before the database write, which may wait for its turn
-        self.store.write(_MARK_SENT, [{"row_id": row_id, "sent_at": at} for row_id, at in marks])
+        self.outbox.mark_sent(marks)
 
     def _retry_later(self, row_id: int, error: str) -> None:
-        now = self.clock()
-        with self.store.transaction() as session:
-            row = session.get(Message, row_id)
-            if row is None:
-                return
-            row.attempts += 1
-            row.last_error = error
-            row.claimed_by = row.claimed_until = None
-            if (now - row.created_at).total_seconds() >= self.retry.give_up_after:
-                log.error(
-                    "giving up on outbox row %s after %d tries: %s", row_id, row.attempts, error
-                )
-                self._mark_failed(session, row, f"gave up after {row.attempts} tries: {error}")
-                return
-            delay = backoff_delay(row.attempts, self.retry, self.rng)
-            row.delivery = "pending"
-            row.next_attempt_at = now + timedelta(seconds=delay)
-            log.warning(
-                "outbox row %s: temporary failure (%s); retry in %.0f s", row_id, error, delay
-            )
+        self.outbox.retry_later(row_id, error, self.clock(), self.retry, self.rng, self.on_failed)
 
     def _fail(self, row_id: int, error: str) -> None:
-        with self.store.transaction() as session:
-            row = session.get(Message, row_id)
-            if row is not None:
-                row.attempts += 1
-                row.claimed_by = row.claimed_until = None
-                log.error(
-                    "outbox row %s to %s failed permanently: %s", row_id, row.recipients, error
-                )
-                self._mark_failed(session, row, error)
-
-    def _mark_failed(self, session: Session, row: Message, error: str) -> None:
-        row.delivery, row.last_error = "failed", error
-        if self.on_failed is not None:
-            self.on_failed(session, row, error)
+        self.outbox.fail(row_id, error, self.on_failed)

@@ -1,42 +1,25 @@
-"""SLA follow-through: overdue reminders, their escalation to the lead, and the digests.
+"""Digests: open cases into each agent's digest and each lead's team digest. Pure.
 
-Owns what the scheduler runs. `Followup.remind` finds cases that became
-overdue and queues one reminder to the agent per overdue period, and one to
-the team lead once a second window has passed too. `build_digests` (pure)
-turns open cases into each agent's digest and each lead's team digest;
-`Followup.queue_digests` records one digest per recipient and period in the
-same transaction as its outbox row, so it is never sent twice, even across a
-restart or with two daemons. Everything leaves through the outbox.
+Overdue first, then by due time; each table capped at `digest.max_cases` lines with the
+rest counted. The scheduler's job that queues them, once per recipient and period, is
+`service.Followup`.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from mailrouter.config import Config, Provider
+from mailrouter.config import Config
 from mailrouter.model import (
-    LISTED_STATUSES,
-    REMINDED_STATUSES,
-    CaseInfo,
     DigestCase,
     OutgoingMail,
     case_tag,
 )
-from mailrouter.parse import agent_part, parse_message
-from mailrouter.pipeline import queue_mail
 from mailrouter.render import Renderer
-from mailrouter.sla import windows_overdue
-from mailrouter.store.db import Conflict, Store, add_event
-from mailrouter.store.tables import Case, DigestRecord, Message
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +36,6 @@ STATUS_LABELS = {
     "needs_info": "faltan datos",
     "undeliverable": "no entregado",
 }
-
-
-def last_fire(
-    trigger: CronTrigger, now: datetime, lookback: timedelta = timedelta(days=2)
-) -> datetime | None:
-    """The most recent time the schedule fired at or before `now` (within `lookback`)."""
-    last = None
-    fire = trigger.get_next_fire_time(None, now - lookback)
-    while fire is not None and fire <= now:
-        last = fire
-        fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
-    return last
 
 
 def age_text(since: datetime, now: datetime) -> str:
@@ -117,9 +88,6 @@ class Digest:
     @property
     def subject(self) -> str:
         return f"Escalaciones: {self.overdue} vencidas, {self.open} abiertas"
-
-
-DIGEST_COLUMNS = [Case.__table__.c[name] for name in DigestCase.__annotations__]
 
 
 def _destination(case: DigestCase, config: Config) -> str:
@@ -215,207 +183,21 @@ def build_digests(cases: Iterable[DigestCase], config: Config, now: datetime) ->
     return digests
 
 
-@dataclass
-class DigestRun:
-    queued: list[str] = field(default_factory=list)
-    already_sent: list[str] = field(default_factory=list)
-    rendered: list[tuple[Digest, OutgoingMail]] = field(default_factory=list)
-
-
-class Followup:
-    """What the daemon's scheduler runs, also callable from the CLI and tests."""
-
-    def __init__(self, config: Config, store: Store, clock: Callable[[], datetime]) -> None:
-        self.config = config
-        self.store = store
-        self.clock = clock
-        self.renderer = Renderer(config)
-
-    def _case_info(self, case: Case) -> CaseInfo:
-        zone = self.config.calendar().zone
-        due = case.follow_up_due
-        return CaseInfo(
-            tag=case.tag(self.config.settings.case_tag_prefix),
-            priority=case.priority,
-            status=case.status,
-            follow_up_due=due.astimezone(zone).strftime("%Y-%m-%d %H:%M (%Z)") if due else "",
-            ticket=case.vendor_ticket or "",
-        )
-
-    def remind(self, chunk: int = 50) -> int:
-        """Queue the reminders due now; return how many were queued. Works through the
-        overdue cases a few at a time, one short transaction each, so a backlog (after a
-        long stop) never holds the database for long."""
-        now = self.clock()
-        with self.store.transaction() as session:
-            # Sorted here: "ORDER BY id" makes SQLite walk every case in id order rather
-            # than search the due-time index for the few overdue ones.
-            candidates = sorted(
-                session.scalars(
-                    select(Case.id).where(
-                        Case.status.in_(REMINDED_STATUSES), Case.follow_up_due < now
-                    )
-                )
-            )
-        queued = 0
-        for start in range(0, len(candidates), chunk):
-            with self.store.transaction() as session:
-                for case in session.scalars(
-                    select(Case).where(Case.id.in_(candidates[start : start + chunk]))
-                ):
-                    queued += self._remind_case(session, case, now)
-        if queued:
-            log.info("queued %d follow-up reminders", queued)
-        return queued
-
-    def _remind_case(self, session: Session, case: Case, now: datetime) -> int:
-        """The agent's reminder once per overdue period; the lead's after a second window."""
-        settings = self.config.settings
-        provider = self.config.providers.get(case.provider)
-        if provider is None or case.follow_up_due is None:
-            return 0
-        hours = settings.sla_hours[case.priority]
-        overdue = windows_overdue(case.follow_up_due, now, hours, self.config.calendar())
-        remind = overdue >= 1 and case.reminded_due != case.follow_up_due
-        escalate = overdue >= 2 and case.escalated_due != case.follow_up_due
-        if not remind and not escalate:
-            return 0
-        queued = 0
-        context = self._reminder_context(session, case, provider, now)
-        if remind:
-            self._queue(
-                session, case, now, "reminder", "reminder.j2", context, [case.agent_address]
-            )
-            case.reminded_due = case.follow_up_due
-            queued += 1
-        if escalate:
-            if settings.team.leads:
-                self._queue(
-                    session,
-                    case,
-                    now,
-                    "reminder_lead",
-                    "reminder_lead.j2",
-                    context,
-                    list(settings.team.leads),
-                )
-                queued += 1
-            case.escalated_due = case.follow_up_due
-        return queued
-
-    def _reminder_context(
-        self, session: Session, case: Case, provider: Provider, now: datetime
-    ) -> dict[str, Any]:
-        context = self.renderer.case_context(
-            self._case_info(case),
-            provider,
-            case.fields,
-            self.config.agent_name(case.agent_address, case.agent_name),
-            case.agent_address,
-            case.subject,
-        )
-        last = session.scalars(
-            select(Message)
-            .where(Message.case_id == case.id, Message.direction == "in", Message.kind == "vendor")
-            .order_by(Message.id.desc())
-            .limit(1)
-        ).first()
-        excerpt = ""
-        if last is not None:
-            parsed = parse_message(last.raw, {}, self.config.settings.intake.address)
-            excerpt = agent_part(parsed.body, sign_offs=False)[:600]
-        zone = self.config.calendar().zone
-        context.update(
-            age=age_text(case.created_at, now),
-            last_vendor_date=last.created_at.astimezone(zone).strftime("%Y-%m-%d %H:%M")
-            if last
-            else "",
-            last_vendor_text=excerpt,
-        )
-        return context
-
-    def _queue(
-        self,
-        session: Session,
-        case: Case,
-        now: datetime,
-        kind: str,
-        template: str,
-        context: dict[str, Any],
-        to: list[str],
-    ) -> None:
-        mail = self.renderer.compose(kind, template, context, to, now=now, to_agent=True)
-        queue_mail(session, case.id, now, mail)
-        add_event(session, case.id, now, kind, ", ".join(to))
-
-    def digest_trigger(self) -> CronTrigger:
-        return CronTrigger.from_crontab(
-            self.config.settings.digest.schedule, timezone=self.config.calendar().zone
-        )
-
-    def scheduled_digests(self) -> DigestRun:
-        """The digests of the latest scheduled run, if it is under a day old: what the cron
-        job sends, and what a daemon started after a missed run catches up on, once."""
-        fired = last_fire(self.digest_trigger(), self.clock())
-        if fired is None or self.clock() - fired > timedelta(days=1):
-            return DigestRun()
-        return self.queue_digests(fired.isoformat(timespec="minutes"))
-
-    def digests_now(self) -> list[Digest]:
-        # Plain rows, not ORM objects: a team's whole backlog is read for the counts.
-        with self.store.engine_for_reading().connect() as connection:
-            cases = connection.execute(
-                select(*DIGEST_COLUMNS)
-                .where(Case.__table__.c.status.in_(LISTED_STATUSES))
-                .order_by(Case.__table__.c.id)
-            ).all()
-        return build_digests(cases, self.config, self.clock())
-
-    def render_digest(self, digest: Digest) -> OutgoingMail:
-        settings = self.config.settings
-        context = {
-            "digest": digest,
-            "intake_address": settings.intake.address,
-            "now": self.clock().astimezone(self.config.calendar().zone).strftime("%Y-%m-%d %H:%M"),
-        }
-        return self.renderer.compose(
-            "digest",
-            "digest.j2",
-            context,
-            [digest.recipient],
-            now=self.clock(),
-            to_agent=True,
-            html_template="digest.html.j2",
-        )
-
-    def queue_digests(
-        self, period: str, only_to: str | None = None, dry_run: bool = False
-    ) -> DigestRun:
-        """Queue every digest of `period` not sent yet (or, dry, only render them)."""
-        run = DigestRun()
-        now = self.clock()
-        for digest in self.digests_now():
-            if only_to and digest.recipient.lower() != only_to.lower():
-                continue
-            mail = self.render_digest(digest)
-            run.rendered.append((digest, mail))
-            if dry_run:
-                continue
-            try:
-                with self.store.transaction() as session:
-                    session.add(
-                        DigestRecord(
-                            recipient=digest.recipient,
-                            period=period,
-                            created_at=now,
-                            message_id=mail.message_id,
-                        )
-                    )
-                    session.flush()  # the unique (recipient, period) says if it was sent
-                    queue_mail(session, None, now, mail)
-                run.queued.append(digest.recipient)
-            except Conflict:
-                run.already_sent.append(digest.recipient)
-        if run.queued:
-            log.info("digests for %s queued to %s", period, ", ".join(run.queued))
-        return run
+def render_digest(
+    renderer: Renderer, digest: Digest, config: Config, now: datetime
+) -> OutgoingMail:
+    """The digest's mail: a text part and its HTML alternative."""
+    context = {
+        "digest": digest,
+        "intake_address": config.settings.intake.address,
+        "now": now.astimezone(config.calendar().zone).strftime("%Y-%m-%d %H:%M"),
+    }
+    return renderer.compose(
+        "digest",
+        "digest.j2",
+        context,
+        [digest.recipient],
+        now=now,
+        to_agent=True,
+        html_template="digest.html.j2",
+    )

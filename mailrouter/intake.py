@@ -27,7 +27,7 @@ from imapclient.exceptions import IMAPClientError
 
 from mailrouter.config import ImapSettings, tls_context
 from mailrouter.model import ImapSource, Result
-from mailrouter.pipeline import Pipeline
+from mailrouter.service import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from email.utils import getaddresses, parseaddr
 
 import mailparser
 
+from mailrouter.config import Config
 from mailrouter.model import Attachment, ParsedMail
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,13 @@ def alias_index(aliases: Mapping[str, list[str]]) -> dict[str, str]:
         for name in [canonical, *names]:
             index[normalize(name)] = canonical
     return index
+
+
+def field_aliases(config: Config) -> dict[str, str]:
+    """Normalised label -> canonical field name, from the `fields` section of config.yaml."""
+    return alias_index(
+        {name: [spec.label, *spec.aliases] for name, spec in config.settings.fields.items()}
+    )
 
 
 def _labelled(line: str, aliases: Mapping[str, str]) -> tuple[str, str] | None:

@@ -32,8 +32,30 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from mailrouter.config import Config, Provider
-from mailrouter.model import Attachment, CaseInfo, Decision, OutgoingMail, ParsedMail
+from mailrouter.model import (
+    Attachment,
+    CaseInfo,
+    CaseRecord,
+    Decision,
+    OutgoingMail,
+    ParsedMail,
+    case_tag,
+)
 from mailrouter.parse import LOOP_HEADER, clean_header
+
+
+def case_info(case: CaseRecord, config: Config) -> CaseInfo:
+    """What templates show of a case: its tag, and its due time in the team's zone."""
+    due = case.follow_up_due
+    return CaseInfo(
+        tag=case_tag(config.settings.case_tag_prefix, case.id),
+        priority=case.priority,
+        status=case.status,
+        follow_up_due=due.astimezone(config.calendar().zone).strftime("%Y-%m-%d %H:%M (%Z)")
+        if due
+        else "",
+        ticket=case.vendor_ticket or "",
+    )
 
 
 class TemplateShapeError(ValueError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mailrouter.config import load_config
-from mailrouter.pipeline import Pipeline
+from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
 

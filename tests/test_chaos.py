@@ -370,7 +370,7 @@ def summary_table() -> str:
 def test_login_refused_keeps_outbox_flowing(dovecot: Dovecot, rig_for: Callable[..., Rig]) -> None:
     from mailrouter.config import load_config
     from mailrouter.daemon import utc_now
-    from mailrouter.pipeline import Pipeline
+    from mailrouter.service import Pipeline
     from mailrouter.store.db import Store
 
     from .conftest import escalation

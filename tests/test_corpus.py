@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailrouter.config import load_config
-from mailrouter.pipeline import Pipeline
+from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 
 from .conftest import CORPUS

@@ -18,9 +18,10 @@ from sqlalchemy.exc import OperationalError
 
 from mailrouter import deliver, model
 from mailrouter.config import Config, RetrySettings, SmtpSettings, load_config
-from mailrouter.deliver import FileTransport, Sender, SmtpTransport, backoff_delay
-from mailrouter.pipeline import Pipeline
+from mailrouter.deliver import FileTransport, Sender, SmtpTransport
+from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
+from mailrouter.store.outbox import backoff_delay
 
 from .conftest import RecordingRelay, escalation, headers_of
 from .factory import escalations

@@ -14,8 +14,8 @@ import pytest
 from mailrouter.cli import main
 from mailrouter.config import load_config
 from mailrouter.deliver import Sender, SmtpTransport
-from mailrouter.digest import Followup, build_digests
-from mailrouter.pipeline import Pipeline
+from mailrouter.digest import build_digests
+from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
 

@@ -18,7 +18,7 @@ from imapclient import IMAPClient
 from mailrouter import intake, model
 from mailrouter.config import load_config
 from mailrouter.intake import BUSY_POLL_SECONDS, keep_polling
-from mailrouter.pipeline import Pipeline
+from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 
 from .conftest import DaemonThread, Dovecot, RecordingRelay, crlf, escalation, wait_until
@@ -145,7 +145,8 @@ def test_imap_crash_between_commit_and_move(
     from mailrouter.config import load_config
     from mailrouter.intake import ImapIntake
     from mailrouter.model import ImapSource
-    from mailrouter.pipeline import MOVE_GRACE_SECONDS, Pipeline
+    from mailrouter.service import Pipeline
+    from mailrouter.store.repo import MOVE_GRACE_SECONDS
 
     now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
 

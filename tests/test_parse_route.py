@@ -6,8 +6,14 @@ import pytest
 
 from mailrouter.cli import main
 from mailrouter.config import Config, load_config
-from mailrouter.parse import agent_part, extract_fields, html_to_text, normalize, parse_message
-from mailrouter.pipeline import field_aliases
+from mailrouter.parse import (
+    agent_part,
+    extract_fields,
+    field_aliases,
+    html_to_text,
+    normalize,
+    parse_message,
+)
 from mailrouter.route import decide, normalize_priority, sender_allowed
 
 from .conftest import ESCALATIONS, PROJECT, escalation

@@ -17,10 +17,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import event, update
 
 from mailrouter.config import load_config
-from mailrouter.digest import Followup
 from mailrouter.model import ImapSource
-from mailrouter.pipeline import Pipeline
 from mailrouter.render import _base64_lines
+from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Base, Case
 
@@ -233,7 +232,7 @@ def test_database_failure_is_retried_not_quarantined(
     def locked(*args: object) -> None:
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr("mailrouter.pipeline.decide", locked)
+    monkeypatch.setattr("mailrouter.core.handle.decide", locked)
     with pytest.raises(Unavailable):  # the store's word for it
         pipeline.process(escalation("01-hibot-basic.eml"))
     assert pipeline.store.inbound() == []  # nothing recorded: the next try starts afresh

@@ -20,9 +20,9 @@ from mailrouter.parse import (
     clean_header,
     decode_header_text,
     extract_fields,
+    field_aliases,
     parse_message,
 )
-from mailrouter.pipeline import field_aliases
 from mailrouter.render import _WIRE, _text_part, subject_header
 
 from .conftest import PROJECT

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mailrouter.config import load_config
-from mailrouter.parse import parse_message
-from mailrouter.pipeline import Pipeline, field_aliases
+from mailrouter.parse import field_aliases, parse_message
+from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
 

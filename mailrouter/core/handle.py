@@ -1,0 +1,696 @@
+"""Handle: what happens to one mail, and to a case that falls overdue — every decision path.
+
+Read top-down: `handle` takes a parsed mail that is new to the router and sends it down
+one path: a vendor's reply on a case, machine mail (a bounce, an auto-reply), a stranger,
+an agent's reply or resend on a case's thread, a duplicate escalation, or a new case.
+Each path records the mail, changes its case, and queues the mails it causes — all
+through one `CaseBook`, whose writes the caller commits together (or not at all). No
+session, no clock: the time comes with the arrival. `remind` is the overdue path, run by
+the scheduler.
+"""
+
+from __future__ import annotations
+
+import email
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from mailrouter.config import PRIORITIES, Config, Provider
+from mailrouter.digest import age_text
+from mailrouter.model import (
+    OPEN_STATUSES,
+    Arrival,
+    Attachment,
+    CaseData,
+    CaseRecord,
+    Decision,
+    FailedMail,
+    ImapSource,
+    OutgoingMail,
+    ParsedMail,
+    Result,
+    ThreadHeaders,
+    case_tag,
+)
+from mailrouter.parse import (
+    agent_part,
+    bounce_details,
+    field_aliases,
+    is_bounce,
+    normalize,
+    parse_message,
+)
+from mailrouter.render import Renderer, case_info
+from mailrouter.route import decide, sender_allowed
+from mailrouter.sla import due_after, windows_overdue
+from mailrouter.thread import (
+    is_vendor,
+    parse_commands,
+    pick_earlier,
+    tagged_case_id,
+    thread_headers,
+    ticket_in,
+    vendors_of,
+)
+
+log = logging.getLogger(__name__)
+
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+
+class CaseBook(Protocol):
+    """Where the decision paths read and write cases, mails and history: the database in
+    the daemon (`store.repo.SqlCaseBook`), a dictionary in the tests (`testing.book`). A
+    case it hands out is live until the caller commits; `open_case` stores a new one as
+    it is then."""
+
+    # this mail, seen before? who sent how much?
+    def earlier_outcome(self, key: str, source: ImapSource | None) -> Result | None: ...
+    def mails_from(self, address: str, since: datetime) -> int: ...
+
+    # which case
+    def case(self, case_id: int) -> CaseRecord | None: ...
+    def case_by_thread(self, message_ids: list[str], tagged: int | None) -> CaseRecord | None: ...
+    def case_by_ticket(self, provider: str, ticket: str) -> CaseRecord | None: ...
+    def cases_of_client(self, provider: str, client_key: str) -> Sequence[CaseRecord]: ...
+    def case_of_bounced(self, message_ids: list[str]) -> CaseRecord | None: ...
+
+    # what a case holds
+    def inbound_raws(self, case_id: int) -> list[bytes]: ...
+    def thread_ids(self, case_id: int, ours: str, theirs: str) -> list[str]: ...
+    def forward_subject(self, case_id: int) -> str | None: ...
+    def relays_of(self, case_id: int, since: datetime) -> int: ...
+    def last_vendor_mail(self, case_id: int) -> tuple[datetime, bytes] | None: ...
+
+    # writes
+    def open_case(self, case: CaseRecord) -> int: ...
+    def record_inbound(
+        self, arrival: Arrival, outcome: str, reason: str, kind: str, case_id: int | None
+    ) -> None: ...
+    def remember_uid(self, source: ImapSource | None) -> None: ...
+    def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None: ...
+    def queue(self, case_id: int | None, now: datetime, mail: OutgoingMail) -> None: ...
+    def cancel_pending_acks(self, case_id: int, reason: str) -> None: ...
+
+
+class Handler:
+    """The decision paths for one configuration (a reload builds a new one)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.renderer = Renderer(config)
+        self.aliases = field_aliases(config)
+
+    def parse(self, raw: bytes) -> ParsedMail:
+        return parse_message(raw, self.aliases, self.config.settings.intake.address)
+
+    def handle(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
+        """The outcome of a mail the router has not seen before, written through `book`."""
+        if arrival.size > self.config.settings.intake.max_message_bytes:
+            return self._too_large(book, arrival, mail)
+        return self._apply(book, arrival, mail)
+
+    def _inbound(
+        self,
+        book: CaseBook,
+        arrival: Arrival,
+        outcome: str,
+        reason: str,
+        kind: str | None = None,
+        case: CaseRecord | None = None,
+    ) -> None:
+        """Store the inbound mail with its outcome (kind: escalation, agent_reply, vendor,
+        machine, bounce, quarantined), on its case when it has one."""
+        if kind is None:
+            kind = {"quarantined": "quarantined", "ignored": "machine"}.get(outcome, "escalation")
+        book.record_inbound(arrival, outcome, reason, kind, case.id if case is not None else None)
+
+    def quarantine(self, book: CaseBook, arrival: Arrival, reason: str) -> Result:
+        log.warning("quarantined: %s", reason)
+        self._inbound(book, arrival, "quarantined", reason)
+        return Result("quarantined", reason)
+
+    def _apply(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
+        """Which path a mail takes: a vendor's reply, machine mail, a stranger, an agent on a
+        case's thread, a duplicate or resend, or a new escalation."""
+        config, now = self.config, arrival.now
+        limits = config.settings.loop_protection
+        if limits.max_per_sender_per_hour and mail.from_address:
+            recent = book.mails_from(mail.from_address, now - timedelta(hours=1))
+            if recent >= limits.max_per_sender_per_hour:
+                reason = (
+                    f"rate limit: {recent} mails from {mail.from_address} in the last hour "
+                    f"(loop_protection.max_per_sender_per_hour)"
+                )
+                return self.quarantine(book, arrival, reason)
+        case = book.case_by_thread(
+            [i for i in [mail.in_reply_to, *mail.references] if i],
+            tagged_case_id(mail.subject, config.settings.case_tag_prefix),
+        )
+        vendors = vendors_of(mail.from_address, config)
+        if case is None and vendors:
+            case = self._case_by_ticket(book, mail, vendors)
+        if case is not None and self._from_vendor(mail, case):
+            return self._vendor_reply(book, arrival, mail, case)
+        if mail.machine_reason:
+            if is_bounce(mail):
+                return self._bounce(book, arrival, mail)
+            log.info(
+                "ignored %s from %s: %s", mail.message_id, mail.from_address, mail.machine_reason
+            )
+            reason = f"machine mail: {mail.machine_reason}"
+            self._inbound(book, arrival, "ignored", reason, "machine", case)
+            return Result("ignored", reason, case.id if case else None)
+        if not sender_allowed(mail.from_address, config.settings.allowed_senders):
+            if vendors:
+                return self.quarantine(book, arrival, "unmatched vendor reply")
+            return self.quarantine(book, arrival, decide(mail, config).reason)
+        if case is not None:
+            if case.status == "needs_info":
+                return self._complete(book, arrival, mail, case)
+            return self._agent_reply(book, arrival, mail, case)
+        decision = decide(mail, config)
+        client = normalize(mail.fields.get("cliente", ""))
+        candidates = (
+            book.cases_of_client(decision.provider.id, client)
+            if decision.provider is not None and client
+            else []
+        )
+        earlier = pick_earlier(candidates, mail, decision)
+        if earlier.duplicate is not None:
+            return self._duplicate(book, arrival, mail, decision, earlier.duplicate)
+        if earlier.resent is not None:
+            return self._complete(book, arrival, mail, earlier.resent)
+        case = CaseData(
+            created_at=now,
+            updated_at=now,
+            agent_address=mail.from_address[:320],
+            agent_name=mail.from_name[:320],
+            subject=mail.subject,
+        )
+        return self._open(book, arrival, mail, decision, case)
+
+    def _case_by_ticket(
+        self, book: CaseBook, mail: ParsedMail, vendors: list[Provider]
+    ) -> CaseRecord | None:
+        """The case of a vendor reply that only carries the vendor's own ticket number."""
+        for provider in vendors:
+            ticket = ticket_in(mail, provider)
+            found = book.case_by_ticket(provider.id, ticket) if ticket else None
+            if found is not None:
+                return found
+        return None
+
+    def _tag(self, case: CaseRecord) -> str:
+        return case_tag(self.config.settings.case_tag_prefix, case.id)
+
+    def _from_vendor(self, mail: ParsedMail, case: CaseRecord) -> bool:
+        provider = self.config.providers.get(case.provider)
+        return (
+            provider is not None
+            and mail.from_address != case.agent_address
+            and is_vendor(mail.from_address, provider)
+        )
+
+    # --- replies on a case's thread ------------------------------------------------------
+
+    def _vendor_reply(
+        self, book: CaseBook, arrival: Arrival, mail: ParsedMail, case: CaseRecord
+    ) -> Result:
+        """The vendor wrote on a case: record its ticket number the first time one shows
+        (even in an auto-reply, and then tell the agent once); relay a human reply."""
+        now, tag = arrival.now, self._tag(case)
+        provider = self.config.providers[case.provider]
+        ticket = ticket_in(mail, provider)
+        new_ticket = bool(ticket) and not case.vendor_ticket
+        if new_ticket:
+            case.vendor_ticket = ticket
+            book.event(case.id, now, "vendor_ticket", f"{provider.name} ticket #{ticket}")
+        case.updated_at = now
+        text = agent_part(mail.body, sign_offs=False) or mail.body.strip()
+        if mail.machine_reason:
+            reason = f"vendor auto-reply on {tag}: {mail.machine_reason}"
+            self._inbound(book, arrival, "threaded", reason, "vendor", case)
+            if new_ticket:
+                self._to_agent(
+                    book,
+                    case,
+                    provider,
+                    "vendor_ticket",
+                    "vendor_ticket.j2",
+                    now,
+                    text=text,
+                    original_subject=mail.subject,
+                )
+            return Result("threaded", reason, case.id)
+        reason = f"vendor reply on {tag}"
+        self._inbound(book, arrival, "threaded", reason, "vendor", case)
+        if case.status in OPEN_STATUSES:
+            case.status = "vendor_replied"
+            case.follow_up_due = self._due(now, case.priority)
+        book.event(case.id, now, "vendor_reply", mail.subject)
+        if self._relay_allowed(book, case, now):
+            self._to_agent(
+                book,
+                case,
+                provider,
+                "relay_to_agent",
+                "relay_to_agent.j2",
+                now,
+                text=text,
+                original_subject=mail.subject,
+                attachments=mail.attachments,
+            )
+        return Result("threaded", reason, case.id)
+
+    def _agent_reply(
+        self, book: CaseBook, arrival: Arrival, mail: ParsedMail, case: CaseRecord
+    ) -> Result:
+        """An agent wrote on a case's thread: apply its #commands, relay the rest to the
+        vendor in the vendor's thread."""
+        now, tag = arrival.now, self._tag(case)
+        commands = parse_commands(agent_part(mail.body, sign_offs=False))
+        self._inbound(book, arrival, "threaded", f"agent reply on {tag}", "agent_reply", case)
+        case.updated_at = now
+        for note in commands.notes:
+            book.event(case.id, now, "note", f"{mail.from_address}: {note}")
+        for followup in commands.followups:
+            book.event(case.id, now, "follow_up", f"{mail.from_address}: {followup}")
+        if commands.priority and commands.priority != case.priority:
+            book.event(case.id, now, "priority", f"{case.priority} -> {commands.priority}")
+            case.priority = commands.priority
+            if case.priority == "URGENTE":
+                self._alert_leads(book, case, self.config.providers[case.provider], now)
+        if case.status in OPEN_STATUSES:
+            # Any word from the agent on the thread is a follow-up: the clock starts again.
+            case.follow_up_due = self._due(now, case.priority)
+        relayable = commands.text and case.status not in ("closed", "undeliverable")
+        if relayable and self._relay_allowed(book, case, now):
+            self._to_vendor(
+                book,
+                case,
+                now,
+                commands.text,
+                mail.attachments,
+                mail.from_name,
+                mail.from_address,
+            )
+            case.status = "awaiting_vendor"
+        if commands.close:
+            case.status, case.follow_up_due = "closed", None
+            book.event(case.id, now, "closed", f"closed by {mail.from_address}")
+        log.info("%s: agent reply from %s (%s)", tag, mail.from_address, case.status)
+        return Result("threaded", f"agent reply on {tag}", case.id)
+
+    def _duplicate(
+        self,
+        book: CaseBook,
+        arrival: Arrival,
+        mail: ParsedMail,
+        decision: Decision,
+        case: CaseRecord,
+    ) -> Result:
+        """An escalation of a case that is already open: add it to that case, relay it to the
+        vendor in the case's thread, raise the priority if asked, tell the agent the case."""
+        now, tag = arrival.now, self._tag(case)
+        provider = self.config.providers[case.provider]
+        reason = f"duplicate of {tag}"
+        self._inbound(book, arrival, "threaded", reason, "escalation", case)
+        raised = None
+        if PRIORITY_RANK[decision.priority] > PRIORITY_RANK[case.priority]:
+            raised, case.priority = case.priority, decision.priority
+            sooner = self._due(now, case.priority)
+            case.follow_up_due = min(case.follow_up_due or sooner, sooner)
+            if case.priority == "URGENTE":
+                self._alert_leads(book, case, provider, now)
+        case.updated_at = now
+        book.event(
+            case.id,
+            now,
+            "duplicate",
+            f"{mail.from_address}: {mail.subject}"
+            + (f"; priority {raised} -> {case.priority}" if raised else ""),
+        )
+        self._to_vendor(
+            book, case, now, mail.agent_text, mail.attachments, mail.from_name, mail.from_address
+        )
+        agent = {"name": mail.from_name, "address": mail.from_address}
+        self._to_agent(
+            book,
+            case,
+            provider,
+            "duplicate",
+            "duplicate.j2",
+            now,
+            original_subject=mail.subject,
+            raised=raised or "",
+            agent=agent,
+            thread=ThreadHeaders(mail.message_id, mail.references),
+        )
+        log.info("%s: duplicate escalation from %s attached", tag, mail.from_address)
+        return Result("threaded", reason, case.id)
+
+    def _bounce(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
+        """A delivery failure report: when it returns one of our mails to a vendor, the case
+        is undeliverable and its agent is told; any other bounce is only recorded."""
+        details = bounce_details(email.message_from_bytes(arrival.raw))
+        case = book.case_of_bounced(details.original_ids)
+        if case is None:
+            reason = f"bounce not about a mail to a vendor: {details.reason}"
+            self._inbound(book, arrival, "ignored", reason, "bounce")
+            return Result("ignored", reason)
+        reason = f"bounce of {self._tag(case)}: {details.reason}"
+        self._inbound(book, arrival, "ignored", reason, "bounce", case)
+        self._undeliverable(book, case, arrival.now, details.reason)
+        return Result("ignored", reason, case.id)
+
+    def _open(
+        self,
+        book: CaseBook,
+        arrival: Arrival,
+        mail: ParsedMail,
+        decision: Decision,
+        case: CaseRecord,
+    ) -> Result:
+        """Give `case` the decision's destination, status and due time, and queue its mails:
+        the forward and acknowledgement, or the missing-fields reply."""
+        now = arrival.now
+        provider, route = decision.provider, decision.route
+        assert provider is not None and route is not None
+        needs_info = decision.outcome == "needs_info"
+        outcome = "needs_info" if needs_info else "routed"
+        case.updated_at = now
+        case.status = "needs_info" if needs_info else "open"
+        case.provider, case.route, case.priority = provider.id, route.name, decision.priority
+        case.client = mail.fields.get("cliente", "")[:320]
+        case.client_key = normalize(case.client)
+        case.fields = dict(mail.fields)
+        case.follow_up_due = None if needs_info else self._due(now, decision.priority)
+        if case.id == 0:
+            book.open_case(case)  # its id is the case tag, needed by the templates below
+        self._inbound(book, arrival, outcome, decision.reason, case=case)
+        for outgoing in self.renderer.decision_mails(
+            case_info(case, self.config), mail, decision, now
+        ):
+            book.queue(case.id, now, outgoing)
+        detail = f"{decision.reason}; forwarded to {provider.name} <{provider.address}>"
+        book.event(
+            case.id,
+            now,
+            "needs_info" if needs_info else "opened",
+            decision.reason if needs_info else detail,
+        )
+        if not needs_info and case.priority == "URGENTE":
+            self._alert_leads(book, case, provider, now)
+        log.info(
+            "%s %s: %s -> %s (%s)",
+            self._tag(case),
+            outcome,
+            mail.from_address,
+            provider.id,
+            decision.priority,
+        )
+        return Result(outcome, decision.reason, case.id)
+
+    def _complete(
+        self, book: CaseBook, arrival: Arrival, mail: ParsedMail, case: CaseRecord
+    ) -> Result:
+        """The agent's corrected resend of a `needs_info` case: merge what it adds (new values
+        win), keep the first mail's attachments, and decide again on the whole."""
+        fields = {**case.fields, **{k: v for k, v in mail.fields.items() if v.strip()}}
+        earlier = [
+            attachment
+            for raw in book.inbound_raws(case.id)
+            for attachment in self.parse(raw).attachments
+        ]
+        attachments = list(
+            {(a.filename, a.payload): a for a in [*earlier, *mail.attachments]}.values()
+        )
+        whole = replace(mail, fields=fields, attachments=attachments)
+        book.event(
+            case.id,
+            arrival.now,
+            "agent_update",
+            f"resent by {mail.from_address}: {', '.join(sorted(mail.fields)) or 'no fields'}",
+        )
+        return self._open(book, arrival, whole, decide(whole, self.config), case)
+
+    def _too_large(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
+        limit = self.config.settings.intake.max_message_bytes
+        reason = f"message of {arrival.size} bytes is over the {limit}-byte limit"
+        if arrival.size != len(arrival.raw):
+            reason += "; only its header is stored, the whole mail is in the IMAP quarantine folder"
+        result = self.quarantine(book, arrival, reason)
+        if decide(mail, self.config).outcome not in ("route", "needs_info"):
+            return result  # no answer to machines or strangers
+        settings = self.config.settings
+        context = {
+            "agent": {"name": mail.from_name, "address": mail.from_address},
+            "original_subject": mail.subject,
+            "size_mb": f"{arrival.size / 1_048_576:.1f}",
+            "limit_mb": f"{limit / 1_048_576:.1f}",
+            "intake_address": settings.intake.address,
+        }
+        reply = self.renderer.compose(
+            "too_large",
+            "too_large.j2",
+            context,
+            [mail.from_address],
+            now=arrival.now,
+            to_agent=True,
+            in_reply_to=mail.message_id,
+            references=mail.references,
+        )
+        book.queue(None, arrival.now, reply)
+        return result
+
+    def delivery_failed(self, book: CaseBook, failed: FailedMail, now: datetime) -> None:
+        """A mail of a case was refused for good (5xx or retries exhausted): record it, and
+        when it was the forward, mark the case undeliverable and tell the agent."""
+        if failed.case_id is None:
+            return
+        detail = f"{failed.kind} to {', '.join(failed.recipients)} failed: {failed.error}"
+        book.event(failed.case_id, now, "delivery_failed", detail)
+        case = book.case(failed.case_id)
+        if case is not None and failed.kind in ("forward", "relay_to_vendor"):
+            self._undeliverable(book, case, now, failed.error)
+
+    def _undeliverable(self, book: CaseBook, case: CaseRecord, now: datetime, error: str) -> None:
+        """The vendor cannot be reached: say so on the case and to the agent, instead of the
+        acknowledgement that would have said it was sent."""
+        if case.status == "undeliverable":
+            return
+        case.status, case.updated_at = "undeliverable", now
+        book.event(case.id, now, "undeliverable", error)
+        book.cancel_pending_acks(case.id, "the forward was refused")
+        provider = self.config.providers.get(case.provider)
+        if provider is not None:
+            self._to_agent(
+                book,
+                case,
+                provider,
+                "undeliverable",
+                "undeliverable.j2",
+                now,
+                error=error,
+                original_subject=case.subject,
+            )
+
+    def _to_agent(
+        self,
+        book: CaseBook,
+        case: CaseRecord,
+        provider: Provider,
+        kind: str,
+        template: str,
+        now: datetime,
+        *,
+        thread: ThreadHeaders | None = None,
+        agent: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        """Queue a mail about a case to its agent, in the conversation the agent started."""
+        context = self.renderer.case_context(
+            case_info(case, self.config),
+            provider,
+            case.fields,
+            case.agent_name,
+            case.agent_address,
+            case.subject,
+        )
+        context.update(extra)
+        if agent is not None:
+            context["agent"] = agent
+        thread = thread or thread_headers(
+            book.thread_ids(case.id, ours="acknowledgement", theirs="escalation")
+        )
+        to = agent["address"] if agent else case.agent_address
+        mail = self.renderer.compose(
+            kind,
+            template,
+            context,
+            [to],
+            now=now,
+            to_agent=True,
+            attachments=extra.get("attachments", ()),
+            in_reply_to=thread.in_reply_to,
+            references=thread.references,
+        )
+        book.queue(case.id, now, mail)
+
+    def _to_vendor(
+        self,
+        book: CaseBook,
+        case: CaseRecord,
+        now: datetime,
+        text: str,
+        attachments: Sequence[Attachment],
+        agent_name: str,
+        agent_address: str,
+    ) -> None:
+        """Relay an agent's words to the vendor, in the vendor's own thread for the case."""
+        provider = self.config.providers[case.provider]
+        # The vendor's thread: our forward, then every mail the vendor sent on the case.
+        thread = thread_headers(book.thread_ids(case.id, ours="forward", theirs="vendor"))
+        forward_subject = book.forward_subject(case.id) or case.subject
+        info = case_info(case, self.config)
+        if case.vendor_ticket and provider.ticket_subject:
+            bare = forward_subject.replace(f"[{info.tag}]", "").strip()
+            subject = provider.ticket_subject.format(
+                tag=info.tag, ticket=case.vendor_ticket, subject=bare
+            )
+        else:
+            subject = (
+                forward_subject
+                if forward_subject.lower().startswith("re:")
+                else (f"Re: {forward_subject}")
+            )
+        context = self.renderer.case_context(
+            info, provider, case.fields, agent_name, agent_address, case.subject
+        )
+        context.update(text=text, subject=subject, attachments=list(attachments))
+        mail = self.renderer.compose(
+            "relay_to_vendor",
+            "relay_to_vendor.j2",
+            context,
+            [provider.address],
+            now=now,
+            to_agent=False,
+            attachments=attachments,
+            in_reply_to=thread.in_reply_to,
+            references=thread.references,
+        )
+        book.queue(case.id, now, mail)
+        book.event(case.id, now, "relayed_to_vendor", subject)
+
+    def _due(self, start: datetime, priority: str) -> datetime:
+        return due_after(start, self.config.settings.sla_hours[priority], self.config.calendar())
+
+    def _alert_leads(
+        self, book: CaseBook, case: CaseRecord, provider: Provider, now: datetime
+    ) -> None:
+        """An URGENTE case: the team lead(s) hear of it at once."""
+        leads = self.config.settings.team.leads
+        if not leads:
+            log.warning(
+                "URGENTE case %s but no team.leads configured to alert",
+                self._tag(case),
+            )
+            return
+        context = self.renderer.case_context(
+            case_info(case, self.config),
+            provider,
+            case.fields,
+            case.agent_name,
+            case.agent_address,
+            case.subject,
+        )
+        alert = self.renderer.compose(
+            "urgent_alert", "urgent_alert.j2", context, list(leads), now=now, to_agent=True
+        )
+        book.queue(case.id, now, alert)
+        book.event(case.id, now, "lead_alerted", ", ".join(leads))
+
+    def _relay_allowed(self, book: CaseBook, case: CaseRecord, now: datetime) -> bool:
+        """The last brake on a loop no header revealed: a case relays at most N mails an hour."""
+        limit = self.config.settings.loop_protection.max_relays_per_case_per_hour
+        if not limit:
+            return True
+        relays = book.relays_of(case.id, now - timedelta(hours=1))
+        if relays < limit:
+            return True
+        log.warning(
+            "%s: %d relays in the last hour; not relaying more (possible mail loop)",
+            self._tag(case),
+            relays,
+        )
+        book.event(case.id, now, "rate_limited", f"{relays} relays in the last hour")
+        return False
+
+    # --- a case that fell overdue ----------------------------------------------------------
+
+    def remind(self, book: CaseBook, case: CaseRecord, now: datetime) -> int:
+        """The agent's reminder once per overdue period; the lead's after a second window.
+        Returns how many mails were queued."""
+        settings = self.config.settings
+        provider = self.config.providers.get(case.provider)
+        if provider is None or case.follow_up_due is None:
+            return 0
+        hours = settings.sla_hours[case.priority]
+        overdue = windows_overdue(case.follow_up_due, now, hours, self.config.calendar())
+        remind = overdue >= 1 and case.reminded_due != case.follow_up_due
+        escalate = overdue >= 2 and case.escalated_due != case.follow_up_due
+        if not remind and not escalate:
+            return 0
+        queued = 0
+        context = self._reminder_context(book, case, provider, now)
+        if remind:
+            self._remind(book, case, now, "reminder", context, [case.agent_address])
+            case.reminded_due = case.follow_up_due
+            queued += 1
+        if escalate:
+            if settings.team.leads:
+                self._remind(book, case, now, "reminder_lead", context, list(settings.team.leads))
+                queued += 1
+            case.escalated_due = case.follow_up_due
+        return queued
+
+    def _reminder_context(
+        self, book: CaseBook, case: CaseRecord, provider: Provider, now: datetime
+    ) -> dict[str, Any]:
+        context = self.renderer.case_context(
+            case_info(case, self.config),
+            provider,
+            case.fields,
+            self.config.agent_name(case.agent_address, case.agent_name),
+            case.agent_address,
+            case.subject,
+        )
+        last = book.last_vendor_mail(case.id)
+        excerpt = ""
+        if last is not None:
+            parsed = parse_message(last[1], {}, self.config.settings.intake.address)
+            excerpt = agent_part(parsed.body, sign_offs=False)[:600]
+        zone = self.config.calendar().zone
+        context.update(
+            age=age_text(case.created_at, now),
+            last_vendor_date=last[0].astimezone(zone).strftime("%Y-%m-%d %H:%M") if last else "",
+            last_vendor_text=excerpt,
+        )
+        return context
+
+    def _remind(
+        self,
+        book: CaseBook,
+        case: CaseRecord,
+        now: datetime,
+        kind: str,
+        context: dict[str, Any],
+        to: list[str],
+    ) -> None:
+        mail = self.renderer.compose(kind, f"{kind}.j2", context, to, now=now, to_agent=True)
+        book.queue(case.id, now, mail)
+        book.event(case.id, now, kind, ", ".join(to))

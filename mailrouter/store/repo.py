@@ -1,0 +1,422 @@
+"""Repo: every statement of the mail path, behind `SqlCaseBook`, and the reads reports use.
+
+`SqlCaseBook(session)` is the core's `CaseBook` over one transaction: each method is one
+question or one write the decision paths need. Cases it hands out are ORM objects, live
+until the transaction commits (what a handler sets on them is saved then). The hot
+statements are built once, at import: composing one from ORM attributes costs more than
+SQLite takes to run it, and the ORM's unit of work more again for rows that are written
+and never changed in the session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import case as sql_case
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, selectinload
+
+from mailrouter.model import (
+    LISTED_STATUSES,
+    OPEN_STATUSES,
+    Arrival,
+    CaseRecord,
+    DigestCase,
+    ImapSource,
+    OutgoingMail,
+    Result,
+)
+from mailrouter.store.db import add_message
+from mailrouter.store.outbox import queue_mail
+from mailrouter.store.tables import (
+    CASES,
+    EVENTS,
+    IMAP_STATE,
+    Case,
+    DigestRecord,
+    Event,
+    Message,
+    MessageBody,
+)
+
+# Longer than a worker takes from committing a fetch batch's first mail to moving the batch.
+MOVE_GRACE_SECONDS = 5.0
+
+# What a committed inbound message tells about itself.
+_OUTCOME = (Message.outcome, Message.reason, Message.case_id)
+
+_EARLIER_BY_KEY = select(*_OUTCOME).where(Message.dedupe_key == bindparam("key")).limit(1)
+_EARLIER_BY_KEY_OR_UID = (
+    select(*_OUTCOME, Message.imap_mailbox, Message.imap_uidvalidity, Message.imap_uid)
+    .where(
+        or_(
+            Message.dedupe_key == bindparam("key"),
+            (Message.imap_mailbox == bindparam("box"))
+            & (Message.imap_uidvalidity == bindparam("validity"))
+            & (Message.imap_uid == bindparam("uid")),
+        )
+    )
+    .limit(1)
+)
+# Run as Core: the ORM's bulk-update path cost more than the write itself.
+_ADVANCE_LAST_UID = (
+    update(IMAP_STATE)
+    .where(IMAP_STATE.c.mailbox == bindparam("box"))
+    .values(
+        uidvalidity=bindparam("validity"),
+        last_uid=sql_case(
+            (
+                (IMAP_STATE.c.uidvalidity == bindparam("validity"))
+                & (IMAP_STATE.c.last_uid > bindparam("uid")),
+                IMAP_STATE.c.last_uid,
+            ),
+            else_=bindparam("uid"),
+        ),
+    )
+)
+_CASE_OF_MESSAGE_IDS = (
+    select(Message.case_id)
+    .where(Message.message_id.in_(bindparam("ids", expanding=True)), Message.case_id.is_not(None))
+    .order_by(Message.id.desc())
+    .limit(1)
+)
+_OF_CLIENT = (
+    Case.provider == bindparam("provider"),
+    Case.client_key == bindparam("client"),
+    Case.status.in_((*OPEN_STATUSES, "needs_info")),
+)
+_CASES_OF_CLIENT = select(Case).where(*_OF_CLIENT).order_by(Case.id)
+# Most escalations are of a client with no case in progress: a plain lookup says so in
+# about half the time loading case objects takes (the ORM around the same query).
+_ANY_CASE_OF_CLIENT = select(Case.id).where(*_OF_CLIENT).limit(1)
+_INSERT_CASE = insert(CASES).returning(CASES.c.id)
+_INSERT_EVENT = insert(EVENTS)
+
+
+def result_of(
+    outcome: str | None, reason: str | None, case_id: int | None, duplicate: bool = False
+) -> Result:
+    return Result(outcome or "quarantined", reason or "", case_id, duplicate)
+
+
+class SqlCaseBook:
+    """The `CaseBook` of one transaction: what the decision paths ask and write."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def _connection(self) -> Connection:
+        return self.session.connection()
+
+    # --- this mail, seen before? ---------------------------------------------------------
+
+    def earlier_outcome(self, key: str, source: ImapSource | None) -> Result | None:
+        """The outcome committed for this mail before (same Message-ID or content, or the
+        same IMAP UID), as a duplicate. This very IMAP message, committed since the intake
+        looked it up, was committed by another worker: in its hands."""
+        if source is None:
+            by_key = self._connection().execute(_EARLIER_BY_KEY, {"key": key}).first()
+            return result_of(*by_key, duplicate=True) if by_key is not None else None
+        found = (
+            self._connection()
+            .execute(
+                _EARLIER_BY_KEY_OR_UID,
+                {
+                    "key": key,
+                    "box": source.mailbox,
+                    "validity": source.uidvalidity,
+                    "uid": source.uid,
+                },
+            )
+            .first()
+        )
+        if found is None:
+            return None
+        outcome, reason, case_id, *where = found
+        this_message = where == [source.mailbox, source.uidvalidity, source.uid]
+        return replace(
+            result_of(outcome, reason, case_id, duplicate=True), in_other_hands=this_message
+        )
+
+    def mails_from(self, address: str, since: datetime) -> int:
+        """How many mails `address` sent us since `since`."""
+        count = self.session.scalar(
+            select(func.count(Message.id)).where(
+                Message.direction == "in",
+                Message.sender == address[:320],
+                Message.created_at >= since,
+            )
+        )
+        return int(count or 0)
+
+    # --- which case -----------------------------------------------------------------------
+
+    def case(self, case_id: int) -> Case | None:
+        return self.session.get(Case, case_id)
+
+    def case_by_thread(self, message_ids: list[str], tagged: int | None) -> Case | None:
+        """The case of the newest of our stored mails among `message_ids`, else case `tagged`."""
+        if message_ids:
+            case_id = self.session.scalar(_CASE_OF_MESSAGE_IDS, {"ids": message_ids})
+            if case_id is not None:
+                return self.session.get(Case, case_id)
+        return self.session.get(Case, tagged) if tagged is not None else None
+
+    def case_by_ticket(self, provider: str, ticket: str) -> Case | None:
+        """The newest case of `provider` that carries the vendor's ticket number `ticket`."""
+        return self.session.scalars(
+            select(Case)
+            .where(Case.provider == provider, Case.vendor_ticket == ticket)
+            .order_by(Case.id.desc())
+            .limit(1)
+        ).first()
+
+    def cases_of_client(self, provider: str, client_key: str) -> list[Case]:
+        """The cases in progress (open or waiting for fields) of one client at one
+        destination, oldest first."""
+        keys = {"provider": provider, "client": client_key}
+        if self._connection().execute(_ANY_CASE_OF_CLIENT, keys).first() is None:
+            return []
+        return list(self.session.scalars(_CASES_OF_CLIENT, keys).all())
+
+    def case_of_bounced(self, message_ids: list[str]) -> Case | None:
+        """The case of the first of our mails to a vendor among `message_ids`."""
+        bounced = self.session.scalars(
+            select(Message).where(
+                Message.direction == "out",
+                Message.message_id.in_(message_ids or [""]),
+                Message.kind.in_(("forward", "relay_to_vendor")),
+            )
+        ).first()
+        if bounced is None or bounced.case_id is None:
+            return None
+        return self.session.get(Case, bounced.case_id)
+
+    # --- what a case holds ----------------------------------------------------------------
+
+    def inbound_raws(self, case_id: int) -> list[bytes]:
+        """The bytes of every mail the case received."""
+        return list(
+            self.session.scalars(
+                select(MessageBody.raw)
+                .join(Message, Message.id == MessageBody.id)
+                .where(Message.case_id == case_id, Message.direction == "in")
+            )
+        )
+
+    def thread_ids(self, case_id: int, ours: str, theirs: str) -> list[str]:
+        """Message-IDs, oldest first, of our `ours` mails and their `theirs` mails on a case."""
+        ids = self.session.scalars(
+            select(Message.message_id)
+            .where(
+                Message.case_id == case_id,
+                Message.message_id.is_not(None),
+                ((Message.direction == "out") & (Message.kind == ours))
+                | ((Message.direction == "in") & (Message.kind == theirs)),
+            )
+            .order_by(Message.id)
+        )
+        return [i for i in ids if i]
+
+    def forward_subject(self, case_id: int) -> str | None:
+        """The subject of the case's first forward to the vendor."""
+        return self.session.scalar(
+            select(Message.subject)
+            .where(Message.case_id == case_id, Message.kind == "forward")
+            .order_by(Message.id)
+            .limit(1)
+        )
+
+    def relays_of(self, case_id: int, since: datetime) -> int:
+        """How many relays (either way) the case sent since `since`."""
+        count = self.session.scalar(
+            select(func.count(Message.id)).where(
+                Message.case_id == case_id,
+                Message.kind.in_(("relay_to_agent", "relay_to_vendor")),
+                Message.created_at >= since,
+            )
+        )
+        return int(count or 0)
+
+    def last_vendor_mail(self, case_id: int) -> tuple[datetime, bytes] | None:
+        """When the vendor last wrote on the case, and that mail's bytes."""
+        last = self.session.scalars(
+            select(Message)
+            .where(Message.case_id == case_id, Message.direction == "in", Message.kind == "vendor")
+            .order_by(Message.id.desc())
+            .limit(1)
+        ).first()
+        return (last.created_at, last.raw) if last is not None else None
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def open_case(self, case: CaseRecord) -> int:
+        """Store a new case as it is now and give it its id. The record does not become
+        live: set everything before (the in-memory book behaves the same way)."""
+        values = {
+            column.key: getattr(case, column.key)
+            for column in CASES.columns
+            if column.key != "id" and getattr(case, column.key) is not None
+        }
+        case.id = int(self._connection().execute(_INSERT_CASE, values).scalar_one())
+        return case.id
+
+    def record_inbound(
+        self, arrival: Arrival, outcome: str, reason: str, kind: str, case_id: int | None
+    ) -> None:
+        """Store the inbound mail with its outcome (kind: escalation, agent_reply, vendor,
+        machine, bounce, quarantined), on its case when it has one."""
+        mail, source = arrival.mail, arrival.source
+        add_message(
+            self.session,
+            arrival.raw,
+            case_id=case_id,
+            created_at=arrival.now,
+            direction="in",
+            kind=kind,
+            message_id=mail.message_id[:998] if mail and mail.message_id else None,
+            dedupe_key=arrival.key[:1024],
+            source="imap" if source else "smtp",
+            imap_mailbox=source.mailbox if source else None,
+            imap_uidvalidity=source.uidvalidity if source else None,
+            imap_uid=source.uid if source else None,
+            sender=mail.from_address[:320] if mail else "",
+            recipients=mail.to if mail else [],
+            subject=mail.subject if mail else "",
+            outcome=outcome,
+            reason=reason,
+            attempts=0,
+        )
+        self.remember_uid(source)
+
+    def remember_uid(self, source: ImapSource | None) -> None:
+        """Record the highest UID of the mailbox whose outcome is committed (one statement)."""
+        if source is None:
+            return
+        connection = self._connection()
+        params = {"box": source.mailbox, "validity": source.uidvalidity, "uid": source.uid}
+        if connection.execute(_ADVANCE_LAST_UID, params).rowcount == 0:
+            connection.execute(
+                insert(IMAP_STATE),
+                {
+                    "mailbox": source.mailbox,
+                    "uidvalidity": source.uidvalidity,
+                    "last_uid": source.uid,
+                },
+            )
+
+    def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None:
+        """One line of a case's history."""
+        self._connection().execute(
+            _INSERT_EVENT, {"case_id": case_id, "at": at, "kind": kind, "detail": detail}
+        )
+
+    def queue(self, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
+        """Put one mail in the outbox: it leaves only if this transaction commits."""
+        queue_mail(self.session, case_id, now, mail)
+
+    def cancel_pending_acks(self, case_id: int, reason: str) -> None:
+        """Acknowledgements of the case not sent yet are not sent at all."""
+        pending = self.session.scalars(
+            select(Message).where(
+                Message.case_id == case_id,
+                Message.kind == "acknowledgement",
+                Message.delivery.in_(("pending", "sending")),
+            )
+        )
+        for ack in pending:
+            ack.delivery, ack.last_error = "cancelled", reason
+            ack.claimed_by = ack.claimed_until = None
+
+    def record_digest(self, recipient: str, period: str, now: datetime, message_id: str) -> None:
+        """Note a digest as sent to `recipient` for `period`; raises (`Conflict`, at commit
+        or here) when one was already."""
+        self.session.add(
+            DigestRecord(recipient=recipient, period=period, created_at=now, message_id=message_id)
+        )
+        self.session.flush()  # the unique (recipient, period) says if it was sent
+
+
+# --- reads outside the mail path: the IMAP intake's check, the scheduler, reports ----------
+
+
+def known_outcomes(
+    session: Session, mailbox: str, uidvalidity: int, uids: list[int], now: datetime
+) -> dict[int, Result]:
+    """The committed outcomes of a batch of IMAP messages, looked up by their UIDs alone.
+    One committed under `MOVE_GRACE_SECONDS` ago is in the hands of whoever committed it
+    (that worker moves it at the end of its batch); an older one was left by a worker
+    that stopped before moving it (a crash, a lost connection): ours to move."""
+    if not uids:
+        return {}
+    rows = session.execute(
+        select(Message.imap_uid, Message.created_at, *_OUTCOME).where(
+            Message.imap_mailbox == mailbox,
+            Message.imap_uidvalidity == uidvalidity,
+            Message.imap_uid.in_(uids),
+        )
+    ).all()
+    recent = now - timedelta(seconds=MOVE_GRACE_SECONDS)
+    return {
+        uid: replace(result_of(outcome, reason, case_id), in_other_hands=created > recent)
+        for uid, created, outcome, reason, case_id in rows
+        if uid is not None
+    }
+
+
+def overdue_case_ids(session: Session, statuses: tuple[str, ...], now: datetime) -> list[int]:
+    """Ids of the cases in `statuses` whose follow-up was due before `now`, in order."""
+    # Sorted here: "ORDER BY id" makes SQLite walk every case in id order rather than
+    # search the due-time index for the few overdue ones.
+    return sorted(
+        session.scalars(select(Case.id).where(Case.status.in_(statuses), Case.follow_up_due < now))
+    )
+
+
+def cases_by_id(session: Session, ids: list[int]) -> list[Case]:
+    return list(session.scalars(select(Case).where(Case.id.in_(ids))))
+
+
+DIGEST_COLUMNS = [CASES.c[name] for name in DigestCase.__annotations__]
+
+
+def digest_rows(connection: Connection) -> list[DigestCase]:
+    """Every case a digest lists, as plain rows (a team's whole backlog is read for the
+    counts: ORM objects would cost several times more)."""
+    rows = connection.execute(
+        select(*DIGEST_COLUMNS).where(CASES.c.status.in_(LISTED_STATUSES)).order_by(CASES.c.id)
+    ).all()
+    return list(rows)  # type: ignore[arg-type]
+
+
+def cases(session: Session, limit: int) -> list[Case]:
+    return list(session.scalars(select(Case).order_by(Case.id.desc()).limit(limit)))
+
+
+def events(session: Session, case_id: int) -> list[Event]:
+    return list(session.scalars(select(Event).where(Event.case_id == case_id).order_by(Event.id)))
+
+
+def messages(session: Session, direction: str, case_id: int | None = None) -> list[Message]:
+    """Every message of one direction (with its bytes), oldest first."""
+    query = (
+        select(Message)
+        .options(selectinload(Message.body))
+        .where(Message.direction == direction)
+        .order_by(Message.id)
+    )
+    if case_id is not None:
+        query = query.where(Message.case_id == case_id)
+    return list(session.scalars(query))
+
+
+def quarantined(session: Session, limit: int, message_id: int | None = None) -> list[Message]:
+    """The newest `limit` quarantined mails, oldest first, without their bytes (or the one
+    numbered `message_id`, if it is quarantined)."""
+    query = select(Message).where(Message.outcome == "quarantined")
+    if message_id is not None:
+        query = query.where(Message.id == message_id)
+    rows = session.scalars(query.order_by(Message.id.desc()).limit(limit))
+    return list(reversed(list(rows)))
