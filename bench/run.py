@@ -38,20 +38,18 @@ from typing import Any
 import yaml
 from imapclient import IMAPClient
 
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
-
-from tests.conftest import (  # noqa: E402
+from mailrouter.testing.factory import AGENTS, VENDORS, escalations
+from mailrouter.testing.servers import (
     Dovecot,
-    _dovecot_binary,
-    _start_dovecot,
     children_of,
+    dovecot_binary,
     free_port,
     smtp_listening,
+    start_dovecot,
     stop_dovecot,
 )
-from tests.factory import AGENTS, VENDORS, escalations  # noqa: E402
 
+PROJECT = Path(__file__).resolve().parents[1]
 OUT = PROJECT / "var" / "bench"
 VENDOR_ADDRESSES = set(VENDORS.values())
 AGENT_ADDRESSES = {address for _, address in AGENTS}
@@ -701,12 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     n, runs = (50, 1) if quick else (args.n, args.runs)
-    if _dovecot_binary() is None:
+    if dovecot_binary() is None:
         print("Dovecot is missing: apt-get install dovecot-imapd", file=sys.stderr)
         return 1
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
-    dovecot, started = _start_dovecot(_dovecot_binary() or "dovecot")
+    dovecot, started = start_dovecot(dovecot_binary() or "dovecot")
     assert started.returncode == 0
     relay = Relay(work)
     results: dict[str, Any] = {

@@ -2,8 +2,8 @@
 
 `run` starts the daemon; `check-config` validates the configuration;
 `route FILE.eml` explains what would happen to a mail without sending or
-writing anything; `cases` lists the cases; `quarantine` lists the mail that
-was kept aside, with the reason.
+writing anything (with `--db`, given the cases already in the database); `cases`
+lists the cases; `quarantine` lists the mail that was kept aside, with the reason.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailrouter.config import Config, ConfigError, load_config
-from mailrouter.model import CaseInfo
-from mailrouter.parse import field_aliases, parse_message
-from mailrouter.render import Renderer
-from mailrouter.route import decide
+from mailrouter.core.parse import field_aliases, parse_message
+from mailrouter.core.render import Renderer
+from mailrouter.core.route import decide
+from mailrouter.model import CaseInfo, OutgoingMail, case_tag
 from mailrouter.store.db import Store
 
 
@@ -98,16 +98,75 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"Rule:        {decision.route.name}")
         print(f"Destination: {decision.provider.name} <{decision.provider.address}>")
         print(f"Priority:    {decision.priority}")
-    if decision.outcome in ("route", "needs_info"):
+    if args.db:
+        mails = _explain_with_database(config, raw)
+        if mails is None:
+            return 1
+    elif decision.outcome in ("route", "needs_info"):
         now = datetime.now(UTC)
         tag = f"{config.settings.case_tag_prefix}-??????"
         case = CaseInfo(tag, decision.priority, "new", "(según la prioridad)")
-        for outgoing in Renderer(config).decision_mails(case, mail, decision, now):
-            title = f"{outgoing.kind} to {', '.join(outgoing.recipients)}"
-            print(f"\n----- {title} (case number assigned on arrival) -----")
-            print(_text_of(outgoing.data))
+        mails = Renderer(config).decision_mails(case, mail, decision, now)
+    else:
+        mails = []
+    for outgoing in mails:
+        title = f"{outgoing.kind} to {', '.join(outgoing.recipients)}"
+        note = "" if args.db else " (case number assigned on arrival)"
+        print(f"\n----- {title}{note} -----")
+        print(_text_of(outgoing.data))
     print("\nDry run: nothing was sent or written.")
     return 0
+
+
+def _explain_with_database(config: Config, raw: bytes) -> list[OutgoingMail] | None:
+    """Print what the mail would do given the cases in the configured database (read only);
+    return the mails it would send, or None when there is no usable database."""
+    from mailrouter.service import explain
+    from mailrouter.store.db import Store, schema_is_current, sqlite_path
+
+    database = config.database_url
+    # The decision paths log what they do as if it were done: in a dry run, it is not.
+    logging.getLogger("mailrouter.core").setLevel(logging.WARNING)
+    file = sqlite_path(database)
+    if file is not None and not file.exists():
+        print(f"no database at {file}: nothing has been processed there yet", file=sys.stderr)
+        return None
+    store = Store(database, run_migrations=False)
+    try:
+        if not schema_is_current(store.engine):
+            print(
+                f"the database {database} is not at this version's schema: "
+                "start the daemon once (it migrates), then try again",
+                file=sys.stderr,
+            )
+            return None
+        found = explain(config, store, raw, datetime.now(UTC))
+    finally:
+        store.close()
+    prefix = config.settings.case_tag_prefix
+    result = found.result
+    tag = case_tag(prefix, result.case_id) if result.case_id else ""
+    print(f"\nWith the cases in {database} (read only):")
+    if found.seen_before:
+        on_case = f", case {tag}" if tag else ""
+        print(f"  Already processed: {result.outcome} ({result.reason}){on_case}")
+        print("  Arriving again, it would change nothing and send nothing.")
+        return []
+    if found.opened:
+        verdict = f"open a new case, {tag} (if nothing arrives before it)"
+    elif result.reason.startswith("duplicate of"):
+        verdict = f"be added to {tag} as a duplicate escalation"
+    elif result.case_id:
+        verdict = f"thread into {tag}"
+    else:
+        verdict = "belong to no case"
+    print(f"  It would:    {verdict}")
+    print(f"  Outcome:     {result.outcome} ({result.reason})")
+    for case_id, kind, detail in found.events:
+        print(f"  History:     {case_tag(prefix, case_id)} {kind}: {detail}")
+    if not found.mails:
+        print("  Mails:       none")
+    return found.mails
 
 
 def cmd_cases(args: argparse.Namespace) -> int:
@@ -222,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(func=cmd_check_config)
     route = commands.add_parser("route", help="dry run: explain what would happen to a mail")
     route.add_argument("file", help="an .eml file")
+    route.add_argument(
+        "--db",
+        action="store_true",
+        help="also look up the cases in the configured database, read only: would the mail "
+        "thread into a case, be a duplicate, or open a new one?",
+    )
     route.set_defaults(func=cmd_route)
     cases = commands.add_parser("cases", help="list cases")
     cases.add_argument("--limit", type=int, default=200)

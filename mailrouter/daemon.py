@@ -27,13 +27,15 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from aiosmtpd.smtp import SMTP
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from mailrouter.config import Config, ConfigError, load_config
-from mailrouter.deliver import FileTransport, Sender, SmtpTransport, Transport
-from mailrouter.intake import ImapIntake, SmtpIntake
+from mailrouter.deliver.sender import Sender
+from mailrouter.deliver.transports import make_transport, outbound_lanes
+from mailrouter.intake.imap import ImapIntake
+from mailrouter.intake.smtp import start_smtp_server
+from mailrouter.model import IntakeHooks
 from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 
@@ -46,19 +48,6 @@ SENDER_PROCESS_MAX_RESTART_SECONDS = 60.0
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def make_transport(config: Config) -> Transport:
-    outbound = config.settings.outbound
-    if outbound.transport == "smtp":
-        return SmtpTransport(outbound.smtp)
-    return FileTransport(config.outbox_dir)
-
-
-def outbound_lanes(config: Config) -> int:
-    """Mails in flight at once: one per relay connection; a folder is written one at a time."""
-    outbound = config.settings.outbound
-    return outbound.smtp.connections if outbound.transport == "smtp" else 1
 
 
 class Daemon:
@@ -90,8 +79,17 @@ class Daemon:
     def stop(self) -> None:
         self.stopping.set()
 
-    def current_pipeline(self) -> Pipeline:
-        return self.pipeline
+    def intake_hooks(self) -> IntakeHooks:
+        """What the intakes are handed: each call reaches the pipeline of the moment (a
+        reload replaces it, so each mail sees one configuration)."""
+        return IntakeHooks(
+            ingest=lambda raw, source, size: self.pipeline.process(raw, source, size),
+            known=lambda mailbox, validity, uids: self.pipeline.known_outcomes(
+                mailbox, validity, uids
+            ),
+            max_bytes=self.config.settings.intake.max_message_bytes,
+            large_mail=self.store.large_mail,
+        )
 
     def reload(self) -> bool:
         """Re-read the configuration; a broken one is refused and the running one kept.
@@ -202,18 +200,7 @@ class Daemon:
 
     async def _serve_smtp(self, wake_sender: Callable[[], None]) -> None:
         intake = self.config.settings.intake
-        handler = SmtpIntake(self.current_pipeline, intake.address, wake_sender)
-        server = await asyncio.get_running_loop().create_server(
-            lambda: SMTP(
-                handler,
-                hostname=intake.domain,
-                # Larger mail is still taken and quarantined with a reason, not bounced blind.
-                data_size_limit=intake.max_message_bytes * 2,
-                enable_SMTPUTF8=True,
-            ),
-            intake.listen.host,
-            intake.listen.port,
-        )
+        server = await start_smtp_server(intake, self.intake_hooks(), wake_sender)
         log.info(
             "mailrouter listening on %s:%s for <%s>; outbound: %s",
             intake.listen.host,
@@ -231,7 +218,7 @@ class Daemon:
     async def _serve_imap(self, wake_sender: Callable[[], None]) -> None:
         settings = self.config.settings.intake.imap
         stop_thread = threading.Event()
-        poller = ImapIntake(settings, self.current_pipeline, wake_sender, stop_thread)
+        poller = ImapIntake(settings, self.intake_hooks(), wake_sender, stop_thread)
         log.info(
             "mailrouter polling %s; outbound: %s", poller.mailbox, self._outbound_description()
         )

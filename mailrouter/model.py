@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -118,6 +119,21 @@ class Result:
     # moves it: moving it here too could run beside that MOVE, and a mail moved by two
     # sessions at once can land in the folder twice. Left for a later pass.
     in_other_hands: bool = False
+
+
+@dataclass(frozen=True)
+class IntakeHooks:
+    """What an intake is handed by whoever composes the router: never the orchestrator."""
+
+    # Commit one mail's outcome: (bytes, where it came from, whole size when only its header
+    # is in hand). Raises only when the database cannot be used: try the mail again later.
+    ingest: Callable[[bytes, ImapSource | None, int | None], Result]
+    # The committed outcomes of IMAP messages, by UID: (mailbox, UIDVALIDITY, UIDs).
+    known: Callable[[str, int, list[int]], dict[int, Result]]
+    # A mail over this size is quarantined from its header alone.
+    max_bytes: int
+    # Held around a mail of the given size: the process's one turn for large mails.
+    large_mail: Callable[[int], AbstractContextManager[None]]
 
 
 # --- what to do with it ------------------------------------------------------------------

@@ -23,14 +23,15 @@ from typing import Any
 from apscheduler.triggers.cron import CronTrigger
 
 from mailrouter.config import Config
+from mailrouter.core.digests import Digest, build_digests, render_digest
 from mailrouter.core.handle import Handler
-from mailrouter.digest import Digest, build_digests, render_digest
 from mailrouter.model import (
     REMINDED_STATUSES,
     Arrival,
     Clock,
     FailedMail,
     ImapSource,
+    IntakeHooks,
     OutgoingMail,
     ParsedMail,
     Result,
@@ -38,7 +39,7 @@ from mailrouter.model import (
 )
 from mailrouter.store import repo
 from mailrouter.store.db import Conflict, Store, Unavailable
-from mailrouter.store.repo import SqlCaseBook
+from mailrouter.store.repo import RecordingBook, SqlCaseBook
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ class Pipeline:
 
     def parse(self, raw: bytes) -> ParsedMail:
         return self.handler.parse(raw)
+
+    def intake_hooks(self) -> IntakeHooks:
+        """What an intake is handed to feed this pipeline."""
+        return IntakeHooks(
+            ingest=self.process,
+            known=self.known_outcomes,
+            max_bytes=self.config.settings.intake.max_message_bytes,
+            large_mail=self.store.large_mail,
+        )
 
     def known_outcomes(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, Result]:
         """The committed outcomes of a batch of IMAP messages, by UID (see `repo`)."""
@@ -107,6 +117,34 @@ class Pipeline:
         """The sender's report of a mail refused for good, inside the transaction that marks
         it failed (`store.outbox.OnFailed`)."""
         self.handler.delivery_failed(SqlCaseBook(session), failed, self.clock())
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What one mail would do against the database as it is now (`mailrouter route --db`)."""
+
+    result: Result
+    seen_before: bool  # this very mail was processed already: `result` is what it got
+    opened: bool  # it would open a new case (`result.case_id` is the number it would get)
+    events: list[tuple[int, str, str]]  # (case id, kind, detail) it would add to history
+    mails: list[OutgoingMail]  # what it would queue
+
+
+def explain(config: Config, store: Store, raw: bytes, now: datetime) -> Explanation:
+    """Run the decision paths on `raw` over a read-only snapshot of the database, writing
+    nothing: whether it would thread into a case, be a duplicate, or open a new case."""
+    handler = Handler(config)
+    mail = handler.parse(raw)
+    arrival = Arrival(raw, mail.dedupe_key, None, now, mail, len(raw))
+    with store.dry_run() as session:
+        book = RecordingBook(session)
+        earlier = book.earlier_outcome(arrival.key, None)
+        if earlier is not None:
+            return Explanation(earlier, True, False, [], [])
+        result = handler.handle(book, arrival, mail)
+        return Explanation(
+            result, False, bool(book.opened), book.events, [m for _, m in book.queued]
+        )
 
 
 def _summary(exc: BaseException) -> str:

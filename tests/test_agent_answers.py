@@ -16,8 +16,7 @@ from mailrouter.config import load_config
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
-
-from .conftest import escalation
+from tests.conftest import escalation
 
 NOW = datetime(2026, 11, 16, 19, 5, tzinfo=UTC)
 

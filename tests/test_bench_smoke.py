@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PROJECT, Dovecot
+from mailrouter.testing.servers import Dovecot
+from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from imapclient import IMAPClient
 
-from .conftest import Dovecot, RecordingRelay, headers_of, wait_until
-from .factory import VENDORS, escalations
+from mailrouter.testing.factory import VENDORS, escalations
+from mailrouter.testing.servers import Dovecot, RecordingRelay, wait_until
+from tests.conftest import headers_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -372,8 +373,7 @@ def test_login_refused_keeps_outbox_flowing(dovecot: Dovecot, rig_for: Callable[
     from mailrouter.daemon import utc_now
     from mailrouter.service import Pipeline
     from mailrouter.store.db import Store
-
-    from .conftest import escalation
+    from tests.conftest import escalation
 
     rig = rig_for(dovecot, password="wrong")
     # Mail already decided (e.g. before a password rotation) waits in the outbox.

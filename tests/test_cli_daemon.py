@@ -17,17 +17,14 @@ from pathlib import Path
 import pytest
 
 from mailrouter.store.db import _sqlite_pragmas
-
-from .conftest import (
-    PROJECT,
+from mailrouter.testing.servers import (
     RecordingRelay,
     children_of,
-    crlf,
-    escalation,
     free_port,
     smtp_listening,
     wait_until,
 )
+from tests.conftest import PROJECT, crlf, escalation
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,7 @@ import pytest
 
 from mailrouter.cli import main
 from mailrouter.config import ConfigError, load_config
-
-from .conftest import PROJECT
+from tests.conftest import PROJECT
 
 
 def problems_of(path: Path) -> list[str]:

@@ -11,8 +11,7 @@ import pytest
 from mailrouter.config import load_config
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
-
-from .conftest import CORPUS
+from tests.conftest import CORPUS
 
 FILES = sorted(CORPUS.glob("*.eml"))
 
@@ -23,7 +22,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     tmp = tmp_path_factory.mktemp("corpus")
     import yaml
 
-    from .conftest import PROJECT
+    from tests.conftest import PROJECT
 
     data = yaml.safe_load((PROJECT / "config.yaml").read_text())
     data.update(

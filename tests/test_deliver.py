@@ -16,15 +16,17 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from mailrouter import deliver, model
+from mailrouter import model
 from mailrouter.config import Config, RetrySettings, SmtpSettings, load_config
-from mailrouter.deliver import FileTransport, Sender, SmtpTransport
+from mailrouter.deliver import transports as deliver
+from mailrouter.deliver.sender import Sender
+from mailrouter.deliver.transports import FileTransport, SmtpTransport
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.outbox import backoff_delay
-
-from .conftest import RecordingRelay, escalation, headers_of
-from .factory import escalations
+from mailrouter.testing.factory import escalations
+from mailrouter.testing.servers import RecordingRelay
+from tests.conftest import escalation, headers_of
 
 
 class Clock:
@@ -323,8 +325,9 @@ def test_a_large_mail_reaches_the_relay_as_sendmail_would_deliver_it(
 _SEND_AND_DIE_BEFORE_RECORDING = """
 import asyncio, os, signal, sys
 from mailrouter.config import load_config
-from mailrouter.daemon import make_transport, utc_now
-from mailrouter.deliver import Sender
+from mailrouter.daemon import utc_now
+from mailrouter.deliver.sender import Sender
+from mailrouter.deliver.transports import make_transport
 from mailrouter.store.db import Store
 config = load_config(sys.argv[1])
 store = Store(config.database_url)
@@ -348,7 +351,8 @@ asyncio.run(sender.deliver_due())
 def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_sent_again(
     write_config: Callable[..., Path], relay: RecordingRelay
 ) -> None:
-    from mailrouter.daemon import make_transport, utc_now
+    from mailrouter.daemon import utc_now
+    from mailrouter.deliver.transports import make_transport
 
     path = write_config(
         {

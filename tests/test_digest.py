@@ -13,14 +13,15 @@ import pytest
 
 from mailrouter.cli import main
 from mailrouter.config import load_config
-from mailrouter.deliver import Sender, SmtpTransport
-from mailrouter.digest import build_digests
+from mailrouter.core.digests import build_digests
+from mailrouter.deliver.sender import Sender
+from mailrouter.deliver.transports import SmtpTransport
 from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
-
-from .conftest import DaemonThread, RecordingRelay, escalation, wait_until
-from .factory import escalations
+from mailrouter.testing.factory import escalations
+from mailrouter.testing.servers import RecordingRelay, wait_until
+from tests.conftest import DaemonThread, escalation
 
 LEAD = "lider.soporte@example.com"
 
@@ -235,7 +236,7 @@ def test_daemon_catches_up_on_a_missed_digest(
     relay: RecordingRelay,
     run_daemon: Callable[[Path], DaemonThread],
 ) -> None:
-    from .conftest import free_port
+    from mailrouter.testing.servers import free_port
 
     config_path = write_config(
         {

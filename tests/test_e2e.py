@@ -15,14 +15,15 @@ from typing import Any
 import pytest
 from imapclient import IMAPClient
 
-from mailrouter import intake, model
+from mailrouter import model
 from mailrouter.config import load_config
-from mailrouter.intake import BUSY_POLL_SECONDS, keep_polling
+from mailrouter.intake import imap as intake
+from mailrouter.intake.imap import BUSY_POLL_SECONDS, keep_polling
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
-
-from .conftest import DaemonThread, Dovecot, RecordingRelay, crlf, escalation, wait_until
-from .factory import VENDORS, escalations
+from mailrouter.testing.factory import VENDORS, escalations
+from mailrouter.testing.servers import Dovecot, RecordingRelay, wait_until
+from tests.conftest import DaemonThread, crlf, escalation
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +144,7 @@ def test_imap_crash_between_commit_and_move(
     the mail has been committed longer than a worker takes to move its batch (until then it
     may be another daemon's on the same mailbox, about to move it itself)."""
     from mailrouter.config import load_config
-    from mailrouter.intake import ImapIntake
+    from mailrouter.intake.imap import ImapIntake
     from mailrouter.model import ImapSource
     from mailrouter.service import Pipeline
     from mailrouter.store.repo import MOVE_GRACE_SECONDS
@@ -158,7 +159,7 @@ def test_imap_crash_between_commit_and_move(
     )
     store = Store(config.database_url)
     pipeline = Pipeline(config, store, lambda: now[0])
-    intake = ImapIntake(config.settings.intake.imap, lambda: pipeline)
+    intake = ImapIntake(config.settings.intake.imap, pipeline.intake_hooks())
     info = mailbox.select_folder("INBOX")
     (uid,) = mailbox.search("ALL")
     raw = mailbox.fetch([uid], ["BODY.PEEK[]"])[uid][b"BODY[]"]
@@ -184,7 +185,7 @@ def test_smtp_listener_end_to_end(
     write_config: Callable[..., Path],
     run_daemon: Callable[[Path], DaemonThread],
 ) -> None:
-    from .conftest import free_port
+    from mailrouter.testing.servers import free_port
 
     port = free_port()
     config = write_config(
@@ -320,7 +321,7 @@ def test_a_mail_over_the_size_limit_is_quarantined_from_its_header_alone(
     monkeypatch.setattr(IMAPClient, "fetch", spying_fetch)
     store = Store(config.database_url)
     pipeline = Pipeline(config, store, lambda: datetime.now(UTC))
-    poller = intake.ImapIntake(config.settings.intake.imap, lambda: pipeline)
+    poller = intake.ImapIntake(config.settings.intake.imap, pipeline.intake_hooks())
     client = poller.connect()
     assert poller.run_pass(client) == 2
     assert ["BODY.PEEK[HEADER]"] in fetched

@@ -6,7 +6,7 @@ import pytest
 
 from mailrouter.cli import main
 from mailrouter.config import Config, load_config
-from mailrouter.parse import (
+from mailrouter.core.parse import (
     agent_part,
     extract_fields,
     field_aliases,
@@ -14,9 +14,8 @@ from mailrouter.parse import (
     normalize,
     parse_message,
 )
-from mailrouter.route import decide, normalize_priority, sender_allowed
-
-from .conftest import ESCALATIONS, PROJECT, escalation
+from mailrouter.core.route import decide, normalize_priority, sender_allowed
+from tests.conftest import ESCALATIONS, PROJECT, escalation
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +241,7 @@ def test_route_command_explains_each_sample(
 
 def test_sender_and_regex_conditions(config: Config) -> None:
     from mailrouter.config import Condition
-    from mailrouter.route import condition_matches
+    from mailrouter.core.route import condition_matches
 
     mail = parsed(config, "04-tech-endoso.eml")
     assert condition_matches(Condition(sender="*@example.com"), mail)

@@ -17,14 +17,13 @@ from alembic.migration import MigrationContext
 from sqlalchemy import event, update
 
 from mailrouter.config import load_config
+from mailrouter.core.render import _base64_lines
 from mailrouter.model import ImapSource
-from mailrouter.render import _base64_lines
 from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Base, Case
-
-from .conftest import escalation
-from .factory import escalations
+from mailrouter.testing.factory import escalations
+from tests.conftest import escalation
 
 NOW = datetime(2026, 11, 16, 19, 5, tzinfo=UTC)
 

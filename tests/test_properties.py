@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailrouter.config import load_config
-from mailrouter.parse import (
+from mailrouter.core.parse import (
     agent_part,
     clean_header,
     decode_header_text,
@@ -23,9 +23,8 @@ from mailrouter.parse import (
     field_aliases,
     parse_message,
 )
-from mailrouter.render import _WIRE, _text_part, subject_header
-
-from .conftest import PROJECT
+from mailrouter.core.render import _WIRE, _text_part, subject_header
+from tests.conftest import PROJECT
 
 CONFIG = load_config(PROJECT / "config.yaml")
 ALIASES = field_aliases(CONFIG)

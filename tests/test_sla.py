@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mailrouter.config import Calendar
-from mailrouter.sla import due_after, windows_overdue
+from mailrouter.core.sla import due_after, windows_overdue
 
 BOGOTA = ZoneInfo("America/Bogota")  # UTC-5, no daylight saving
 NEW_YORK = ZoneInfo("America/New_York")  # daylight saving ends 2026-11-01

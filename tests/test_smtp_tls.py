@@ -14,9 +14,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from mailrouter.config import SmtpSettings
-from mailrouter.deliver import SmtpTransport, TemporaryFailure
-
-from .conftest import RecordingRelay, free_port
+from mailrouter.deliver.transports import SmtpTransport, TemporaryFailure
+from mailrouter.testing.servers import RecordingRelay, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from mailrouter.config import load_config
-from mailrouter.parse import field_aliases, parse_message
+from mailrouter.core.parse import field_aliases, parse_message
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
-
-from .conftest import CORPUS, PROJECT, escalation
+from tests.conftest import CORPUS, PROJECT, escalation
 
 
 class Clock:

@@ -17,17 +17,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from mailrouter.store.db import Store
-
-from .conftest import (
-    DaemonThread,
-    Dovecot,
-    RecordingRelay,
-    crlf,
-    escalation,
-    free_port,
-    headers_of,
-    wait_until,
-)
+from mailrouter.testing.servers import Dovecot, RecordingRelay, free_port, wait_until
+from tests.conftest import DaemonThread, crlf, escalation, headers_of
 
 pytestmark = pytest.mark.integration
 

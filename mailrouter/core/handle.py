@@ -19,7 +19,27 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from mailrouter.config import PRIORITIES, Config, Provider
-from mailrouter.digest import age_text
+from mailrouter.core.digests import age_text
+from mailrouter.core.parse import (
+    agent_part,
+    bounce_details,
+    field_aliases,
+    is_bounce,
+    normalize,
+    parse_message,
+)
+from mailrouter.core.render import Renderer, case_info
+from mailrouter.core.route import decide, sender_allowed
+from mailrouter.core.sla import due_after, windows_overdue
+from mailrouter.core.threads import (
+    is_vendor,
+    parse_commands,
+    pick_earlier,
+    tagged_case_id,
+    thread_headers,
+    ticket_in,
+    vendors_of,
+)
 from mailrouter.model import (
     OPEN_STATUSES,
     Arrival,
@@ -34,26 +54,6 @@ from mailrouter.model import (
     Result,
     ThreadHeaders,
     case_tag,
-)
-from mailrouter.parse import (
-    agent_part,
-    bounce_details,
-    field_aliases,
-    is_bounce,
-    normalize,
-    parse_message,
-)
-from mailrouter.render import Renderer, case_info
-from mailrouter.route import decide, sender_allowed
-from mailrouter.sla import due_after, windows_overdue
-from mailrouter.thread import (
-    is_vendor,
-    parse_commands,
-    pick_earlier,
-    tagged_case_id,
-    thread_headers,
-    ticket_in,
-    vendors_of,
 )
 
 log = logging.getLogger(__name__)

@@ -292,6 +292,17 @@ class Store:
         with _in_store_terms(), self._readers.begin() as session:
             yield session
 
+    @contextlib.contextmanager
+    def dry_run(self) -> Iterator[Session]:
+        """A snapshot that changes may be made to in memory and are never written: it never
+        flushes, and is rolled back at the end (`mailrouter route --db`)."""
+        with _in_store_terms(), self._readers() as session:
+            session.autoflush = False
+            try:
+                yield session
+            finally:
+                session.rollback()
+
     def write(
         self, statement: Executable, params: dict[str, Any] | list[dict[str, Any]] | None = None
     ) -> None:

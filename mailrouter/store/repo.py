@@ -339,6 +339,44 @@ class SqlCaseBook:
         self.session.flush()  # the unique (recipient, period) says if it was sent
 
 
+class RecordingBook(SqlCaseBook):
+    """A `SqlCaseBook` over `Store.dry_run` that answers from the real database and keeps
+    every write as a note instead of making it: what a mail would do, done by nobody."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self.opened: list[CaseRecord] = []
+        self.inbound: list[tuple[str, str, str, int | None]] = []
+        self.events: list[tuple[int, str, str]] = []
+        self.queued: list[tuple[int | None, OutgoingMail]] = []
+
+    def open_case(self, case: CaseRecord) -> int:
+        # The number it would get if nothing else arrives first.
+        case.id = int(self.session.scalar(select(func.max(Case.id))) or 0) + 1
+        self.opened.append(case)
+        return case.id
+
+    def record_inbound(
+        self, arrival: Arrival, outcome: str, reason: str, kind: str, case_id: int | None
+    ) -> None:
+        self.inbound.append((outcome, reason, kind, case_id))
+
+    def remember_uid(self, source: ImapSource | None) -> None:
+        return None
+
+    def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None:
+        self.events.append((case_id, kind, detail))
+
+    def queue(self, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
+        self.queued.append((case_id, mail))
+
+    def cancel_pending_acks(self, case_id: int, reason: str) -> None:
+        self.events.append((case_id, "acknowledgement_cancelled", reason))
+
+    def record_digest(self, recipient: str, period: str, now: datetime, message_id: str) -> None:
+        return None
+
+
 # --- reads outside the mail path: the IMAP intake's check, the scheduler, reports ----------
 
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from mailrouter.config import Config
+from mailrouter.core.render import Renderer
 from mailrouter.model import (
     DigestCase,
     OutgoingMail,
     case_tag,
 )
-from mailrouter.render import Renderer
 
 log = logging.getLogger(__name__)
 

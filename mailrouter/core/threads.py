@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mailrouter.config import Config, Provider
+from mailrouter.core.parse import normalize
+from mailrouter.core.route import normalize_priority
 from mailrouter.model import (
     OPEN_STATUSES,
     CaseRecord,
@@ -24,8 +26,6 @@ from mailrouter.model import (
     ParsedMail,
     ThreadHeaders,
 )
-from mailrouter.parse import normalize
-from mailrouter.route import normalize_priority
 
 
 def tagged_case_id(subject: str, prefix: str) -> int | None:

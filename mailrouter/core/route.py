@@ -12,8 +12,8 @@ import fnmatch
 import re
 
 from mailrouter.config import PRIORITIES, Condition, Config, Provider, Route
+from mailrouter.core.parse import normalize
 from mailrouter.model import Decision, MissingField, ParsedMail
-from mailrouter.parse import normalize
 
 _PRIORITY_WORDS = {
     "baja": "BAJA",

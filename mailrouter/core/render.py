@@ -32,6 +32,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from mailrouter.config import Config, Provider
+from mailrouter.core.parse import LOOP_HEADER, clean_header
 from mailrouter.model import (
     Attachment,
     CaseInfo,
@@ -41,7 +42,6 @@ from mailrouter.model import (
     ParsedMail,
     case_tag,
 )
-from mailrouter.parse import LOOP_HEADER, clean_header
 
 
 def case_info(case: CaseRecord, config: Config) -> CaseInfo:

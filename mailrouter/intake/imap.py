@@ -1,18 +1,13 @@
-"""Intake: how mail reaches the pipeline. Thin adapters, no decisions.
+"""IMAP intake: an imapclient poller for a shared mailbox. A thin adapter, no decisions.
 
-* `SmtpIntake`: an aiosmtpd handler. It answers 250 only after the mail's
-  outcome is committed, and 451 (the client retries) when it cannot commit,
-  so accepting a mail always means it is stored.
-* `ImapIntake`: an imapclient poller for a shared mailbox. Each message is
-  processed and committed, and only then moved to the processed (or
-  quarantine) folder; a message whose UID is already known is just moved.
-  It waits with IDLE where the server offers it, else polls; while mail
-  keeps coming it looks again every 50 ms instead of waiting.
+Each message is handed to `hooks.ingest` and committed, and only then moved to the
+processed (or quarantine) folder; a message whose UID is already known (`hooks.known`)
+is just moved. It waits with IDLE where the server offers it, else polls; while mail
+keeps coming it looks again every 50 ms instead of waiting.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import socket
@@ -26,8 +21,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from mailrouter.config import ImapSettings, tls_context
-from mailrouter.model import ImapSource, Result
-from mailrouter.service import Pipeline
+from mailrouter.model import ImapSource, IntakeHooks, Result
 
 log = logging.getLogger(__name__)
 
@@ -43,54 +37,18 @@ FETCH_BATCH = 50
 FETCH_BYTES = 4 * 1024 * 1024
 
 
-class SmtpIntake:
-    """aiosmtpd handler: the built-in intake listener."""
-
-    def __init__(
-        self, pipeline: Callable[[], Pipeline], address: str, on_committed: Callable[[], None]
-    ) -> None:
-        self.pipeline = pipeline  # the current one: it is replaced when the config reloads
-        self.address = address.lower()
-        self.on_committed = on_committed
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
-        if address.lower() != self.address:
-            return f"550 5.1.1 <{address}>: this server only accepts mail for <{self.address}>"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        raw = envelope.original_content or envelope.content
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8", "surrogateescape")
-        try:
-            result = await asyncio.to_thread(self._process, raw)
-        except Exception:
-            log.exception("could not store an incoming mail; asking the client to retry")
-            return "451 4.3.0 Temporary failure storing the message, try again later"
-        self.on_committed()
-        return f"250 2.0.0 Accepted ({result.outcome})"
-
-    def _process(self, raw: bytes) -> Result:
-        pipeline = self.pipeline()
-        with pipeline.store.large_mail(len(raw)):
-            return pipeline.process(raw)
-
-
 class ImapIntake:
     """Polls one IMAP folder; `run_pass` is one complete sweep of it."""
 
     def __init__(
         self,
         settings: ImapSettings,
-        pipeline: Callable[[], Pipeline],
+        hooks: IntakeHooks,
         on_committed: Callable[[], None] = lambda: None,
         stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
-        self.pipeline = pipeline
+        self.hooks = hooks
         self.on_committed = on_committed
         self.stop = stop or threading.Event()
         s = settings
@@ -140,7 +98,7 @@ class ImapIntake:
             batch = uids[start : start + FETCH_BATCH]
             destinations: dict[str, list[int]] = {}
             unknown: list[int] = []
-            known = self.pipeline().known_outcomes(self.mailbox, uidvalidity, batch)
+            known = self.hooks.known(self.mailbox, uidvalidity, batch)
             for uid in batch:
                 if uid not in known:
                     unknown.append(uid)
@@ -170,12 +128,11 @@ class ImapIntake:
             uid: int(data.get(b"RFC822.SIZE", 0))
             for uid, data in client.fetch(uids, ["RFC822.SIZE"]).items()
         }
-        limit = self.pipeline().config.settings.intake.max_message_bytes
+        limit = self.hooks.max_bytes
         # A group never adds up to more than the limit, so a mail over it is a group alone.
         for group in _size_groups(sizes, min(FETCH_BYTES, limit)):
             if self.stop.is_set():
                 return
-            pipeline = self.pipeline()
             size = sum(sizes[uid] for uid in group)
             if size > limit:
                 # Over the limit: only the header is fetched, enough to quarantine it with
@@ -184,9 +141,9 @@ class ImapIntake:
                 header = _fetch_header(client, uid)
                 if header is not None:
                     source = ImapSource(self.mailbox, uidvalidity, uid)
-                    yield uid, pipeline.process(header, source, whole_size=size)
+                    yield uid, self.hooks.ingest(header, source, size)
                 continue
-            with pipeline.store.large_mail(size):
+            with self.hooks.large_mail(size):
                 if size > FETCH_BYTES:
                     (uid,) = group
                     bodies = {uid: _fetch_in_slices(client, uid)}
@@ -200,7 +157,12 @@ class ImapIntake:
                         return
                     raw = bodies.pop(uid, None)
                     if raw is not None:  # else expunged by someone else meanwhile
-                        yield uid, pipeline.process(raw, ImapSource(self.mailbox, uidvalidity, uid))
+                        yield (
+                            uid,
+                            self.hooks.ingest(
+                                raw, ImapSource(self.mailbox, uidvalidity, uid), None
+                            ),
+                        )
                     del raw  # not kept while the next group is fetched
 
     def _wait_for_mail(self, client: IMAPClient) -> None:

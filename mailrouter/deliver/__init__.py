@@ -1,0 +1,1 @@
+"""Deliver: sends what the outbox holds — transports, the sent journal, the sender."""

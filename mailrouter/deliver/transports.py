@@ -1,0 +1,223 @@
+"""Transports: how a mail leaves — a folder of .eml files, or an SMTP relay (aiosmtplib).
+
+A transport sends one mail exactly as it was committed, and says how it failed: 4xx and
+connection errors are `TemporaryFailure` (the sender retries with backoff), 5xx is
+`PermanentFailure`. A new transport is a new class here with `send` and `close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from mailrouter.config import Config, SmtpSettings, tls_context
+from mailrouter.model import is_large
+
+
+class TemporaryFailure(Exception):
+    """Try again later (4xx, connection refused, timeout)."""
+
+
+class PermanentFailure(Exception):
+    """Never try again (5xx)."""
+
+
+class Transport(Protocol):
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileTransport:
+    """Writes each mail as `<dir>/<name>.eml`; rewriting the same row gives the same file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"{name}.eml"
+        partial = target.with_suffix(".eml.part")
+        envelope = f"X-Envelope-From: {sender}\r\nX-Envelope-To: {', '.join(recipients)}\r\n"
+        # Written aside and renamed, so a reader never sees half a mail.
+        partial.write_bytes(envelope.encode() + data)
+        os.replace(partial, target)
+
+    async def close(self) -> None:
+        return None
+
+
+class SmtpTransport:
+    """Kept-open aiosmtplib connections to the relay, one per mail in flight (at most
+    `connections`, as the sender never has more in flight); a connection that errs is closed."""
+
+    def __init__(self, settings: SmtpSettings) -> None:
+        self.settings = settings
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        client = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            timeout=s.timeout,
+            use_tls=s.security == "tls",
+            start_tls=s.security == "starttls",
+            tls_context=tls_context(s.ca_file) if s.security != "none" else None,
+        )
+        await client.connect()
+        if s.username:
+            await client.login(s.username, s.password)
+        return client
+
+    async def _checkout(self) -> aiosmtplib.SMTP:
+        if self._loop is not asyncio.get_running_loop():
+            # A connection belongs to the loop that opened it (one-shot commands run several).
+            self._idle, self._loop = [], asyncio.get_running_loop()
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+        return await self._connect()
+
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        client: aiosmtplib.SMTP | None = None
+        try:
+            client = await self._checkout()
+            if is_large(len(data)):
+                errors = await _send_in_slices(client, sender, recipients, data)
+            else:
+                errors, _ = await client.sendmail(sender, recipients, data)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            await _quit(client)
+            # A refused login is the relay's or our configuration, not this mail's fault:
+            # keep the mail and retry, so fixing the password delivers the backlog.
+            raise TemporaryFailure(f"relay refused our login: {exc.code} {exc.message}") from exc
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            await _quit(client)
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            if all(code >= 500 for code in codes):
+                raise PermanentFailure(detail) from exc
+            raise TemporaryFailure(detail) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            await _quit(client)
+            failure = PermanentFailure if exc.code >= 500 else TemporaryFailure
+            raise failure(f"{exc.code} {exc.message}") from exc
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            await _quit(client)
+            raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from exc
+        self._idle.append(client)
+        if errors:
+            # Some recipients refused: every mail we queue has one recipient, so this
+            # only happens for hand-made rows; treat it like the all-refused case.
+            detail = "; ".join(
+                f"{rcpt}: {resp.code} {resp.message}" for rcpt, resp in errors.items()
+            )
+            raise PermanentFailure(detail)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            await _quit(client)
+
+
+# What aiosmtplib does to a whole mail before DATA, done here a slice at a time: lone CR
+# or LF become CRLF, and a line starting with "." gets a second one (RFC 5321 4.5.2).
+_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+DATA_SLICE_BYTES = 512 * 1024
+
+
+def data_slices(data: bytes, size: int = DATA_SLICE_BYTES) -> Iterator[bytes]:
+    """`data` as it goes on the wire after DATA (without the final "."), in slices of
+    about `size` that end at line ends."""
+    start = 0
+    while start < len(data):
+        cut = data.find(b"\n", start + size)
+        end = len(data) if cut == -1 else cut + 1
+        piece = _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", data[start:end]))
+        if end == len(data) and not piece.endswith(b"\r\n"):
+            piece += b"\r\n"
+        yield piece
+        start = end
+
+
+def data_size(data: bytes) -> int:
+    """`len(b"".join(data_slices(data)))`, counted without preparing the slices: each bare
+    CR or LF gains a byte, each line starting with "." one more, and a last line without
+    its line end two."""
+    crlf = data.count(b"\r\n")
+    size = len(data) + (data.count(b"\n") - crlf) + (data.count(b"\r") - crlf)
+    size += data.startswith(b".") + data.count(b"\n.") + data.count(b"\r.")
+    if data and not data.endswith((b"\n", b"\r")):
+        size += 2
+    return size
+
+
+async def _send_in_slices(
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes
+) -> dict[str, aiosmtplib.SMTPResponse]:
+    """`sendmail` for a large mail. aiosmtplib prepares the whole mail at once (twice
+    when the relay announces SIZE), which costs about five times the mail in memory;
+    here the DATA is prepared and written a slice at a time, waiting for the socket
+    to take each one."""
+    if client.is_ehlo_or_helo_needed:
+        await client.ehlo()
+    options = []
+    if client.supports_extension("size"):
+        options.append(f"SIZE={data_size(data)}")
+    await client.mail(sender, options=options)
+    refused = []
+    for recipient in recipients:
+        try:
+            await client.rcpt(recipient)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            refused.append(exc)
+    if len(refused) == len(recipients):
+        raise aiosmtplib.SMTPRecipientsRefused(refused)
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None or protocol.transport is None:
+        raise aiosmtplib.SMTPServerDisconnected("connection lost before the mail was sent")
+    transport = protocol.transport
+    assert isinstance(transport, asyncio.WriteTransport)
+    for piece in data_slices(data):
+        protocol.write(piece)
+        while transport.get_write_buffer_size() > DATA_SLICE_BYTES and not transport.is_closing():
+            await asyncio.sleep(0.001)
+    protocol.write(b".\r\n")
+    answer = await protocol.read_response(timeout=client.timeout)
+    if answer.code != 250:
+        raise aiosmtplib.SMTPDataError(answer.code, answer.message)
+    return {exc.recipient: aiosmtplib.SMTPResponse(exc.code, exc.message) for exc in refused}
+
+
+async def _quit(client: aiosmtplib.SMTP | None) -> None:
+    if client is not None and client.is_connected:
+        try:
+            await client.quit()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            client.close()
+
+
+def make_transport(config: Config) -> Transport:
+    outbound = config.settings.outbound
+    if outbound.transport == "smtp":
+        return SmtpTransport(outbound.smtp)
+    return FileTransport(config.outbox_dir)
+
+
+def outbound_lanes(config: Config) -> int:
+    """Mails in flight at once: one per relay connection; a folder is written one at a time."""
+    outbound = config.settings.outbound
+    return outbound.smtp.connections if outbound.transport == "smtp" else 1

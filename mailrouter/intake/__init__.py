@@ -1,0 +1,1 @@
+"""Intakes: how mail reaches the router — an IMAP mailbox, or the built-in SMTP listener."""

@@ -1,0 +1,71 @@
+"""SMTP intake: the built-in listener (aiosmtpd), on the daemon's own event loop.
+
+It answers 250 only after the mail's outcome is committed, and 451 (the client retries)
+when it cannot commit, so accepting a mail always means it is stored. A thin adapter:
+what it does with a mail is `hooks.ingest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from mailrouter.config import IntakeSettings
+from mailrouter.model import IntakeHooks, Result
+
+log = logging.getLogger(__name__)
+
+
+class SmtpIntake:
+    """aiosmtpd handler: the built-in intake listener."""
+
+    def __init__(self, hooks: IntakeHooks, address: str, on_committed: Callable[[], None]) -> None:
+        self.hooks = hooks
+        self.address = address.lower()
+        self.on_committed = on_committed
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address.lower() != self.address:
+            return f"550 5.1.1 <{address}>: this server only accepts mail for <{self.address}>"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        raw = envelope.original_content or envelope.content
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        try:
+            result = await asyncio.to_thread(self._process, raw)
+        except Exception:
+            log.exception("could not store an incoming mail; asking the client to retry")
+            return "451 4.3.0 Temporary failure storing the message, try again later"
+        self.on_committed()
+        return f"250 2.0.0 Accepted ({result.outcome})"
+
+    def _process(self, raw: bytes) -> Result:
+        with self.hooks.large_mail(len(raw)):
+            return self.hooks.ingest(raw, None, None)
+
+
+async def start_smtp_server(
+    settings: IntakeSettings, hooks: IntakeHooks, on_committed: Callable[[], None]
+) -> asyncio.Server:
+    """The listener on `settings.listen`, serving on the running loop."""
+    handler = SmtpIntake(hooks, settings.address, on_committed)
+    return await asyncio.get_running_loop().create_server(
+        lambda: SMTP(
+            handler,
+            hostname=settings.domain,
+            # Larger mail is still taken and quarantined with a reason, not bounced blind.
+            data_size_limit=settings.max_message_bytes * 2,
+            enable_SMTPUTF8=True,
+        ),
+        settings.listen.host,
+        settings.listen.port,
+    )
