@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test chaos bench lint check-config system-deps clean
+.PHONY: run test test-unit chaos bench lint check-config system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -31,18 +31,24 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
+## The unit tests alone (the core on an in-memory book, parsing, config): seconds, no servers.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
 ## The long fault-injection runs (300 escalations, 20 kill -9, a 30 s IMAP outage...).
 chaos: $(STAMP) system-deps
-	CHAOS_SCALE=full $(BIN)/python -m pytest -q -m chaos tests/test_chaos.py
+	CHAOS_SCALE=full $(BIN)/python -m pytest -q -m chaos tests/e2e/test_chaos.py
 
 ## Throughput, latency and memory against the same-run ceiling (writes var/bench/results.json).
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+## Style, types, and the architecture's import rules (ARCHITECTURE.md).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy mailrouter bench
+	$(BIN)/mypy mailrouter bench tests
+	$(BIN)/lint-imports
 
 check-config: $(STAMP)
 	$(BIN)/mailrouter --config config.yaml check-config

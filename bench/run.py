@@ -463,6 +463,8 @@ def latency(
             with smtplib.SMTP("127.0.0.1", listen) as smtp:
                 smtp.sendmail("laura.gomez@example.com", ["escalaciones@example.com"], raw)
         arrived[_client_number(str(email.message_from_bytes(raw)["Subject"]))] = time.time()
+    if source == "imap":
+        client.logout()
     wait_for(lambda: relay.delivered(count), timeout=120)
     daemon.send_signal(signal.SIGTERM)
     daemon.wait(60)

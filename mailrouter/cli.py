@@ -248,9 +248,17 @@ def cmd_digest(args: argparse.Namespace) -> int:
         print(f"{recipient}: already sent for {period}")
     if not args.dry_run and run.queued:
         daemon = Daemon(config)
-        sent = asyncio.run(daemon.sender.deliver_due())
+
+        async def deliver() -> int:
+            # The relay connections are closed on the loop that opened them: once
+            # `asyncio.run` has closed it they can no longer be closed, only leaked.
+            try:
+                return await daemon.sender.deliver_due()
+            finally:
+                await daemon.transport.close()
+
+        sent = asyncio.run(deliver())
         daemon.sender.close()
-        asyncio.run(daemon.transport.close())
         print(f"{len(run.queued)} digests queued; {sent} mails sent (everything due in the outbox)")
     if not run.rendered:
         print("(no digest to send: nobody has open cases)")

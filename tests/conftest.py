@@ -15,6 +15,7 @@ import pytest
 import yaml
 from aiosmtpd.controller import Controller
 
+from mailrouter.deliver.sender import Sender
 from mailrouter.testing.servers import (
     Dovecot,
     RecordingRelay,
@@ -76,6 +77,19 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def deliver_due(sender: Sender) -> int:
+    """`asyncio.run(sender.deliver_due())`, closing the relay connections the pass opened
+    before its loop is closed (once it is, they can no longer be closed, only leaked)."""
+
+    async def deliver() -> int:
+        try:
+            return await sender.deliver_due()
+        finally:
+            await sender.transport.close()
+
+    return asyncio.run(deliver())
+
+
 def headers_of(data: bytes) -> email.message.EmailMessage:
     """A sent or received mail as the modern API reads it (folded headers unfolded)."""
     return email.message_from_bytes(data, policy=email.policy.default)  # type: ignore[return-value]
@@ -104,12 +118,13 @@ def private_dovecot() -> Iterator[Dovecot]:
     try:
         yield server
     finally:
+        server.logout_clients()
         stop_dovecot(server)
         shutil.rmtree(server.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def dovecot() -> Iterator[Dovecot]:
+def dovecot_server() -> Iterator[Dovecot]:
     binary = dovecot_binary()
     if binary is None:
         pytest.fail("Dovecot is not installed: `make test` installs dovecot-imapd (as root)")
@@ -122,6 +137,15 @@ def dovecot() -> Iterator[Dovecot]:
     finally:
         stop_dovecot(server)
         shutil.rmtree(server.base, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot(dovecot_server: Dovecot) -> Iterator[Dovecot]:
+    """The session's Dovecot; the IMAP clients a test opened on it are logged out after it."""
+    try:
+        yield dovecot_server
+    finally:
+        dovecot_server.logout_clients()
 
 
 class DaemonThread:
@@ -139,10 +163,13 @@ class DaemonThread:
         self.error: BaseException | None = None
 
         def main() -> None:
-            try:
-                self.loop.run_until_complete(self.daemon.run())
-            except BaseException as exc:  # surfaced by stop()
-                self.error = exc
+            # As asyncio.run does: cancel what is left, shut the executor down and close
+            # the loop (an unclosed loop, or its self-pipe sockets, is a ResourceWarning).
+            with asyncio.Runner(loop_factory=lambda: self.loop) as runner:
+                try:
+                    runner.run(self.daemon.run())
+                except BaseException as exc:  # surfaced by stop()
+                    self.error = exc
 
         self.thread = threading.Thread(target=main, daemon=True)
 
@@ -152,6 +179,8 @@ class DaemonThread:
         return self
 
     def stop(self) -> None:
+        if self.thread.ident is None:  # never started: its loop is closed here
+            self.loop.close()
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.daemon.stop)
             self.thread.join(30)
@@ -168,9 +197,9 @@ def run_daemon() -> Iterator[Callable[[Path], DaemonThread]]:
     started: list[DaemonThread] = []
 
     def start(config_path: Path) -> DaemonThread:
-        daemon = DaemonThread(config_path).__enter__()
-        started.append(daemon)
-        return daemon
+        daemon = DaemonThread(config_path)
+        started.append(daemon)  # stopped at teardown even if it did not come up in time
+        return daemon.__enter__()
 
     yield start
     for daemon in started:
@@ -179,7 +208,7 @@ def run_daemon() -> Iterator[Callable[[Path], DaemonThread]]:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the fault-injection table (its figures go in the README's Reliability section)."""
-    from . import test_chaos
+    from tests.e2e import test_chaos
 
     if test_chaos.REPORT:
         form = "full" if test_chaos.FULL else "short"

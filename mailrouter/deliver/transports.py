@@ -72,9 +72,19 @@ class SmtpTransport:
             start_tls=s.security == "starttls",
             tls_context=tls_context(s.ca_file) if s.security != "none" else None,
         )
-        await client.connect()
+        await client.connect()  # closes the connection itself if it fails
         if s.username:
-            await client.login(s.username, s.password)
+            try:
+                await client.login(s.username, s.password)
+            except BaseException:
+                # Not handed out, so nobody else would close it (`send` only quits a
+                # client `_checkout` returned). Aborted rather than closed: closing a TLS
+                # connection waits for the relay's close_notify, which a loop that ends
+                # next (a one-shot pass) never receives, leaving the socket open.
+                if isinstance(client.transport, asyncio.Transport):
+                    client.transport.abort()
+                client.close()
+                raise
         return client
 
     async def _checkout(self) -> aiosmtplib.SMTP:

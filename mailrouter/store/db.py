@@ -30,7 +30,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 from sqlalchemy.exc import TimeoutError as DBTimeoutError
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import Executable
 
 from mailrouter.model import is_large
@@ -343,44 +343,37 @@ class Store:
         if self._write_turn is not None:
             self._write_turn.close()
 
+    # What reports and tests read; the statements are in `repo` (which imports this module,
+    # hence the imports inside).
+
     def cases(self, limit: int = 200) -> list[Case]:
+        from mailrouter.store import repo
+
         with self.reading() as session:
-            query = select(Case).order_by(Case.id.desc()).limit(limit)
-            return list(session.scalars(query))
+            return repo.cases(session, limit)
 
     def events(self, case_id: int) -> list[Event]:
+        from mailrouter.store import repo
+
         with self.reading() as session:
-            query = select(Event).where(Event.case_id == case_id).order_by(Event.id)
-            return list(session.scalars(query))
+            return repo.events(session, case_id)
 
     def outbound(self, case_id: int | None = None) -> list[Message]:
+        from mailrouter.store import repo
+
         with self.reading() as session:
-            query = (
-                select(Message)
-                .options(selectinload(Message.body))
-                .where(Message.direction == "out")
-                .order_by(Message.id)
-            )
-            if case_id is not None:
-                query = query.where(Message.case_id == case_id)
-            return list(session.scalars(query))
+            return repo.messages(session, "out", case_id)
 
     def quarantined(self, limit: int, message_id: int | None = None) -> list[Message]:
         """The newest `limit` quarantined mails, oldest first, without their bytes (or the
         one numbered `message_id`, if it is quarantined)."""
+        from mailrouter.store import repo
+
         with self.reading() as session:
-            query = select(Message).where(Message.outcome == "quarantined")
-            if message_id is not None:
-                query = query.where(Message.id == message_id)
-            rows = session.scalars(query.order_by(Message.id.desc()).limit(limit))
-            return list(reversed(list(rows)))
+            return repo.quarantined(session, limit, message_id)
 
     def inbound(self) -> list[Message]:
+        from mailrouter.store import repo
+
         with self.reading() as session:
-            query = (
-                select(Message)
-                .options(selectinload(Message.body))
-                .where(Message.direction == "in")
-                .order_by(Message.id)
-            )
-            return list(session.scalars(query))
+            return repo.messages(session, "in")

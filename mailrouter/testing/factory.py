@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -90,3 +91,32 @@ def escalations(count: int, seed: int = 7, start: int = 0) -> list[tuple[str, by
         msg.add_alternative(html, subtype="html")
         out.append((kind, msg.as_bytes()))
     return out
+
+
+_message_ids = itertools.count(1)
+
+
+def reply(
+    sender: str,
+    text: str,
+    *,
+    subject: str = "Re: algo",
+    in_reply_to: str | None = None,
+    references: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """A plain mail to the intake from `sender` (a reply when `in_reply_to` is given), with
+    a Message-ID of its own."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = "escalaciones@example.com"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<t{next(_message_ids)}@test.example>"
+    if in_reply_to:
+        msg["In-Reply-To"] = f"<{in_reply_to}>"
+    if references:
+        msg["References"] = " ".join(f"<{r}>" for r in references)
+    for name, value in (headers or {}).items():
+        msg[name] = value
+    msg.set_content(text)
+    return msg.as_bytes()

@@ -5,6 +5,7 @@ of running them here are in ../shared/TESTING-NOTES.md."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import smtplib
@@ -113,6 +114,8 @@ class Dovecot:
     host: str
     port: int
     base: Path
+    # The clients `client` handed out that may still be connected, for `logout_clients`.
+    _clients: list[IMAPClient] = field(default_factory=list, init=False, repr=False, compare=False)
 
     password = "secret"
 
@@ -136,17 +139,32 @@ class Dovecot:
         return f"u{uuid.uuid4().hex[:10]}"
 
     def client(self, user: str) -> IMAPClient:
+        """A client logged in as `user`; log it out, or leave that to `logout_clients`."""
         deadline = time.monotonic() + 10
         while True:
+            client: IMAPClient | None = None
             try:
                 client = IMAPClient(self.host, port=self.port, ssl=False, timeout=10)
                 client.login(user, self.password)
-                return client
             except Exception:
+                if client is not None:  # connected, but the login was refused
+                    _close(client)
                 # Dovecot answers before its auth process is ready (TESTING-NOTES).
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+            else:
+                self._clients = [c for c in self._clients if _connected(c)]
+                self._clients.append(client)
+                return client
+
+    def logout_clients(self) -> None:
+        """Log out the clients `client` handed out that are still connected (a test's
+        mailbox is often kept to its end, or left open when an assertion fails)."""
+        clients, self._clients = self._clients, []
+        for client in clients:
+            if _connected(client):
+                _close(client)
 
     def imap_settings(self, user: str, **extra: Any) -> dict[str, Any]:
         return {
@@ -158,6 +176,19 @@ class Dovecot:
             "poll_interval": 1,
             **extra,
         }
+
+
+def _connected(client: IMAPClient) -> bool:
+    return bool(client.socket().fileno() != -1)
+
+
+def _close(client: IMAPClient) -> None:
+    """Log out, or at least close the connection (it may be gone already)."""
+    try:
+        client.logout()
+    except Exception:
+        with contextlib.suppress(Exception):
+            client.shutdown()
 
 
 def start_dovecot(binary: str) -> tuple[Dovecot, subprocess.CompletedProcess[bytes]]:

@@ -19,6 +19,7 @@ from mailrouter.config import Config, load_config
 from mailrouter.core.handle import Handler
 from mailrouter.model import Arrival, CaseData, FailedMail, Result
 from mailrouter.testing.book import MemoryCaseBook, StoredMail
+from mailrouter.testing.factory import reply as compose
 
 PROJECT = Path(__file__).resolve().parents[2]
 ESCALATIONS = PROJECT.parent / "shared" / "escalations"
@@ -88,30 +89,6 @@ def arrive(
 
 
 _ids = itertools.count(1)
-
-
-def compose(
-    sender: str,
-    text: str,
-    *,
-    subject: str = "Re: algo",
-    in_reply_to: str | None = None,
-    references: list[str] | None = None,
-    headers: dict[str, str] | None = None,
-) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = "escalaciones@example.com"
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<unit{next(_ids)}@test.example>"
-    if in_reply_to:
-        msg["In-Reply-To"] = f"<{in_reply_to}>"
-    if references:
-        msg["References"] = " ".join(f"<{r}>" for r in references)
-    for name, value in (headers or {}).items():
-        msg[name] = value
-    msg.set_content(text)
-    return msg.as_bytes()
 
 
 def hibot_escalation(client: str, user: str, priority: str = "MEDIA") -> bytes:

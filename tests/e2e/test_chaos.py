@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,10 @@ class DaemonProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def kill_if_alive(self) -> None:
+        if self.alive():
+            self.kill()
+
 
 @dataclass
 class Rig:
@@ -75,12 +79,15 @@ class Rig:
     relay: RecordingRelay
     config: Path
     folder: str = "INBOX"
+    # Every daemon made, so that those a failed scenario leaves running are killed.
+    daemons: list[DaemonProcess] = field(default_factory=list)
 
     def mailbox(self) -> IMAPClient:
         return self.imap.client(self.user)
 
     def daemon(self) -> DaemonProcess:
-        return DaemonProcess(self.config, self.tmp / "daemon.log")
+        self.daemons.append(DaemonProcess(self.config, self.tmp / "daemon.log"))
+        return self.daemons[-1]
 
     def append(self, mails: list[tuple[str, bytes]]) -> None:
         client = self.mailbox()
@@ -123,7 +130,9 @@ class Rig:
 @pytest.fixture
 def rig_for(
     tmp_path: Path, relay: RecordingRelay, write_config: Callable[..., Path]
-) -> Callable[..., Rig]:
+) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
     def make(
         imap: Dovecot,
         folder: str = "INBOX",
@@ -155,9 +164,13 @@ def rig_for(
                 },
             }
         )
-        return Rig(tmp_path, imap, user, relay, config, folder)
+        rigs.append(Rig(tmp_path, imap, user, relay, config, folder))
+        return rigs[-1]
 
-    return make
+    yield make
+    for rig in rigs:
+        for daemon in rig.daemons:
+            daemon.kill_if_alive()
 
 
 def received_ids(relay: RecordingRelay) -> Counter[str]:

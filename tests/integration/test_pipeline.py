@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -23,7 +23,7 @@ from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Base, Case
 from mailrouter.testing.factory import escalations
-from tests.conftest import escalation
+from tests.conftest import PROJECT, escalation
 
 NOW = datetime(2026, 11, 16, 19, 5, tzinfo=UTC)
 
@@ -57,7 +57,7 @@ def test_escalation_opens_case_and_queues_forward_and_ack(pipeline: Pipeline) ->
     assert "ESC-000001" in ack_text and "ALTA" in ack_text
     assert (
         "2026-11-17 14:05 (-05)"
-        in email.message_from_bytes(ack.raw).get_payload(decode=True).decode()
+        in cast(bytes, email.message_from_bytes(ack.raw).get_payload(decode=True)).decode()
     )  # due time shown in the configured time zone
     (inbound,) = pipeline.store.inbound()
     assert inbound.raw == escalation("01-hibot-basic.eml")
@@ -161,7 +161,7 @@ def test_missing_fields_answer_agent_and_send_nothing_to_vendor(pipeline: Pipeli
     assert case.status == "needs_info" and case.follow_up_due is None
     (reply,) = pipeline.store.outbound()
     assert reply.recipients == ["andres.perez@example.com"]
-    body = email.message_from_bytes(reply.raw).get_payload(decode=True).decode()
+    body = cast(bytes, email.message_from_bytes(reply.raw).get_payload(decode=True)).decode()
     assert "- Correo asociado al usuario" in body
     # The template to fill, with the gap where the missing value goes.
     assert "Correo asociado al usuario:" in [line.rstrip() for line in body.splitlines()]
@@ -190,7 +190,7 @@ def test_poison_message_is_quarantined_with_reason(
 ) -> None:
     templates = tmp_path / "templates"
     templates.mkdir()
-    for source in (Path(__file__).parents[1] / "templates").iterdir():
+    for source in (PROJECT / "templates").iterdir():
         (templates / source.name).write_text(source.read_text())
     (templates / "forward_hibot.j2").write_text("Subject: {{ fields.no_such_field }}\n\nx\n")
     config = load_config(write_config({"templates_dir": str(templates)}))

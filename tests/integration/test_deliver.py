@@ -26,7 +26,7 @@ from mailrouter.store.db import Store
 from mailrouter.store.outbox import backoff_delay
 from mailrouter.testing.factory import escalations
 from mailrouter.testing.servers import RecordingRelay
-from tests.conftest import escalation, headers_of
+from tests.conftest import PROJECT, deliver_due, escalation, headers_of
 
 
 class Clock:
@@ -130,7 +130,7 @@ def test_smtp_temporary_failure_is_retried_with_backoff(
     pipeline, sender = smtp_setup(write_config, relay, clock)
     pipeline.process(escalation("01-hibot-basic.eml"))
     relay.fail_data_times = 1
-    assert asyncio.run(sender.deliver_due()) == 0
+    assert deliver_due(sender) == 0
     forward, ack = sender.store.outbound()
     assert forward.delivery == "pending" and forward.attempts == 1
     assert "451" in (forward.last_error or "")
@@ -138,7 +138,7 @@ def test_smtp_temporary_failure_is_retried_with_backoff(
     # The acknowledgement of the same case waits behind its forward: order per case.
     assert ack.delivery == "pending" and relay.messages == []
     clock.now = forward.next_attempt_at
-    assert asyncio.run(sender.deliver_due()) == 2
+    assert deliver_due(sender) == 2
     assert [m.rcpt_tos for m in relay.messages] == [
         ["soporte@hibot.us"],
         ["laura.gomez@example.com"],
@@ -152,8 +152,9 @@ def test_smtp_permanent_failure_marks_case_undeliverable(
     relay.refuse["soporte@hibot.us"] = "550 5.1.1 no such mailbox"
     hibot = pipeline.process(escalation("01-hibot-basic.eml")).case_id
     panda = pipeline.process(escalation("02-panda-basic.eml")).case_id
-    asyncio.run(sender.deliver_due())
-    asyncio.run(sender.deliver_due())  # the failure notice queued by the first pass
+    assert hibot is not None and panda is not None  # both escalations open a case
+    deliver_due(sender)
+    deliver_due(sender)  # the failure notice queued by the first pass
     by_case = {c.id: c for c in sender.store.cases()}
     assert by_case[hibot].status == "undeliverable"
     assert by_case[panda].status == "open"
@@ -177,7 +178,7 @@ def test_relay_down_is_temporary(
     pipeline, sender = smtp_setup(write_config, relay, clock)
     sender.transport = SmtpTransport(sender.transport.settings.model_copy(update={"port": 1}))  # type: ignore[attr-defined]
     pipeline.process(escalation("02-panda-basic.eml"))
-    asyncio.run(sender.deliver_due())
+    deliver_due(sender)
     assert all(m.delivery == "pending" and m.attempts <= 1 for m in sender.store.outbound())
 
 
@@ -188,7 +189,7 @@ def test_gives_up_after_the_configured_time(
     pipeline.process(escalation("02-panda-basic.eml"))
     relay.fail_data_times = 10_000
     clock.now += timedelta(hours=25)
-    asyncio.run(sender.deliver_due())
+    deliver_due(sender)
     forward = sender.store.outbound()[0]
     assert forward.delivery == "failed" and "gave up" in (forward.last_error or "")
 
@@ -209,7 +210,7 @@ def test_lanes_send_cases_side_by_side_and_each_case_in_order(
     for _, raw in escalations(6, seed=3):
         pipeline.process(raw)
     relay.data_delay = 0.05  # a slow relay: what lanes are for
-    assert asyncio.run(sender.deliver_due()) == 12
+    assert deliver_due(sender) == 12
     assert relay.most_at_once == 3  # three mails in flight, each on its own connection
     arrival = {
         "".join(str(headers_of(m.data)["Message-ID"]).split()).strip("<>"): n
@@ -218,6 +219,7 @@ def test_lanes_send_cases_side_by_side_and_each_case_in_order(
     for case in pipeline.store.cases():
         forward, ack = pipeline.store.outbound(case.id)
         assert (forward.kind, ack.kind) == ("forward", "acknowledgement")
+        assert forward.message_id is not None and ack.message_id is not None
         assert arrival[forward.message_id] < arrival[ack.message_id]
     assert all(row.delivery == "sent" for row in pipeline.store.outbound())
 
@@ -254,7 +256,7 @@ def test_large_mails_leave_one_at_a_time_beside_small_ones(
             in_flight.remove(mid)
 
     monkeypatch.setattr(sender.transport, "send", watching_send)
-    assert asyncio.run(sender.deliver_due()) == len(sizes)
+    assert deliver_due(sender) == len(sizes)
     assert most_large == 1
     assert relay.most_at_once >= 2
     assert all(row.delivery == "sent" for row in pipeline.store.outbound())
@@ -367,7 +369,7 @@ def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_s
     Pipeline(config, store, utc_now).process(escalation("01-hibot-basic.eml"))  # 2 rows
     dying = subprocess.run(
         [sys.executable, "-c", _SEND_AND_DIE_BEFORE_RECORDING, str(path)],
-        cwd=Path(__file__).parent.parent,
+        cwd=PROJECT,
         capture_output=True,
         text=True,
         timeout=60,
@@ -380,7 +382,7 @@ def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_s
 
     sender = Sender(store, make_transport(config), config.settings.outbound.retry, utc_now)
     # The dead sender's claims are released: the mail it had sent recorded, the other sent.
-    assert asyncio.run(sender.deliver_due()) == 1
+    assert deliver_due(sender) == 1
     sender.close()
     forward, ack = store.outbound()
     assert (forward.delivery, ack.delivery) == ("sent", "sent")

@@ -8,7 +8,6 @@ import email
 import email.policy
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from mailrouter.core.parse import field_aliases, parse_message
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
+from mailrouter.testing.factory import reply as mail
 from tests.conftest import CORPUS, PROJECT, escalation
 
 
@@ -34,33 +34,6 @@ class Clock:
 def pipeline(write_config: Callable[..., Path]) -> Pipeline:
     config = load_config(write_config())
     return Pipeline(config, Store(config.database_url), Clock())
-
-
-counter = iter(range(10**6))
-
-
-def mail(
-    sender: str,
-    text: str,
-    *,
-    subject: str = "Re: algo",
-    in_reply_to: str | None = None,
-    references: list[str] | None = None,
-    headers: dict[str, str] | None = None,
-) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = "escalaciones@example.com"
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<t{next(counter)}@test.example>"
-    if in_reply_to:
-        msg["In-Reply-To"] = f"<{in_reply_to}>"
-    if references:
-        msg["References"] = " ".join(f"<{r}>" for r in references)
-    for name, value in (headers or {}).items():
-        msg[name] = value
-    msg.set_content(text)
-    return msg.as_bytes()
 
 
 def body_of(message: Message) -> str:
@@ -114,6 +87,7 @@ def test_vendor_reply_relayed_and_agent_reply_relayed_back(pipeline: Pipeline) -
         headers={"Auto-Submitted": "auto-replied"},
     )
     pipeline.process(ticket_mail)
+    assert forward.message_id is not None  # outbound mail gets its Message-ID when decided
     human = mail(
         "Carlos HIBOT <carlos@hibot.us>",
         "Hola, reiniciamos la sesión del usuario. ¿Pueden probar de nuevo?\n\nGracias,\nCarlos",
@@ -203,6 +177,7 @@ def test_unmatched_vendor_reply_is_quarantined(pipeline: Pipeline) -> None:
 def test_panda_thread_only_with_rewritten_subject(pipeline: Pipeline) -> None:
     pipeline.process(escalation("02-panda-basic.eml"))
     (forward,) = sent(pipeline, "forward")
+    assert forward.message_id is not None  # outbound mail gets its Message-ID when decided
     reply = mail(
         "Soporte Panda <soporte_revendedores@clickpanda.com>",
         "Revisamos la campaña: el dominio no tenía SPF.",
@@ -285,11 +260,12 @@ def test_out_of_office_on_a_case_thread_is_ignored(pipeline: Pipeline) -> None:
 
 
 MACHINE_CATEGORIES = ("auto_reply", "auto_generated_bulk", "bounce_dsn")
-MACHINE_FILES = [
-    row["file"]
-    for row in csv.DictReader((CORPUS / "MANIFEST.tsv").open(encoding="utf-8"), delimiter="\t")
-    if row["category"] in MACHINE_CATEGORIES
-]
+with (CORPUS / "MANIFEST.tsv").open(encoding="utf-8") as manifest:
+    MACHINE_FILES = [
+        row["file"]
+        for row in csv.DictReader(manifest, delimiter="\t")
+        if row["category"] in MACHINE_CATEGORIES
+    ]
 
 
 @pytest.mark.parametrize("name", MACHINE_FILES)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import email
 import email.policy
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
 from mailrouter.testing.factory import escalations
 from mailrouter.testing.servers import RecordingRelay, wait_until
-from tests.conftest import DaemonThread, escalation
+from tests.conftest import DaemonThread, deliver_due, escalation
 
 LEAD = "lider.soporte@example.com"
 
@@ -176,7 +175,7 @@ def test_digest_end_to_end_to_the_relay(
         update={"host": relay.host, "port": relay.port, "security": "none"}
     )
     sender = Sender(store, SmtpTransport(settings), config.settings.outbound.retry, clock)
-    asyncio.run(sender.deliver_due())
+    deliver_due(sender)
     (lead_mail,) = relay.to(LEAD)[-1:]
     msg = email.message_from_bytes(lead_mail.data, policy=email.policy.default)
     assert msg["Subject"] == "Escalaciones: 2 vencidas, 3 abiertas"

@@ -54,9 +54,9 @@ def test_corpus_mail_reaches_an_outcome(pipeline: Pipeline, path: Path) -> None:
 
         from mailrouter.store.tables import Message
 
-        stored = session.scalars(
+        row = session.scalars(
             select(Message).where(Message.direction == "in").order_by(Message.id.desc())
         ).first()
-        stored = stored.raw if stored is not None else None
+        stored = row.raw if row is not None else None
     if not result.duplicate:
         assert stored == raw

@@ -22,6 +22,7 @@ from mailrouter import model
 from mailrouter.store import db as store_module
 from mailrouter.store.db import MIGRATIONS_DIR, Store, add_message, make_engine
 from mailrouter.store.tables import MESSAGES
+from tests.conftest import PROJECT
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 
@@ -240,23 +241,23 @@ def test_processes_queue_for_the_write_turn_and_a_killed_one_frees_it(
     url = f"sqlite:///{db}"
     Store(url).close()  # migrated before the writer starts
     lock = tmp_path / "db.sqlite-writer"
-    writer = subprocess.Popen(
+    with subprocess.Popen(  # closes its pipes (and waits for it) at the end
         [sys.executable, "-c", _HOLD_A_WRITE, url],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert writer.stdout is not None and writer.stdin is not None
-    assert writer.stdout.readline().strip() == "holding"
-    assert not _turn_is_free(lock)
-    if ending == "commit":
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        assert writer.stdout.readline().strip() == "done"
-    else:
-        writer.kill()
-    writer.wait(30)
+        cwd=PROJECT,
+    ) as writer:
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline().strip() == "holding"
+        assert not _turn_is_free(lock)
+        if ending == "commit":
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "done"
+        else:
+            writer.kill()
+        writer.wait(30)
     assert _turn_is_free(lock)
     # And this process writes at once after it.
     store = Store(url)
