@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.parser import BytesFeedParser
-from email.utils import getaddresses, parseaddr
+from email.utils import getaddresses
 
 import mailparser
 
@@ -114,26 +114,27 @@ def normalize(text: str) -> str:
     return " ".join(_NOT_WORD.sub(" ", stripped).split())
 
 
-def html_to_text(html: str) -> str:
-    """Visible text of an HTML body; each table row becomes one `cell cell` line."""
-    # Imported here: most mail has a plain-text part, and BeautifulSoup with its CSS
-    # selector engine costs the daemon 3 MB and a tenth of a second at start.
-    from bs4 import BeautifulSoup
+# Fields are read from the first this many characters of the text: an escalation's fields
+# are at its top, and the cost of reading grows with the text.
+FIELD_TEXT_LIMIT = 256 * 1024
+# HTML beyond this many characters is not converted: fields are at the top of a mail, and
+# a converter's cost grows with its input (a 7 MB table once held a worker for minutes).
+HTML_TEXT_LIMIT = 256 * 1024
 
-    soup = BeautifulSoup(html, "html.parser")
-    for hidden in soup(["script", "style", "head"]):
-        hidden.decompose()
-    for row in soup.find_all("tr"):
-        cells = [" ".join(c.get_text(" ").split()) for c in row.find_all(["td", "th"])]
-        row.replace_with("\n" + " ".join(c for c in cells if c) + "\n")
-    for br in soup.find_all("br"):
-        br.replace_with("\n")
-    for block in soup.find_all(["p", "div", "li", "h1", "h2", "h3", "h4", "table", "blockquote"]):
-        block.insert_before("\n")
-        block.insert_after("\n")
-    lines = (" ".join(line.split()) for line in soup.get_text().splitlines())
-    # Block tags leave runs of empty lines; one blank line is what separates paragraphs.
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+def html_to_text(html: str) -> str:
+    """Visible text of an HTML body (inscriptis: linear, tables as rows of cells), one
+    space between words, at most one blank line between paragraphs."""
+    # Imported here: most mail has a plain-text part, and lxml costs the daemon memory.
+    from inscriptis import get_text
+    from inscriptis.model.config import ParserConfig
+
+    text = get_text(html[:HTML_TEXT_LIMIT], ParserConfig(display_links=False))
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
+
+
+_BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 # Where the agent's own words end: the start of quoted or forwarded history, a signature,
@@ -175,10 +176,40 @@ def agent_part(text: str, *, sign_offs: bool = True) -> str:
 
 
 # `Label: value`, `LABEL :`, `**Label:** value`, `Label - value` (spaced dash or en/em dash).
-_LABEL_FORMS = [
-    re.compile(r"^\s*[*_]*\s*(?P<label>[^:\n]{1,80}?)\s*[*_]*\s*:\s*[*_]*\s*(?P<value>.*)$"),
-    re.compile(r"^\s*[*_]*\s*(?P<label>[^:\n]{1,80}?)\s*[*_]*\s+[-–—]\s+(?P<value>.*)$"),
-]
+# Read by scanning the line, not by a regular expression: the obvious pattern (optional
+# spaces and emphasis around a lazy label) backtracks polynomially on a line of spaces, and
+# one such line froze the daemon for minutes. Each step below is a linear pass.
+_LABEL_MAX = 80
+_EMPHASIS = "*_"
+_DASHES = "-–—"
+
+
+def _label_before(head: str) -> str | None:
+    """The label in `head` (what precedes the separator): emphasis and spaces around it
+    dropped; None when that leaves nothing or more than `_LABEL_MAX` characters."""
+    label = head.rstrip().rstrip(_EMPHASIS).rstrip()
+    return label if 0 < len(label) <= _LABEL_MAX and "\n" not in label else None
+
+
+def _labels_and_values(line: str) -> list[tuple[str, str]]:
+    """The (label, raw value) readings of a line: as `Label: value`, then as `Label - value`
+    (the first dash with white space on both sides, the label before it without a colon).
+    Labels are short: the spaces and emphasis between one and its dash are bounded too."""
+    text = line.lstrip().lstrip(_EMPHASIS).lstrip()
+    readings = []
+    colon = text.find(":")
+    if colon >= 0:
+        label = _label_before(text[:colon])
+        if label is not None:
+            readings.append((label, text[colon + 1 :].lstrip().lstrip(_EMPHASIS).lstrip()))
+    limit = min(colon if colon >= 0 else len(text), len(text) - 1, 3 * _LABEL_MAX)
+    for index in range(1, limit):
+        if text[index] in _DASHES and text[index - 1].isspace() and text[index + 1].isspace():
+            label = _label_before(text[:index])
+            if label is not None:
+                readings.append((label, text[index + 1 :].lstrip()))
+                break
+    return readings
 
 
 def alias_index(aliases: Mapping[str, list[str]]) -> dict[str, str]:
@@ -199,12 +230,10 @@ def field_aliases(config: Config) -> dict[str, str]:
 
 def _labelled(line: str, aliases: Mapping[str, str]) -> tuple[str, str] | None:
     """(canonical field, value) when the line starts with a known label."""
-    for form in _LABEL_FORMS:
-        match = form.match(line)
-        if match:
-            canonical = aliases.get(normalize(match.group("label")))
-            if canonical:
-                return canonical, match.group("value").strip(" *_")
+    for label, value in _labels_and_values(line):
+        canonical = aliases.get(normalize(label))
+        if canonical:
+            return canonical, value.strip(" *_")
     return None
 
 
@@ -392,18 +421,45 @@ def _bodies_mailparser(msg: email.message.Message) -> tuple[str, str, list[Attac
     return "\n".join(parsed.text_plain), "\n".join(parsed.text_html), attachments
 
 
+# An addr-spec as the router accepts one: a local part, one @, a domain with a dot; none of
+# the characters that delimit addresses. (Linear: the local part cannot contain "@".)
+_ADDR_SPEC = re.compile(
+    r"[^@\s<>()\[\],;:\"]{1,64}@[^@\s<>()\[\],;:\"]{1,255}\.[^@\s<>()\[\],;:\"]+"
+)
+
+
+def _raw_text(value: object) -> str:
+    """A header as it was written (encoded words left encoded), on one line."""
+    return _CONTROL.sub(" ", str(value or ""))[:4096]
+
+
+def sender_of(raw_from: object) -> tuple[str, str]:
+    """(display name, address) of a From header. The address is the addr-spec parsed from
+    the header as written, before any encoded word is decoded: text in a display name,
+    encoded or not, is never an address. A header that does not hold exactly one valid
+    addr-spec (`a@b <c@d>` holds two) has no address: nobody sent it."""
+    pairs = [
+        (name, address) for name, address in getaddresses([_raw_text(raw_from)]) if name or address
+    ]
+    if len(pairs) != 1:
+        return "", ""
+    name, address = pairs[0]
+    if not _ADDR_SPEC.fullmatch(address) or len(address) > 320:
+        return clean_header(decode_header_text(name)), ""
+    return clean_header(decode_header_text(name)), address.lower()
+
+
 def parse_message(raw: bytes, aliases: Mapping[str, str], loop_token: str) -> ParsedMail:
     """Everything the router needs to know about one raw mail."""
     msg = read_message(raw)
-    from_name, from_address = parseaddr(decode_header_text(msg.get("From")))
-    from_address = from_address.lower()
+    from_name, from_address = sender_of(msg.get("From"))
     try:
         plain, html, attachments = _bodies_mailparser(msg)
     except Exception as exc:  # mail-parser gives up on some broken MIME the stdlib reads
         log.debug("mail-parser failed (%s); using the standard library", exc)
         plain, html, attachments = _bodies_stdlib(msg)
     body = plain if plain.strip() else html_to_text(html) if html.strip() else ""
-    agent_text = agent_part(body)
+    agent_text = agent_part(body[:FIELD_TEXT_LIMIT])
     return ParsedMail(
         raw=raw,
         message_id=_msgid(msg.get("Message-ID")),
@@ -412,8 +468,8 @@ def parse_message(raw: bytes, aliases: Mapping[str, str], loop_token: str) -> Pa
         from_name=clean_header(from_name),
         to=[
             addr.lower()
-            for _, addr in getaddresses([decode_header_text(v) for v in msg.get_all("To", [])])
-            if addr
+            for _, addr in getaddresses([_raw_text(v) for v in msg.get_all("To", [])])
+            if _ADDR_SPEC.fullmatch(addr)
         ],
         in_reply_to=_msgid(msg.get("In-Reply-To")),
         references=_msgids(msg.get("References")),

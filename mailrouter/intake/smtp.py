@@ -1,13 +1,16 @@
 """SMTP intake: the built-in listener (aiosmtpd), on the daemon's own event loop.
 
-It answers 250 only after the mail's outcome is committed, and 451 (the client retries)
-when it cannot commit, so accepting a mail always means it is stored. A thin adapter:
+It answers 250 only after the mail's outcome is committed (and says nothing of that
+outcome), 451 (the client retries) when it cannot commit, so accepting a mail always
+means it is stored, and 552 to a mail over `intake.max_message_bytes`, which it does
+not keep. A thin adapter:
 what it does with a mail is `hooks.ingest`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -41,12 +44,14 @@ class SmtpIntake:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
         try:
-            result = await asyncio.to_thread(self._process, raw)
+            await asyncio.to_thread(self._process, raw)
         except Exception:
             log.exception("could not store an incoming mail; asking the client to retry")
             return "451 4.3.0 Temporary failure storing the message, try again later"
         self.on_committed()
-        return f"250 2.0.0 Accepted ({result.outcome})"
+        # Nothing about what became of it: the sender may be anybody, and the outcome
+        # (a stranger's mail quarantined, say) is not theirs to learn.
+        return f"250 2.0.0 Ok: queued as {hashlib.sha256(raw).hexdigest()[:12]}"
 
     def _process(self, raw: bytes) -> Result:
         with self.hooks.large_mail(len(raw)):
@@ -62,8 +67,9 @@ async def start_smtp_server(
         lambda: SMTP(
             handler,
             hostname=settings.domain,
-            # Larger mail is still taken and quarantined with a reason, not bounced blind.
-            data_size_limit=settings.max_message_bytes * 2,
+            # Beyond the limit the listener keeps nothing and answers 552: the sending server
+            # tells its user, and a stranger cannot make us store 45 MB.
+            data_size_limit=settings.max_message_bytes,
             enable_SMTPUTF8=True,
         ),
         settings.listen.host,

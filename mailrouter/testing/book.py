@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from mailrouter.core.handle import Handler
 from mailrouter.model import (
     OPEN_STATUSES,
     Arrival,
@@ -223,3 +224,15 @@ class MemoryCaseBook:
         for mail in self.outbox("acknowledgement"):
             if mail.case_id == case_id and mail.delivery in ("pending", "sending"):
                 mail.delivery, mail.last_error = "cancelled", reason
+
+
+def arrive(
+    handler: Handler, book: MemoryCaseBook, raw: bytes, now: datetime, size: int | None = None
+) -> Result:
+    """What `service.Pipeline.process` does with one mail, without the database."""
+    mail = handler.parse(raw)
+    arrival = Arrival(raw, mail.dedupe_key, None, now, mail, size if size is not None else len(raw))
+    earlier = book.earlier_outcome(arrival.key, None)
+    if earlier is not None:
+        return earlier
+    return handler.handle(book, arrival, mail)

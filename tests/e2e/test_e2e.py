@@ -208,6 +208,46 @@ def test_smtp_listener_end_to_end(
     assert_delivered(relay, Store(daemon.config.database_url))
 
 
+def test_the_listener_says_nothing_of_the_outcome_and_keeps_nothing_over_the_limit(
+    relay: RecordingRelay,
+    write_config: Callable[..., Path],
+    run_daemon: Callable[[Path], DaemonThread],
+) -> None:
+    from mailrouter.testing.servers import free_port
+
+    port = free_port()
+    limit = 200_000
+    config = write_config(
+        {
+            "intake": {"source": "smtp", "listen": {"port": port}, "max_message_bytes": limit},
+            "outbound": smtp_outbound(relay),
+        }
+    )
+    daemon = run_daemon(config)
+    stranger = b"From: x@evil.example.org\r\nSubject: hola\r\n\r\nhola\r\n"
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo()
+        client.mail("x@evil.example.org")
+        client.rcpt("escalaciones@example.com")
+        code, text = client.data(stranger)
+        assert code == 250
+        assert text.startswith(b"2.0.0 Ok: queued as ")
+        assert b"quarantine" not in text and b"rout" not in text
+        huge = stranger + (b"x" * 75 + b"\r\n") * (2 * limit // 77)
+        with pytest.raises(smtplib.SMTPSenderRefused) as declared:  # SIZE said in advance
+            client.sendmail("x@evil.example.org", ["escalaciones@example.com"], huge)
+        assert declared.value.smtp_code == 552
+        client.rset()
+        # no SIZE: the data itself is cut off
+        client.mail("x@evil.example.org")
+        client.rcpt("escalaciones@example.com")
+        assert client.data(huge)[0] == 552
+    daemon.stop()
+    stored = Store(daemon.config.database_url)
+    assert [len(m.raw) for m in stored.inbound()] == [len(stranger)]  # the large one: nothing
+    stored.close()
+
+
 def test_imap_idle_takes_new_mail_without_waiting_for_the_poll(
     dovecot: Dovecot,
     relay: RecordingRelay,

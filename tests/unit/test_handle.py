@@ -17,8 +17,9 @@ import pytest
 
 from mailrouter.config import Config, load_config
 from mailrouter.core.handle import Handler
-from mailrouter.model import Arrival, CaseData, FailedMail, Result
+from mailrouter.model import CaseData, FailedMail, Result
 from mailrouter.testing.book import MemoryCaseBook, StoredMail
+from mailrouter.testing.book import arrive as arrive_in_memory
 from mailrouter.testing.factory import reply as compose
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -78,14 +79,7 @@ def sample(name: str) -> bytes:
 def arrive(
     handler: Handler, book: MemoryCaseBook, raw: bytes, now: datetime = NOW, size: int | None = None
 ) -> Result:
-    """What `service.Pipeline.process` does with one mail, without the database."""
-    mail = handler.parse(raw)
-    key = mail.dedupe_key
-    arrival = Arrival(raw, key, None, now, mail, size if size is not None else len(raw))
-    earlier = book.earlier_outcome(key, None)
-    if earlier is not None:
-        return earlier
-    return handler.handle(book, arrival, mail)
+    return arrive_in_memory(handler, book, raw, now, size)
 
 
 _ids = itertools.count(1)
