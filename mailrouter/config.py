@@ -7,6 +7,7 @@ file without guessing. Nothing else reads YAML or the environment.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import ssl
@@ -381,6 +382,11 @@ class Config:
         return url
 
     def calendar(self) -> Calendar:
+        return self._calendar
+
+    @functools.cached_property
+    def _calendar(self) -> Calendar:
+        # Built once per configuration: due times and case summaries ask for it per mail.
         hours = self.settings.business_hours
         return Calendar(
             zone=ZoneInfo(self.settings.timezone),

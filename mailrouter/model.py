@@ -105,13 +105,9 @@ class Arrival:
     size: int
 
 
-# routed | needs_info | threaded | ignored | quarantined
-InboundOutcome = Literal["routed", "needs_info", "threaded", "ignored", "quarantined"]
-
-
 @dataclass(frozen=True)
 class Result:
-    outcome: str  # an InboundOutcome
+    outcome: str  # routed | needs_info | threaded | ignored | quarantined
     reason: str
     case_id: int | None = None
     duplicate: bool = False

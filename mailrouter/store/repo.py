@@ -373,9 +373,6 @@ class RecordingBook(SqlCaseBook):
     def cancel_pending_acks(self, case_id: int, reason: str) -> None:
         self.events.append((case_id, "acknowledgement_cancelled", reason))
 
-    def record_digest(self, recipient: str, period: str, now: datetime, message_id: str) -> None:
-        return None
-
 
 # --- reads outside the mail path: the IMAP intake's check, the scheduler, reports ----------
 

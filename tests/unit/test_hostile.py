@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -168,6 +167,6 @@ def test_the_sender_is_the_one_addr_spec_of_the_header(
     assert sender_of(header) == expected
 
 
-def test_the_sample_agent_is_still_herself(tmp_path: Path) -> None:
+def test_the_sample_agent_is_still_herself() -> None:
     assert HANDLER.parse(NORMAL).from_address == "laura.gomez@example.com"
     assert arrive(HANDLER, MemoryCaseBook(), NORMAL, NOW).outcome == "routed"
