@@ -14,13 +14,14 @@ import email
 import email.policy
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mailrouter.config import Config, ConfigError, load_config
-from mailrouter.core.parse import field_aliases, parse_message
+from mailrouter.config import Config, ConfigError, literal_secrets
+from mailrouter.core.parse import Deadline, Refused, field_aliases, parse_message
 from mailrouter.core.render import Renderer
 from mailrouter.core.route import decide
 from mailrouter.model import CaseInfo, OutgoingMail, case_tag
@@ -28,7 +29,9 @@ from mailrouter.store.db import Store
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    from mailrouter.service import load_checked
+
+    return load_checked(args.config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -51,12 +54,36 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if s.outbound.transport == "file"
         else f"SMTP {s.outbound.smtp.host}:{s.outbound.smtp.port}"
     )
+    for secret in literal_secrets(config.path):
+        print(secret, file=sys.stderr)
+    for warning in config_warnings(config):
+        print(f"{config.path}: warning: {warning}", file=sys.stderr)
     print(
         f"{config.path}: OK: intake <{s.intake.address}> via {intake}; "
         f"{len(config.providers)} providers ({', '.join(sorted(config.providers))}); "
         f"{len(s.routes)} routes; outbound {outbound}"
     )
     return 0
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but unsafe where strangers can write to the intake."""
+    s, warnings = config.settings, []
+    if s.authentication.require == "none":
+        warnings.append(
+            "authentication.require is none: a From header is believed as written; anyone "
+            "can write as an agent or a vendor (README, Security)"
+        )
+    elif s.intake.source == "smtp" and s.intake.listen.host not in (
+        "127.0.0.1",
+        "::1",
+        "localhost",
+    ):
+        warnings.append(
+            f"the SMTP listener on {s.intake.listen.host} trusts Authentication-Results: only "
+            "an MTA in front of it may reach it, or anyone can write those results"
+        )
+    return warnings
 
 
 def _text_of(data: bytes) -> str:
@@ -80,7 +107,13 @@ def _text_of(data: bytes) -> str:
 def cmd_route(args: argparse.Namespace) -> int:
     config = _load(args)
     raw = Path(args.file).read_bytes()
-    mail = parse_message(raw, field_aliases(config), config.settings.intake.address)
+    deadline = Deadline(config.settings.intake.mail_deadline_seconds)
+    try:
+        mail = parse_message(raw, field_aliases(config), config.settings.intake.address, deadline)
+    except Refused as exc:
+        print(f"Outcome:     quarantined ({exc})")
+        print("\nDry run: nothing was sent or written.")
+        return 0
     decision = decide(mail, config)
     labels = {name: spec.label for name, spec in config.settings.fields.items()}
     print(f"From:        {mail.from_name} <{mail.from_address}>")
@@ -212,6 +245,13 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_stem(address: str) -> str:
+    """A file name inside the preview folder made from an address, which came from a mail
+    and may hold "/" or "..": those become "_", so no path leaves the folder."""
+    stem = re.sub(r"[^A-Za-z0-9@._+-]", "_", address)[:200].lstrip(".")
+    return stem or "_"
+
+
 def cmd_digest(args: argparse.Namespace) -> int:
     from mailrouter.daemon import Daemon, utc_now
     from mailrouter.service import Followup
@@ -234,7 +274,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
             for subtype in ("html", "plain"):
                 part = msg.get_body(preferencelist=(subtype,))
                 suffix = "html" if subtype == "html" else "txt"
-                target = folder / f"{digest.recipient}.{suffix}"
+                target = folder / f"{_file_stem(digest.recipient)}.{suffix}"
                 target.write_text(str(part.get_content()) if part else "", encoding="utf-8")
                 print(target)
         return 0

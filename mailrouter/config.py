@@ -17,10 +17,44 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import re2  # type: ignore[import-untyped]
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is reported as a config problem
+# Unicode spaces an HTML mail is full of, which RE2's \s (ASCII only, unlike Python's)
+# does not match: mail text is given to admin patterns with them made plain spaces.
+_PLAIN_SPACES = str.maketrans(
+    dict.fromkeys(
+        "\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
+        "\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000",
+        " ",
+    )
+)
+
+
+@functools.lru_cache(maxsize=256)
+def linear_pattern(pattern: str) -> Any:
+    """An admin's regular expression (routes, ticket numbers) compiled by RE2 (google-re2),
+    which matches in time linear in the text whatever the pattern: `(a+)+$` costs what
+    `a+` costs, where Python's engine backtracks for minutes on one crafted line. Raises
+    ValueError for what RE2 cannot run: backreferences and lookaround."""
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(
+            f"bad regular expression {pattern!r}: {reason} (patterns run on RE2, in linear "
+            "time: no backreferences or lookaround)"
+        ) from exc
+
+
+def pattern_search(pattern: str, text: str) -> Any:
+    """`re.search` with an admin's pattern, on RE2 (see `linear_pattern`)."""
+    return linear_pattern(pattern).search(text.translate(_PLAIN_SPACES))
 
 
 @dataclass(frozen=True)
@@ -82,6 +116,8 @@ class IntakeSettings(_Model):
     listen: ListenSettings = ListenSettings()
     imap: ImapSettings = ImapSettings()
     max_message_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    # Reading one mail (MIME, HTML, fields) stops after this long: it is quarantined.
+    mail_deadline_seconds: float = Field(30.0, gt=0)
 
     @field_validator("address")
     @classmethod
@@ -148,10 +184,7 @@ class Condition(_Model):
             raise ValueError("'equals'/'matches' only go with 'field'")
         for pattern in (self.matches, self.subject):
             if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ValueError(f"bad regular expression {pattern!r}: {exc}") from exc
+                linear_pattern(pattern)
         return self
 
     @property
@@ -231,6 +264,25 @@ class LoopSettings(_Model):
     max_relays_per_case_per_hour: int = Field(20, ge=0, description="0: no limit")
 
 
+class AuthenticationSettings(_Model):
+    """Whose word to take on who sent a mail (see core/authn.py and the README's Security)."""
+
+    # Authentication-Results from these receiving hosts only (their authserv-id).
+    trusted_authserv_ids: list[str] = []
+    # none: From is believed as written. dmarc: the From domain passes DMARC. dkim-or-spf:
+    # an aligned DKIM signature or SPF pass (or DMARC) is enough.
+    require: Literal["none", "dmarc", "dkim-or-spf"] = "none"
+
+    @model_validator(mode="after")
+    def _someone_to_trust(self) -> AuthenticationSettings:
+        if self.require != "none" and not self.trusted_authserv_ids:
+            raise ValueError(
+                f"require: {self.require} needs trusted_authserv_ids: the receiving hosts "
+                "whose Authentication-Results count"
+            )
+        return self
+
+
 class Settings(_Model):
     intake: IntakeSettings
     allowed_senders: list[str] = Field(min_length=1)
@@ -250,6 +302,7 @@ class Settings(_Model):
     fields: dict[str, FieldSpec]
     routes: list[Route] = Field(min_length=1)
     loop_protection: LoopSettings = LoopSettings()
+    authentication: AuthenticationSettings = AuthenticationSettings()
     business_hours: BusinessHours = BusinessHours()
     # Vendors that open tickets and have not sent one this many hours after the forward
     # are flagged "no vendor acknowledgement".
@@ -312,13 +365,8 @@ class Provider(_Model):
     @field_validator("ticket_number")
     @classmethod
     def _one_group(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                groups = re.compile(value).groups
-            except re.error as exc:
-                raise ValueError(f"bad regular expression {value!r}: {exc}") from exc
-            if groups < 1:
-                raise ValueError("needs a group (...) around the number")
+        if value is not None and linear_pattern(value).groups < 1:
+            raise ValueError("needs a group (...) around the number")
         return value
 
     @property
@@ -504,6 +552,39 @@ def _validate(
             message = error["msg"].removeprefix("Value error, ")
             problems.append(Problem(path, _line_of(node, loc), _field_name(loc), message))
         return None, problems
+
+
+_SECRET_KEY = re.compile(r"(?i)(password|secret|token)$")
+
+
+def literal_secrets(path: Path) -> list[Problem]:
+    """Secrets written in the file itself (a `password:` that is not `${ENV_VAR}`): they
+    end up in backups, tickets and git. Told as warnings; the file still loads."""
+    data, node = _read_yaml(path)
+    found: list[Problem] = []
+
+    def walk(value: Any, loc: tuple[int | str, ...]) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, str) and item and _SECRET_KEY.search(str(key)):
+                    if not _ENV_REF.search(item):
+                        where = (*loc, key)
+                        found.append(
+                            Problem(
+                                path,
+                                _line_of(node, where),
+                                _field_name(where),
+                                "warning: a secret written in the file; use ${ENV_VAR}",
+                            )
+                        )
+                else:
+                    walk(item, (*loc, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, (*loc, index))
+
+    walk(data, ())
+    return found
 
 
 def load_config(path: Path | str) -> Config:

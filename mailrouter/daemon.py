@@ -30,13 +30,13 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from mailrouter.config import Config, ConfigError, load_config
+from mailrouter.config import Config, ConfigError
 from mailrouter.deliver.sender import Sender
 from mailrouter.deliver.transports import make_transport, outbound_lanes
 from mailrouter.intake.imap import ImapIntake
 from mailrouter.intake.smtp import start_smtp_server
 from mailrouter.model import IntakeHooks
-from mailrouter.service import Followup, Pipeline
+from mailrouter.service import Followup, Pipeline, load_checked
 from mailrouter.store.db import Store
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Daemon:
         the intake, outbound and database settings in use need a restart to change.
         """
         try:
-            new = load_config(self.config.path)
+            new = load_checked(self.config.path)
         except ConfigError as exc:
             log.error("configuration reload refused; still running the last good one:\n%s", exc)
             return False

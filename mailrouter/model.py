@@ -46,6 +46,13 @@ def content_hash(raw: bytes) -> str:
     return hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
 
 
+def body_hash(raw: bytes) -> str:
+    """Hash of a mail's body (after the header's blank line), blind to CRLF vs LF."""
+    data = raw.replace(b"\r\n", b"\n")
+    _, blank, body = data.partition(b"\n\n")
+    return hashlib.sha256(body if blank else data).hexdigest()[:32]
+
+
 # --- one inbound mail --------------------------------------------------------------------
 
 
@@ -72,6 +79,8 @@ class ParsedMail:
     attachments: list[Attachment] = field(default_factory=list)
     # Why a machine wrote this mail (and so it must never be answered), or None.
     machine_reason: str | None = None
+    # The Authentication-Results header values, top to bottom (core/authn.py reads them).
+    auth_results: tuple[str, ...] = ()
 
     @property
     def content_hash(self) -> str:
@@ -79,9 +88,14 @@ class ParsedMail:
 
     @property
     def dedupe_key(self) -> str:
-        """What identifies this mail wherever it arrives from (IMAP, SMTP, twice)."""
+        """What identifies this mail wherever it arrives from (IMAP, SMTP, twice): its
+        Message-ID with its sender and a digest of its body. A Message-ID alone can be
+        taken in advance by anyone (a stranger who sends one first would make the real
+        mail a "duplicate"); the same mail arriving twice has the same body, whatever
+        headers the hops in between added."""
         if self.message_id:
-            return f"mid:{self.message_id}"
+            # Body digest and sender first: the column keeps 1024 characters.
+            return f"mid:{body_hash(self.raw)}:{self.from_address}:{self.message_id}"
         return f"sha256:{self.content_hash}"
 
 

@@ -15,16 +15,21 @@ the reason, so one bad mail never blocks the rest.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 
-from mailrouter.config import Config
+from mailrouter.config import Config, ConfigError, load_config
+from mailrouter.core.checks import template_problems
 from mailrouter.core.digests import Digest, build_digests, render_digest
 from mailrouter.core.handle import Handler
+from mailrouter.core.parse import Deadline, Refused
 from mailrouter.model import (
     REMINDED_STATUSES,
     Arrival,
@@ -44,17 +49,38 @@ from mailrouter.store.repo import RecordingBook, SqlCaseBook
 log = logging.getLogger(__name__)
 
 
+def load_checked(path: Path | str) -> Config:
+    """The configuration at `path`, with its templates rendered on a sample: a broken one
+    raises ConfigError listing every problem (a start fails, a reload keeps the last good
+    one) instead of failing on the first mail that needs the template."""
+    config = load_config(path)
+    problems = template_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
 class Pipeline:
     """Holds what processing needs; `process` is safe to call from several threads."""
 
-    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: Clock,
+        stopwatch: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`stopwatch`: what times the reading of a mail against its deadline."""
         self.config = config
         self.store = store
         self.clock = clock
+        self.stopwatch = stopwatch
         self.handler = Handler(config)
+        self.handler.renderer.load_all()
 
     def parse(self, raw: bytes) -> ParsedMail:
-        return self.handler.parse(raw)
+        seconds = self.config.settings.intake.mail_deadline_seconds
+        return self.handler.parse(raw, Deadline(seconds, self.stopwatch))
 
     def intake_hooks(self) -> IntakeHooks:
         """What an intake is handed to feed this pipeline."""
@@ -81,9 +107,13 @@ class Pipeline:
         now = self.clock()
         try:
             mail: ParsedMail | None = self.parse(raw)
+        except Refused as exc:
+            mail, failure = None, str(exc)
         except Exception as exc:
-            log.exception("cannot parse mail (%d bytes)", len(raw))
-            mail, failure = None, _summary(exc)
+            # A line, not a traceback: the mail is kept with the reason, and the log is
+            # read by people looking for what needs them (`--log-level debug` has it all).
+            log.debug("cannot parse mail", exc_info=True)
+            mail, failure = None, f"parse error: {_summary(exc)}"
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
         arrival = Arrival(raw, key, source, now, mail, whole_size or len(raw))
         for attempt in range(3):
@@ -95,7 +125,7 @@ class Pipeline:
                         book.remember_uid(source)
                         return earlier
                     if mail is None:
-                        return self.handler.quarantine(book, arrival, f"parse error: {failure}")
+                        return self.handler.quarantine(book, arrival, failure)
                     return self.handler.handle(book, arrival, mail)
             except Conflict:
                 # Another worker committed this mail, or the same mailbox's state, between
@@ -107,7 +137,7 @@ class Pipeline:
             except Exception as exc:
                 # A poison mail: this mail makes our code raise. Whatever it had half-written
                 # is rolled back; keep the mail aside with the reason and go on with the rest.
-                log.exception("processing failed; quarantining the mail")
+                log.debug("processing failed", exc_info=True)
                 with self.store.transaction() as session:
                     reason = f"processing error: {_summary(exc)}"
                     return self.handler.quarantine(SqlCaseBook(session), arrival, reason)
@@ -183,6 +213,7 @@ class Followup:
         self.store = store
         self.clock = clock
         self.handler = Handler(config)
+        self.handler.renderer.load_all()
 
     def remind(self, chunk: int = 50) -> int:
         """Queue the reminders due now; return how many were queued. Works through the

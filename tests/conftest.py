@@ -108,6 +108,20 @@ def relay() -> Iterator[RecordingRelay]:
 
 
 @pytest.fixture
+def ascii_relay() -> Iterator[RecordingRelay]:
+    """A relay that does not offer SMTPUTF8 (RFC 6531); aiosmtpd's Controller (the `relay`
+    fixture) offers it by default, as Postfix and Exchange Online do."""
+    port = free_port()
+    recorder = RecordingRelay("127.0.0.1", port)
+    controller = Controller(recorder, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        yield recorder
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
 def private_dovecot() -> Iterator[Dovecot]:
     """A Dovecot of the test's own, which it may stop and start."""
     binary = dovecot_binary()

@@ -19,8 +19,10 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from mailrouter.config import PRIORITIES, Config, Provider
+from mailrouter.core.authn import authenticate
 from mailrouter.core.digests import age_text
 from mailrouter.core.parse import (
+    Deadline,
     agent_part,
     bounce_details,
     field_aliases,
@@ -46,6 +48,7 @@ from mailrouter.model import (
     Attachment,
     CaseData,
     CaseRecord,
+    Commands,
     Decision,
     FailedMail,
     ImapSource,
@@ -59,6 +62,8 @@ from mailrouter.model import (
 log = logging.getLogger(__name__)
 
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+# The reason a mail without the proof `authentication.require` asks for is kept aside.
+UNAUTHENTICATED = "unauthenticated sender"
 
 
 class CaseBook(Protocol):
@@ -70,16 +75,18 @@ class CaseBook(Protocol):
     # this mail, seen before? who sent how much?
     def earlier_outcome(self, key: str, source: ImapSource | None) -> Result | None: ...
     def mails_from(self, address: str, since: datetime) -> int: ...
+    def quarantined_from(self, address: str, reason: str, since: datetime) -> int: ...
 
     # which case
     def case(self, case_id: int) -> CaseRecord | None: ...
-    def case_by_thread(self, message_ids: list[str], tagged: int | None) -> CaseRecord | None: ...
+    def case_by_thread(self, message_ids: list[str]) -> CaseRecord | None: ...
     def case_by_ticket(self, provider: str, ticket: str) -> CaseRecord | None: ...
     def cases_of_client(self, provider: str, client_key: str) -> Sequence[CaseRecord]: ...
     def case_of_bounced(self, message_ids: list[str]) -> CaseRecord | None: ...
 
     # what a case holds
     def inbound_raws(self, case_id: int) -> list[bytes]: ...
+    def has_written(self, case_id: int, address: str) -> bool: ...
     def thread_ids(self, case_id: int, ours: str, theirs: str) -> list[str]: ...
     def forward_subject(self, case_id: int) -> str | None: ...
     def relays_of(self, case_id: int, since: datetime) -> int: ...
@@ -104,8 +111,8 @@ class Handler:
         self.renderer = Renderer(config)
         self.aliases = field_aliases(config)
 
-    def parse(self, raw: bytes) -> ParsedMail:
-        return parse_message(raw, self.aliases, self.config.settings.intake.address)
+    def parse(self, raw: bytes, deadline: Deadline | None = None) -> ParsedMail:
+        return parse_message(raw, self.aliases, self.config.settings.intake.address, deadline)
 
     def handle(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
         """The outcome of a mail the router has not seen before, written through `book`."""
@@ -134,9 +141,18 @@ class Handler:
         return Result("quarantined", reason)
 
     def _apply(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
-        """Which path a mail takes: a vendor's reply, machine mail, a stranger, an agent on a
-        case's thread, a duplicate or resend, or a new escalation."""
+        """Which path a mail takes: a sender who cannot prove who they are, a vendor's reply,
+        machine mail, a stranger, an agent on a case's thread, a duplicate or resend, or a
+        new escalation."""
         config, now = self.config, arrival.now
+        vendors = vendors_of(mail.from_address, config)
+        allowed = sender_allowed(mail.from_address, config.settings.allowed_senders)
+        if allowed or vendors:
+            verdict = authenticate(
+                mail.auth_results, mail.from_address, config.settings.authentication
+            )
+            if not verdict.passed:
+                return self._unauthenticated(book, arrival, mail, verdict.reason)
         limits = config.settings.loop_protection
         if limits.max_per_sender_per_hour and mail.from_address:
             recent = book.mails_from(mail.from_address, now - timedelta(hours=1))
@@ -146,11 +162,9 @@ class Handler:
                     f"(loop_protection.max_per_sender_per_hour)"
                 )
                 return self.quarantine(book, arrival, reason)
-        case = book.case_by_thread(
-            [i for i in [mail.in_reply_to, *mail.references] if i],
-            tagged_case_id(mail.subject, config.settings.case_tag_prefix),
-        )
-        vendors = vendors_of(mail.from_address, config)
+        case = book.case_by_thread([i for i in [mail.in_reply_to, *mail.references] if i])
+        if case is None:
+            case = self._tagged_case(book, mail)
         if case is None and vendors:
             case = self._case_by_ticket(book, mail, vendors)
         if case is not None and self._from_vendor(mail, case):
@@ -164,7 +178,7 @@ class Handler:
             reason = f"machine mail: {mail.machine_reason}"
             self._inbound(book, arrival, "ignored", reason, "machine", case)
             return Result("ignored", reason, case.id if case else None)
-        if not sender_allowed(mail.from_address, config.settings.allowed_senders):
+        if not allowed:
             if vendors:
                 return self.quarantine(book, arrival, "unmatched vendor reply")
             return self.quarantine(book, arrival, decide(mail, config).reason)
@@ -192,6 +206,65 @@ class Handler:
             subject=mail.subject,
         )
         return self._open(book, arrival, mail, decision, case)
+
+    def _tagged_case(self, book: CaseBook, mail: ParsedMail) -> CaseRecord | None:
+        """The case a mail names only by the tag in its subject. Tags are sequential and easy
+        to guess, so the tag alone threads only a participant's mail."""
+        tagged = tagged_case_id(mail.subject, self.config.settings.case_tag_prefix)
+        case = book.case(tagged) if tagged is not None else None
+        if case is None or self._participant(book, case, mail.from_address):
+            return case
+        log.info(
+            "%s named in a subject by %s, who is not on the case: not threaded",
+            self._tag(case),
+            mail.from_address,
+        )
+        return None
+
+    def _participant(self, book: CaseBook, case: CaseRecord, address: str) -> bool:
+        """The case's agent, a lead, its vendor, or someone who already wrote on it."""
+        provider = self.config.providers.get(case.provider)
+        return (
+            address == case.agent_address
+            or address in self._leads()
+            or (provider is not None and is_vendor(address, provider))
+            or book.has_written(case.id, address)
+        )
+
+    def _leads(self) -> set[str]:
+        return {lead.lower() for lead in self.config.settings.team.leads}
+
+    def _unauthenticated(
+        self, book: CaseBook, arrival: Arrival, mail: ParsedMail, reason: str
+    ) -> Result:
+        """Mail that names an agent or a vendor in From without the proof `authentication`
+        asks for: kept aside, never acted on; the leads hear of the first one per sender per
+        day (a forger can send many)."""
+        now, leads = arrival.now, sorted(self._leads())
+        zone = self.config.calendar().zone
+        local = now.astimezone(zone)
+        day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        earlier = book.quarantined_from(mail.from_address, UNAUTHENTICATED, day_start)
+        result = self.quarantine(book, arrival, f"{UNAUTHENTICATED}: {reason}")
+        if earlier or not leads:
+            return result
+        context = {
+            "sender": mail.from_address,
+            "reason": reason,
+            "original_subject": mail.subject,
+            "message_id": mail.message_id or "",
+            "intake_address": self.config.settings.intake.address,
+        }
+        alert = self.renderer.compose(
+            "unauthenticated_alert",
+            "unauthenticated_alert.j2",
+            context,
+            leads,
+            now=now,
+            to_agent=True,
+        )
+        book.queue(None, now, alert)
+        return result
 
     def _case_by_ticket(
         self, book: CaseBook, mail: ParsedMail, vendors: list[Provider]
@@ -275,6 +348,9 @@ class Handler:
         commands = parse_commands(agent_part(mail.body, sign_offs=False))
         self._inbound(book, arrival, "threaded", f"agent reply on {tag}", "agent_reply", case)
         case.updated_at = now
+        if _asked(commands) and not self._may_command(case, mail.from_address):
+            self._refuse_commands(book, case, mail, commands, now)
+            commands = Commands(text=commands.text)
         for note in commands.notes:
             book.event(case.id, now, "note", f"{mail.from_address}: {note}")
         for followup in commands.followups:
@@ -304,6 +380,35 @@ class Handler:
             book.event(case.id, now, "closed", f"closed by {mail.from_address}")
         log.info("%s: agent reply from %s (%s)", tag, mail.from_address, case.status)
         return Result("threaded", f"agent reply on {tag}", case.id)
+
+    def _may_command(self, case: CaseRecord, address: str) -> bool:
+        """A case's commands are its agent's and the leads' alone."""
+        return address == case.agent_address or address in self._leads()
+
+    def _refuse_commands(
+        self, book: CaseBook, case: CaseRecord, mail: ParsedMail, commands: Commands, now: datetime
+    ) -> None:
+        refused = _command_lines(commands)
+        log.warning(
+            "%s: commands from %s refused (not the case's agent or a lead): %s",
+            self._tag(case),
+            mail.from_address,
+            ", ".join(refused),
+        )
+        book.event(case.id, now, "commands_refused", f"{mail.from_address}: {', '.join(refused)}")
+        self._to_agent(
+            book,
+            case,
+            self.config.providers[case.provider],
+            "commands_refused",
+            "commands_refused.j2",
+            now,
+            agent={"name": mail.from_name, "address": mail.from_address},
+            thread=ThreadHeaders(mail.message_id, mail.references),
+            original_subject=mail.subject,
+            refused=refused,
+            case_agent=case.agent_address,
+        )
 
     def _duplicate(
         self,
@@ -473,14 +578,17 @@ class Handler:
         if failed.case_id is None:
             return
         detail = f"{failed.kind} to {', '.join(failed.recipients)} failed: {failed.error}"
+        log.warning(
+            "%s: %s", case_tag(self.config.settings.case_tag_prefix, failed.case_id), detail
+        )
         book.event(failed.case_id, now, "delivery_failed", detail)
         case = book.case(failed.case_id)
         if case is not None and failed.kind in ("forward", "relay_to_vendor"):
             self._undeliverable(book, case, now, failed.error)
 
     def _undeliverable(self, book: CaseBook, case: CaseRecord, now: datetime, error: str) -> None:
-        """The vendor cannot be reached: say so on the case and to the agent, instead of the
-        acknowledgement that would have said it was sent."""
+        """The vendor cannot be reached: say so on the case, to the agent and the leads,
+        instead of the acknowledgement that would have said it was sent."""
         if case.status == "undeliverable":
             return
         case.status, case.updated_at = "undeliverable", now
@@ -495,6 +603,7 @@ class Handler:
                 "undeliverable",
                 "undeliverable.j2",
                 now,
+                also=sorted(self._leads() - {case.agent_address}),
                 error=error,
                 original_subject=case.subject,
             )
@@ -510,9 +619,11 @@ class Handler:
         *,
         thread: ThreadHeaders | None = None,
         agent: dict[str, str] | None = None,
+        also: Sequence[str] = (),
         **extra: Any,
     ) -> None:
-        """Queue a mail about a case to its agent, in the conversation the agent started."""
+        """Queue a mail about a case to its agent (and `also` to these), in the conversation
+        the agent started."""
         context = self.renderer.case_context(
             case_info(case, self.config),
             provider,
@@ -532,7 +643,7 @@ class Handler:
             kind,
             template,
             context,
-            [to],
+            [to, *also],
             now=now,
             to_agent=True,
             attachments=extra.get("attachments", ()),
@@ -694,3 +805,16 @@ class Handler:
         mail = self.renderer.compose(kind, f"{kind}.j2", context, to, now=now, to_agent=True)
         book.queue(case.id, now, mail)
         book.event(case.id, now, kind, ", ".join(to))
+
+
+def _asked(commands: Commands) -> bool:
+    return bool(commands.close or commands.priority or commands.notes or commands.followups)
+
+
+def _command_lines(commands: Commands) -> list[str]:
+    """The commands of a reply as the agent wrote them, for a refusal."""
+    lines = ["#resuelto"] if commands.close else []
+    lines += [f"#prioridad {commands.priority}"] if commands.priority else []
+    lines += [f"#nota {note}"[:200] for note in commands.notes]
+    lines += [f"#seguimiento {text}"[:200] for text in commands.followups]
+    return lines

@@ -18,8 +18,9 @@ import email.message
 import email.policy
 import logging
 import re
+import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.parser import BytesFeedParser
@@ -93,6 +94,13 @@ def decode_header_text(raw: str | None) -> str:
     return clean_header(text)
 
 
+def subject_of(raw: object) -> str:
+    """The subject, cut to `SUBJECT_LIMIT` characters: it is copied into every mail a case
+    produces, the digest and the case list (a 1.4 MB subject was, every time)."""
+    text = decode_header_text(str(raw)[: SUBJECT_LIMIT * 16] if raw is not None else None)
+    return text if len(text) <= SUBJECT_LIMIT else text[: SUBJECT_LIMIT - 1] + "…"
+
+
 def _msgid(raw: str | None) -> str | None:
     if not raw:
         return None
@@ -120,6 +128,8 @@ FIELD_TEXT_LIMIT = 256 * 1024
 # HTML beyond this many characters is not converted: fields are at the top of a mail, and
 # a converter's cost grows with its input (a 7 MB table once held a worker for minutes).
 HTML_TEXT_LIMIT = 256 * 1024
+# Characters of a subject kept (and copied into the mails about its case).
+SUBJECT_LIMIT = 300
 
 
 def html_to_text(html: str) -> str:
@@ -449,21 +459,82 @@ def sender_of(raw_from: object) -> tuple[str, str]:
     return clean_header(decode_header_text(name)), address.lower()
 
 
-def parse_message(raw: bytes, aliases: Mapping[str, str], loop_token: str) -> ParsedMail:
-    """Everything the router needs to know about one raw mail."""
+class Refused(ValueError):
+    """A mail the router does not read further; the message is the quarantine's reason."""
+
+
+class Deadline:
+    """How long reading one mail may take, checked between the steps of `parse_message`.
+    Each step's cost is bounded by the limits above (header, parts, text and HTML caps),
+    so a mail stops within a step of its deadline, and the worker goes on with the next.
+    Checked between steps, not by interrupting a thread: an exception thrown into one can
+    land inside a lock's acquire and its `try`, and leave the lock held for good."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.clock = seconds, clock
+        self.expires = clock() + seconds
+
+    def check(self, step: str) -> None:
+        if self.clock() > self.expires:
+            raise Refused(
+                f"reading the mail took over {self.seconds:g} s (stopped at {step}; "
+                "intake.mail_deadline_seconds)"
+            )
+
+
+# Shapes no escalation has, refused before the costly parse: a header of hundreds of
+# kilobytes, thousands of header fields or MIME parts, MIME nested deeper than the stdlib
+# parser can recurse (it raises RecursionError at about a thousand levels).
+HEADER_LIMIT = 256 * 1024
+MAX_HEADER_FIELDS = 1000
+MAX_PARTS = 1000
+MAX_MULTIPART = 100
+_MULTIPART = re.compile(rb"(?im)^content-type:\s*multipart/")
+
+
+def _refuse_shape(raw: bytes) -> None:
+    ends = [raw.find(blank, 0, HEADER_LIMIT) for blank in (b"\n\n", b"\r\n\r\n")]
+    if len(raw) > HEADER_LIMIT and max(ends) < 0:
+        raise Refused(f"header over {HEADER_LIMIT // 1024} KB")
+    for count, _ in enumerate(_MULTIPART.finditer(raw), start=1):
+        if count > MAX_MULTIPART:
+            raise Refused(f"more than {MAX_MULTIPART} multipart MIME containers")
+
+
+def _refuse_tree(msg: email.message.Message) -> None:
+    if len(msg) > MAX_HEADER_FIELDS:
+        raise Refused(f"more than {MAX_HEADER_FIELDS} header fields")
+    for count, _ in enumerate(msg.walk(), start=1):
+        if count > MAX_PARTS:
+            raise Refused(f"more than {MAX_PARTS} MIME parts")
+
+
+def parse_message(
+    raw: bytes, aliases: Mapping[str, str], loop_token: str, deadline: Deadline | None = None
+) -> ParsedMail:
+    """Everything the router needs to know about one raw mail. Raises `Refused` for a mail
+    of a shape no escalation has, or that takes longer than `deadline` to read."""
+    check = deadline.check if deadline is not None else lambda step: None
+    _refuse_shape(raw)
     msg = read_message(raw)
+    check("MIME")
+    _refuse_tree(msg)
     from_name, from_address = sender_of(msg.get("From"))
     try:
         plain, html, attachments = _bodies_mailparser(msg)
     except Exception as exc:  # mail-parser gives up on some broken MIME the stdlib reads
         log.debug("mail-parser failed (%s); using the standard library", exc)
+        check("the bodies")
         plain, html, attachments = _bodies_stdlib(msg)
+    check("the bodies")
     body = plain if plain.strip() else html_to_text(html) if html.strip() else ""
+    check("the HTML")
     agent_text = agent_part(body[:FIELD_TEXT_LIMIT])
+    check("the text")
     return ParsedMail(
         raw=raw,
         message_id=_msgid(msg.get("Message-ID")),
-        subject=decode_header_text(msg.get("Subject")),
+        subject=subject_of(msg.get("Subject")),
         from_address=from_address,
         from_name=clean_header(from_name),
         to=[
@@ -478,4 +549,5 @@ def parse_message(raw: bytes, aliases: Mapping[str, str], loop_token: str) -> Pa
         fields=extract_fields(agent_text, aliases),
         attachments=attachments,
         machine_reason=machine_reason(msg, from_address, loop_token),
+        auth_results=tuple(_raw_text(v) for v in msg.get_all("Authentication-Results", [])[:16]),
     )

@@ -85,6 +85,11 @@ class _WirePolicy(Compat32):
             and (self._fits(name, value) or name.lower() in _ID_HEADERS)
         ):
             return f"{name}: {value}{self.linesep}".encode("ascii")
+        if name.lower() == "to" and isinstance(value, str) and not value.isascii():
+            # An address with a non-ASCII local part: RFC 6532 writes it as UTF-8 (it
+            # leaves only through a relay that offers SMTPUTF8); an encoded word would
+            # turn the address into text that no server delivers to.
+            return f"{name}: {_PRINTABLE_ONLY(' ', value)}{self.linesep}".encode()
         return super().fold_binary(name, value)
 
     def _fits(self, name: str, value: str) -> bool:
@@ -115,6 +120,7 @@ def _parsed_address(header: str) -> tuple[str, str]:
 
 
 _PLAIN_HEADER = re.compile(r"[\t -~]*").fullmatch
+_PRINTABLE_ONLY = re.compile(r"[\x00-\x1f\x7f\u0080-\u009f\u2028\u2029]").sub
 
 
 _WIRE = _WirePolicy(linesep="\r\n")
@@ -198,6 +204,13 @@ class Renderer:
             # mails of one configuration: no stat of the file for every mail rendered.
             auto_reload=False,
         )
+
+    def load_all(self) -> None:
+        """Compile every template now: a daemon that refuses a reload keeps rendering the
+        templates of its last good configuration, even those no mail has needed yet, and
+        not whatever the folder holds by then."""
+        for name in self.env.list_templates(filter_func=lambda name: name.endswith(".j2")):
+            self.env.get_template(name)
 
     def render(self, template: str, context: dict[str, Any]) -> tuple[str, str]:
         """Subject and body text of one template."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
-from mailrouter.config import PRIORITIES, Condition, Config, Provider, Route
+from mailrouter.config import PRIORITIES, Condition, Config, Provider, Route, pattern_search
 from mailrouter.core.parse import normalize
 from mailrouter.model import Decision, MissingField, ParsedMail
 
@@ -53,12 +53,12 @@ def sender_allowed(address: str, patterns: list[str]) -> bool:
 
 def condition_matches(condition: Condition, mail: ParsedMail) -> bool:
     if condition.subject is not None:
-        return re.search(condition.subject, mail.subject) is not None
+        return pattern_search(condition.subject, mail.subject) is not None
     if condition.sender is not None:
         return fnmatch.fnmatchcase(mail.from_address, condition.sender.lower())
     value = mail.fields.get(condition.field or "", "")
     if condition.matches is not None:
-        return re.search(condition.matches, value) is not None
+        return pattern_search(condition.matches, value) is not None
     return normalize(value) in {normalize(v) for v in condition.equals_list}
 
 

@@ -15,8 +15,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mailrouter.config import Config, Provider
-from mailrouter.core.parse import normalize
+from mailrouter.config import Config, Provider, pattern_search
+from mailrouter.core.parse import FIELD_TEXT_LIMIT, normalize
 from mailrouter.core.route import normalize_priority
 from mailrouter.model import (
     OPEN_STATUSES,
@@ -47,10 +47,10 @@ def ticket_in(mail: ParsedMail, provider: Provider) -> str | None:
     """The vendor's ticket number in the subject or the new text of its mail."""
     if not provider.ticket_number:
         return None
-    for text in (mail.subject, mail.body):
-        match = re.search(provider.ticket_number, text)
-        if match:
-            return match.group(1)
+    for text in (mail.subject, mail.body[:FIELD_TEXT_LIMIT]):
+        match = pattern_search(provider.ticket_number, text)
+        if match and match.group(1):
+            return str(match.group(1))
     return None
 
 

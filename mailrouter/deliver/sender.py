@@ -29,9 +29,10 @@ from mailrouter.store.outbox import OnFailed, Outbox, OutboxRow
 log = logging.getLogger(__name__)
 
 
-def file_name(row_id: int, kind: str, recipients: list[str]) -> str:
-    recipient = re.sub(r"[^A-Za-z0-9@._-]", "_", (recipients or ["nobody"])[0])
-    return f"{row_id:06d}-{kind}-{recipient}"
+def file_name(row_id: int, kind: str) -> str:
+    """What a transport names a mail by: ours alone (an address can be any length and any
+    character; the recipient is inside the file)."""
+    return f"{row_id:06d}-{re.sub(r'[^a-z_]', '_', kind[:32])}"
 
 
 class Sender:
@@ -199,10 +200,7 @@ class Sender:
             raw = row.raw if row.raw is not None else self.store.read_raw(row_id)
             try:
                 await self.transport.send(
-                    row.sender,
-                    list(row.recipients),
-                    raw,
-                    file_name(row_id, row.kind, row.recipients),
+                    row.sender, list(row.recipients), raw, file_name(row_id, row.kind)
                 )
                 # Before anything else: from here a kill no longer repeats the mail.
                 self.journal.record(row_id)
@@ -211,6 +209,12 @@ class Sender:
                 return False
             except PermanentFailure as exc:
                 await asyncio.to_thread(self._fail, row_id, str(exc))
+                return False
+            except Exception as exc:
+                # A mail our own code cannot send (a bug, or bytes no transport takes): it
+                # fails alone, once, with the reason, and every other mail keeps moving.
+                reason = f"cannot be sent: {type(exc).__name__}: {exc}"[:500]
+                await asyncio.to_thread(self._fail, row_id, reason)
                 return False
             finally:
                 del raw

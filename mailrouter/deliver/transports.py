@@ -8,6 +8,7 @@ connection errors are `TemporaryFailure` (the sender retries with backoff), 5xx 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ import aiosmtplib
 
 from mailrouter.config import Config, SmtpSettings, tls_context
 from mailrouter.model import is_large
+
+log = logging.getLogger(__name__)
 
 
 class TemporaryFailure(Exception):
@@ -41,13 +44,16 @@ class FileTransport:
         self.directory = directory
 
     async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / f"{name}.eml"
         partial = target.with_suffix(".eml.part")
         envelope = f"X-Envelope-From: {sender}\r\nX-Envelope-To: {', '.join(recipients)}\r\n"
-        # Written aside and renamed, so a reader never sees half a mail.
-        partial.write_bytes(envelope.encode() + data)
-        os.replace(partial, target)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # Written aside and renamed, so a reader never sees half a mail.
+            partial.write_bytes(envelope.encode("utf-8", "replace") + data)
+            os.replace(partial, target)
+        except OSError as exc:  # a full disk or a folder we may not write: fixed, it goes
+            raise TemporaryFailure(f"cannot write {target}: {exc.strerror or exc}") from exc
 
     async def close(self) -> None:
         return None
@@ -99,12 +105,24 @@ class SmtpTransport:
 
     async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
         client: aiosmtplib.SMTP | None = None
+        # An address with a non-ASCII local part goes only to a relay that offers SMTPUTF8
+        # (RFC 6531); to any other it cannot be written, and no retry changes that.
+        utf8 = not all(address.isascii() for address in [sender, *recipients])
         try:
             client = await self._checkout()
             if is_large(len(data)):
-                errors = await _send_in_slices(client, sender, recipients, data)
+                errors = await _send_in_slices(client, sender, recipients, data, utf8)
             else:
-                errors, _ = await client.sendmail(sender, recipients, data)
+                options = ["SMTPUTF8"] if utf8 else []
+                errors, _ = await client.sendmail(sender, recipients, data, mail_options=options)
+        except aiosmtplib.SMTPNotSupported as exc:
+            if not utf8 or client is None:  # STARTTLS or AUTH missing: the relay's setup
+                await _quit(client)
+                raise TemporaryFailure(f"relay: {exc}") from exc
+            self._idle.append(client)  # refused before MAIL FROM: the connection is clean
+            raise PermanentFailure(
+                "a non-ASCII address, and the relay does not offer SMTPUTF8"
+            ) from exc
         except aiosmtplib.SMTPAuthenticationError as exc:
             await _quit(client)
             # A refused login is the relay's or our configuration, not this mail's fault:
@@ -126,12 +144,12 @@ class SmtpTransport:
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from exc
         self._idle.append(client)
         if errors:
-            # Some recipients refused: every mail we queue has one recipient, so this
-            # only happens for hand-made rows; treat it like the all-refused case.
+            # The relay took the mail for the other recipients (a lead beside the agent):
+            # it is sent; sending it again would repeat it to them.
             detail = "; ".join(
                 f"{rcpt}: {resp.code} {resp.message}" for rcpt, resp in errors.items()
             )
-            raise PermanentFailure(detail)
+            log.warning("%s: sent, but these recipients were refused: %s", name, detail)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -173,7 +191,7 @@ def data_size(data: bytes) -> int:
 
 
 async def _send_in_slices(
-    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes, utf8: bool
 ) -> dict[str, aiosmtplib.SMTPResponse]:
     """`sendmail` for a large mail. aiosmtplib prepares the whole mail at once (twice
     when the relay announces SIZE), which costs about five times the mail in memory;
@@ -184,11 +202,16 @@ async def _send_in_slices(
     options = []
     if client.supports_extension("size"):
         options.append(f"SIZE={data_size(data)}")
-    await client.mail(sender, options=options)
+    if utf8:
+        if not client.supports_extension("smtputf8"):
+            raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
+        options.append("SMTPUTF8")
+    encoding = "utf-8" if utf8 else "ascii"
+    await client.mail(sender, options=options, encoding=encoding)
     refused = []
     for recipient in recipients:
         try:
-            await client.rcpt(recipient)
+            await client.rcpt(recipient, encoding=encoding)
         except aiosmtplib.SMTPRecipientRefused as exc:
             refused.append(exc)
     if len(refused) == len(recipients):

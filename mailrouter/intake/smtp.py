@@ -45,8 +45,12 @@ class SmtpIntake:
             raw = raw.encode("utf-8", "surrogateescape")
         try:
             await asyncio.to_thread(self._process, raw)
-        except Exception:
-            log.exception("could not store an incoming mail; asking the client to retry")
+        except Exception as exc:
+            log.warning(
+                "could not store an incoming mail (%s: %s); asking the client to retry",
+                type(exc).__name__,
+                exc,
+            )
             return "451 4.3.0 Temporary failure storing the message, try again later"
         self.on_committed()
         # Nothing about what became of it: the sender may be anybody, and the outcome

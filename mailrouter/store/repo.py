@@ -147,6 +147,20 @@ class SqlCaseBook:
                 Message.direction == "in",
                 Message.sender == address[:320],
                 Message.created_at >= since,
+                Message.outcome != "quarantined",
+            )
+        )
+        return int(count or 0)
+
+    def quarantined_from(self, address: str, reason: str, since: datetime) -> int:
+        """How many mails from `address` since `since` were kept aside for `reason`."""
+        count = self.session.scalar(
+            select(func.count(Message.id)).where(
+                Message.direction == "in",
+                Message.sender == address[:320],
+                Message.created_at >= since,
+                Message.outcome == "quarantined",
+                Message.reason.startswith(reason, autoescape=True),
             )
         )
         return int(count or 0)
@@ -156,13 +170,12 @@ class SqlCaseBook:
     def case(self, case_id: int) -> Case | None:
         return self.session.get(Case, case_id)
 
-    def case_by_thread(self, message_ids: list[str], tagged: int | None) -> Case | None:
-        """The case of the newest of our stored mails among `message_ids`, else case `tagged`."""
-        if message_ids:
-            case_id = self.session.scalar(_CASE_OF_MESSAGE_IDS, {"ids": message_ids})
-            if case_id is not None:
-                return self.session.get(Case, case_id)
-        return self.session.get(Case, tagged) if tagged is not None else None
+    def case_by_thread(self, message_ids: list[str]) -> Case | None:
+        """The case of the newest of our stored mails among `message_ids`."""
+        if not message_ids:
+            return None
+        case_id = self.session.scalar(_CASE_OF_MESSAGE_IDS, {"ids": message_ids})
+        return self.session.get(Case, case_id) if case_id is not None else None
 
     def case_by_ticket(self, provider: str, ticket: str) -> Case | None:
         """The newest case of `provider` that carries the vendor's ticket number `ticket`."""
@@ -205,6 +218,20 @@ class SqlCaseBook:
                 .where(Message.case_id == case_id, Message.direction == "in")
             )
         )
+
+    def has_written(self, case_id: int, address: str) -> bool:
+        """Whether `address` wrote on the case (a mail of theirs was taken into it)."""
+        found = self.session.scalar(
+            select(Message.id)
+            .where(
+                Message.case_id == case_id,
+                Message.direction == "in",
+                Message.sender == address[:320],
+                Message.outcome != "quarantined",
+            )
+            .limit(1)
+        )
+        return found is not None
 
     def thread_ids(self, case_id: int, ours: str, theirs: str) -> list[str]:
         """Message-IDs, oldest first, of our `ours` mails and their `theirs` mails on a case."""

@@ -91,18 +91,32 @@ class MemoryCaseBook:
         return None
 
     def mails_from(self, address: str, since: datetime) -> int:
-        return sum(1 for m in self.inbound() if m.sender == address and m.created_at >= since)
+        return sum(
+            1
+            for m in self.inbound()
+            if m.sender == address and m.created_at >= since and m.outcome != "quarantined"
+        )
+
+    def quarantined_from(self, address: str, reason: str, since: datetime) -> int:
+        return sum(
+            1
+            for m in self.inbound()
+            if m.sender == address
+            and m.created_at >= since
+            and m.outcome == "quarantined"
+            and (m.reason or "").startswith(reason)
+        )
 
     # --- which case ---------------------------------------------------------------------------
 
     def case(self, case_id: int) -> CaseData | None:
         return self.cases.get(case_id)
 
-    def case_by_thread(self, message_ids: list[str], tagged: int | None) -> CaseData | None:
+    def case_by_thread(self, message_ids: list[str]) -> CaseData | None:
         ours = [m for m in self.messages if m.message_id in message_ids and m.case_id is not None]
         if ours:
             return self.cases.get(max(ours, key=lambda m: m.id).case_id or 0)
-        return self.cases.get(tagged) if tagged is not None else None
+        return None
 
     def case_by_ticket(self, provider: str, ticket: str) -> CaseData | None:
         found = [
@@ -131,6 +145,12 @@ class MemoryCaseBook:
 
     def inbound_raws(self, case_id: int) -> list[bytes]:
         return [m.raw for m in self.inbound() if m.case_id == case_id]
+
+    def has_written(self, case_id: int, address: str) -> bool:
+        return any(
+            m.case_id == case_id and m.sender == address and m.outcome != "quarantined"
+            for m in self.inbound()
+        )
 
     def thread_ids(self, case_id: int, ours: str, theirs: str) -> list[str]:
         return [

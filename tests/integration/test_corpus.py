@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from mailrouter.config import load_config
+from mailrouter.deliver.sender import Sender
+from mailrouter.deliver.transports import SmtpTransport
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
-from tests.conftest import CORPUS
+from mailrouter.testing.servers import RecordingRelay
+from tests.conftest import CORPUS, deliver_due
 
 FILES = sorted(CORPUS.glob("*.eml"))
 
@@ -60,3 +64,40 @@ def test_corpus_mail_reaches_an_outcome(pipeline: Pipeline, path: Path) -> None:
         stored = row.raw if row is not None else None
     if not result.duplicate:
         assert stored == raw
+
+
+def test_the_corpus_goes_through_and_out_without_a_traceback(
+    write_config: Callable[..., Path],
+    ascii_relay: RecordingRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every corpus mail in, and everything it causes out through a relay without SMTPUTF8
+    (the harder case: some corpus senders have non-ASCII addresses), and not one
+    traceback in the log: each mail and each outgoing row ends with a line and a reason."""
+    caplog.set_level(logging.DEBUG, logger="mailrouter")
+    relay = {"host": ascii_relay.host, "port": ascii_relay.port, "security": "none"}
+    config = load_config(
+        write_config({"allowed_senders": ["*"], "outbound": {"transport": "smtp", "smtp": relay}})
+    )
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, lambda: datetime(2026, 11, 16, tzinfo=UTC))
+    sender = Sender(
+        store,
+        SmtpTransport(config.settings.outbound.smtp),
+        config.settings.outbound.retry,
+        lambda: datetime(2026, 11, 16, tzinfo=UTC),
+        on_failed=pipeline.delivery_failed,
+        lanes=2,
+    )
+    for path in FILES:
+        pipeline.process(path.read_bytes())
+    for _ in range(3):  # the failure notices the first pass queues, and theirs
+        deliver_due(sender)
+    rows = store.outbound()
+    assert rows and all(m.delivery in ("sent", "failed", "cancelled") for m in rows)
+    assert sum(m.delivery == "sent" for m in rows) > len(rows) // 2
+    failed = [m.last_error or "" for m in rows if m.delivery == "failed"]
+    assert not [e for e in failed if e.startswith("cannot be sent")], failed
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info and r.levelno > 10]
+    assert not tracebacks
+    assert "Traceback" not in caplog.text

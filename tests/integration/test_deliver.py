@@ -116,8 +116,8 @@ def test_file_transport_writes_each_row_once(
     assert asyncio.run(sender.deliver_due()) == 0
     files = sorted(p.name for p in config.outbox_dir.iterdir())
     assert files == [
-        "000002-forward-soporte@hibot.us.eml",
-        "000003-acknowledgement-laura.gomez@example.com.eml",
+        "000002-forward.eml",
+        "000003-acknowledgement.eml",
     ]
     text = (config.outbox_dir / files[0]).read_bytes()
     assert b"X-Envelope-To: soporte@hibot.us" in text
@@ -512,3 +512,104 @@ def test_a_sender_closed_with_marks_it_cannot_write_leaves_its_journal(
     other = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
     assert asyncio.run(other.deliver_due()) == 0
     assert {m.delivery for m in store.outbound()} == {"sent"}
+
+
+# --- a mail that cannot leave fails alone (issue 18, item 6) -----------------------------------
+
+UTF8_VENDOR = "Lastßname@hibot.us"
+
+
+def test_a_non_ascii_recipient_fails_alone_without_smtputf8(
+    write_config: Callable[..., Path],
+    ascii_relay: RecordingRelay,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = ascii_relay
+    monkeypatch.setenv("MAILROUTER_HIBOT_ADDRESS", UTF8_VENDOR)
+    pipeline, sender = smtp_setup(write_config, relay, clock, lanes=2)
+    hibot = pipeline.process(escalation("01-hibot-basic.eml")).case_id
+    panda = pipeline.process(escalation("02-panda-basic.eml")).case_id
+    assert hibot is not None and panda is not None
+    deliver_due(sender)
+    deliver_due(sender)  # the failure notice queued by the first pass
+    forward = sender.store.outbound(hibot)[0]
+    assert forward.kind == "forward" and forward.delivery == "failed"
+    assert forward.attempts == 1  # refused once, never retried
+    assert "SMTPUTF8" in (forward.last_error or "")
+    assert {c.id: c.status for c in sender.store.cases()} == {
+        hibot: "undeliverable",
+        panda: "open",
+    }
+    # Every other mail went, the failure notice among them (to the agent and the lead).
+    assert len(relay.to("soporte_revendedores@clickpanda.com")) == 1
+    (notice,) = relay.to("laura.gomez@example.com")
+    assert b"SMTPUTF8" in notice.data
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_a_non_ascii_recipient_goes_through_a_relay_with_smtputf8(
+    write_config: Callable[..., Path],
+    relay: RecordingRelay,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAILROUTER_HIBOT_ADDRESS", UTF8_VENDOR)
+    pipeline, sender = smtp_setup(write_config, relay, clock)
+    pipeline.process(escalation("01-hibot-basic.eml"))
+    assert deliver_due(sender) == 2
+    (forward,) = relay.to(UTF8_VENDOR)
+    assert f"To: {UTF8_VENDOR}".encode() in forward.data
+    assert all(m.delivery == "sent" for m in sender.store.outbound())
+
+
+class _BrokenFor(FileTransport):
+    """Fault injection: a transport whose own code raises for one recipient (a bug)."""
+
+    def __init__(self, directory: Path, victim: str) -> None:
+        super().__init__(directory)
+        self.victim = victim
+
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        if self.victim in recipients:
+            raise UnicodeEncodeError("ascii", self.victim, 0, 1, "injected")
+        await super().send(sender, recipients, data, name)
+
+
+def test_an_error_of_our_own_fails_that_row_once_and_the_rest_goes(
+    write_config: Callable[..., Path], clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, clock)
+    transport = _BrokenFor(config.outbox_dir, "soporte@hibot.us")
+    sender = Sender(
+        store, transport, config.settings.outbound.retry, clock, on_failed=pipeline.delivery_failed
+    )
+    pipeline.process(escalation("01-hibot-basic.eml"))
+    pipeline.process(escalation("02-panda-basic.eml"))
+    asyncio.run(sender.deliver_due())
+    asyncio.run(sender.deliver_due())
+    rows = {(m.kind, tuple(m.recipients)): m for m in store.outbound()}
+    broken = rows[("forward", ("soporte@hibot.us",))]
+    assert broken.delivery == "failed" and broken.attempts == 1
+    assert (broken.last_error or "").startswith("cannot be sent: UnicodeEncodeError")
+    assert rows[("forward", ("soporte_revendedores@clickpanda.com",))].delivery == "sent"
+    assert rows[("undeliverable", ("laura.gomez@example.com", "lider.soporte@example.com"))]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_outbox_files_are_named_from_ids_whatever_the_address(
+    write_config: Callable[..., Path], clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILROUTER_HIBOT_ADDRESS", "a" * 240 + "/../x@hibot.us")
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
+    sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
+    assert asyncio.run(sender.deliver_due()) == 2
+    assert sorted(p.name for p in config.outbox_dir.iterdir()) == [
+        "000002-forward.eml",
+        "000003-acknowledgement.eml",
+    ]

@@ -226,7 +226,7 @@ def test_digest_commands(
     assert sent(Store(config.database_url), "digest") == []  # dry: nothing queued
     assert main(["--config", str(config_path), "digest", "--now"]) == 0
     assert "2 digests queued; 4 mails sent" in capsys.readouterr().out  # + the case's 2
-    assert len(list(config.outbox_dir.glob("*-digest-*.eml"))) == 2
+    assert len(list(config.outbox_dir.glob("*-digest.eml"))) == 2
 
 
 @pytest.mark.integration
@@ -278,3 +278,20 @@ def test_long_digests_list_the_most_urgent_cases_and_count_the_rest(
     assert digests[LEAD].subject == f"Escalaciones: {len(overdue)} vencidas, 6 abiertas"
     text = followup.render_digest(digests[LEAD]).data.decode()
     assert "y 4 casos m=C3=A1s" in text  # quoted-printable "más"
+
+
+def test_digest_preview_writes_only_inside_its_folder(
+    write_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An agent address is whatever a mail's From held: "/" and ".." are valid in it.
+    config_path = write_config()
+    config = load_config(config_path)
+    escaping = "../../escaped/x@example.com"
+    raw = escalation("02-panda-basic.eml").replace(b"andres.perez@example.com", escaping.encode())
+    result = Pipeline(config, Store(config.database_url), lambda: datetime.now(UTC)).process(raw)
+    assert result.outcome == "routed"
+    preview = tmp_path / "a" / "b" / "preview"
+    assert main(["--config", str(config_path), "digest", "--preview", str(preview)]) == 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".html", ".txt")]
+    assert written and all(p.parent == preview for p in written), written
+    assert (preview / "_.._escaped_x@example.com.html").is_file()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import itertools
+import logging
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -310,3 +312,32 @@ def test_attachments_are_encoded_in_slices_exactly_as_whole(size: int) -> None:
     payload = random.Random(size).randbytes(size)
     whole = base64.encodebytes(payload).replace(b"\n", b"\r\n")[:-2]
     assert b"".join(_base64_lines(payload)) == whole
+
+
+def test_a_mail_over_its_deadline_is_quarantined_and_the_next_goes_on(
+    write_config: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config(write_config())
+    # The stopwatch jumps 100 s while the first mail is read; then time stands still.
+    ticks = itertools.chain([0.0, 100.0], itertools.repeat(100.0))
+    pipeline = Pipeline(config, Store(config.database_url), lambda: NOW, lambda: next(ticks))
+    first = pipeline.process(escalation("01-hibot-basic.eml"))
+    assert first.outcome == "quarantined"
+    assert first.reason.startswith("reading the mail took over 30 s (stopped at MIME")
+    assert pipeline.process(escalation("02-panda-basic.eml")).outcome == "routed"
+    (kept,) = [m for m in pipeline.store.inbound() if m.outcome == "quarantined"]
+    assert kept.raw == escalation("01-hibot-basic.eml")
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_mail_our_code_cannot_parse_is_quarantined_without_a_traceback(
+    pipeline: Pipeline, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(raw: bytes) -> None:
+        raise LookupError("a bug of ours, on this mail")
+
+    monkeypatch.setattr(pipeline, "parse", broken)
+    result = pipeline.process(escalation("01-hibot-basic.eml"))
+    assert result.outcome == "quarantined"
+    assert result.reason.startswith("parse error: LookupError: a bug of ours")
+    assert not [r for r in caplog.records if r.exc_info and r.levelno >= logging.INFO]

@@ -233,7 +233,7 @@ def test_bounce_of_a_forward_marks_case_undeliverable(pipeline: Pipeline) -> Non
     (case,) = pipeline.store.cases()
     assert case.status == "undeliverable"
     (notice,) = sent(pipeline, "undeliverable")
-    assert notice.recipients == ["laura.gomez@example.com"]
+    assert notice.recipients == ["laura.gomez@example.com", "lider.soporte@example.com"]
     text = body_of(notice)
     assert "soporte@hibot.us" in text and "5.1.1" in text and "User unknown" in text
 

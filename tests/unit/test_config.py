@@ -10,6 +10,8 @@ import pytest
 
 from mailrouter.cli import main
 from mailrouter.config import ConfigError, load_config
+from mailrouter.core.checks import template_problems
+from mailrouter.service import load_checked
 from tests.conftest import PROJECT
 
 
@@ -173,3 +175,123 @@ def test_check_config_command(
     assert main(["--config", str(broken), "check-config"]) == 1
     err = capsys.readouterr().err
     assert f"{broken}:{line_of(broken, 'port: 99999')}: intake.listen.port:" in err
+
+
+def test_check_config_warns_while_from_is_believed_as_written(
+    write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", str(write_config()), "check-config"]) == 0
+    assert "warning: authentication.require is none" in capsys.readouterr().err
+    trusted = {"trusted_authserv_ids": ["mx.example.com"], "require": "dmarc"}
+    assert main(["--config", str(write_config({"authentication": trusted})), "check-config"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    exposed = write_config(
+        {"authentication": trusted, "intake": {"source": "smtp", "listen": {"host": "0.0.0.0"}}}
+    )
+    assert main(["--config", str(exposed), "check-config"]) == 0
+    assert "the SMTP listener on 0.0.0.0 trusts Authentication-Results" in capsys.readouterr().err
+
+
+def test_a_requirement_without_a_trusted_host_is_refused(write_config: Callable[..., Path]) -> None:
+    path = write_config({"authentication": {"require": "dkim-or-spf"}})
+    found = problems_of(path)
+    assert any(
+        f"{path}:" in p and "authentication: require: dkim-or-spf needs trusted_authserv_ids" in p
+        for p in found
+    ), found
+
+
+# --- templates are rendered on a sample case at check time (issue 18, item 8) ----------------
+
+
+def broken_templates(tmp_path: Path, **changes: tuple[str, str] | None) -> Path:
+    """A copy of the shipped templates with `name=(old, new)` replaced (None: removed)."""
+    folder = tmp_path / "templates"
+    shutil.copytree(PROJECT / "templates", folder)
+    for name, change in changes.items():
+        path = folder / f"{name}.j2"
+        if change is None:
+            path.unlink()
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert change[0] in text
+        path.write_text(text.replace(change[0], change[1], 1), encoding="utf-8")
+    return folder
+
+
+def template_errors(write_config: Callable[..., Path], folder: Path) -> list[str]:
+    path = write_config({"templates_dir": str(folder)})
+    load_config(path)  # the files' shape is fine: only the templates are wrong
+    with pytest.raises(ConfigError) as caught:
+        load_checked(path)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_the_shipped_templates_render_on_a_sample(write_config: Callable[..., Path]) -> None:
+    assert template_problems(load_config(write_config())) == []
+
+
+def test_a_template_syntax_error_is_reported_with_its_line(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    folder = broken_templates(
+        tmp_path, acknowledgement=("{{ case.priority }}", "{{ case.priority }")
+    )
+    (problem,) = template_errors(write_config, folder)
+    path = folder / "acknowledgement.j2"
+    line = line_of(path, "{{ case.priority }")
+    assert problem.startswith(f"{path}:{line}: template: ")
+
+
+def test_an_unknown_variable_is_reported_with_its_line(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    folder = broken_templates(
+        tmp_path,
+        undeliverable=("{{ error }}", "{{ eror }}"),
+        urgent_alert=("{{ fields.cliente }}", "{{ fields.clinte }}"),
+    )
+    found = template_errors(write_config, folder)
+    assert len(found) == 2, found
+    undeliverable, urgent = folder / "undeliverable.j2", folder / "urgent_alert.j2"
+    assert any(
+        p.startswith(f"{undeliverable}:{line_of(undeliverable, '{{ eror }}')}: template: ")
+        and "'eror' is undefined" in p
+        for p in found
+    ), found
+    assert any(
+        p.startswith(f"{urgent}:{line_of(urgent, 'fields.clinte')}:") and "clinte" in p
+        for p in found
+    ), found
+
+
+def test_a_missing_template_is_reported(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    folder = broken_templates(tmp_path, commands_refused=None)
+    assert template_errors(write_config, folder) == [
+        f"{folder / 'commands_refused.j2'}:1: template: no such template"
+    ]
+
+
+def test_check_config_exits_1_on_a_broken_template(
+    write_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = broken_templates(tmp_path, digest=("{{ digest.subject }}", "{{ digest.subjet }}"))
+    path = write_config({"templates_dir": str(folder)})
+    assert main(["--config", str(path), "check-config"]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'digest.j2'}:1: template:" in err and "subjet" in err
+    assert "Traceback" not in err
+
+
+def test_check_config_warns_of_a_secret_written_in_the_file(
+    write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config({"outbound": {"smtp": {"password": "hunter2"}}})
+    assert main(["--config", str(path), "check-config"]) == 0
+    err = capsys.readouterr().err
+    line = line_of(path, "password: hunter2")
+    assert f"{path}:{line}: outbound.smtp.password: warning: a secret written in the file" in err
+    assert "hunter2" not in err  # nor is it repeated where the output may be pasted
+    from_env = write_config({"outbound": {"smtp": {"password": "${SMTP_PASSWORD:-}"}}})
+    assert main(["--config", str(from_env), "check-config"]) == 0
+    assert "a secret written" not in capsys.readouterr().err

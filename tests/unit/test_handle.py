@@ -495,7 +495,7 @@ def test_bounce_of_the_forward_makes_the_case_undeliverable(
     assert book.cases[1].status == "undeliverable"
     assert (ack.delivery, forward.delivery) == ("cancelled", "pending")
     notice = only(book, "undeliverable")
-    assert notice.recipients == [LAURA]
+    assert notice.recipients == [LAURA, LEAD]  # the leads hear too
     text = body_of(notice)
     assert HIBOT in text and "5.1.1" in text and "User unknown" in text
     assert book.inbound()[-1].kind == "bounce"
@@ -553,7 +553,7 @@ def test_failed_forward_makes_the_case_undeliverable(
         f"forward to {HIBOT} failed: 550 5.1.1 User unknown"
     ]
     assert ack.delivery == "cancelled"
-    assert only(book, "undeliverable").recipients == [LAURA]
+    assert only(book, "undeliverable").recipients == [LAURA, LEAD]  # the leads hear too
 
 
 def test_failed_acknowledgement_is_only_recorded(handler: Handler, book: MemoryCaseBook) -> None:

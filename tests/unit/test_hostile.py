@@ -7,16 +7,29 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailrouter.config import load_config
+from mailrouter.cli import main
+from mailrouter.config import Condition, ConfigError, load_config
 from mailrouter.core.handle import Handler
-from mailrouter.core.parse import _labels_and_values, html_to_text, normalize, sender_of
+from mailrouter.core.parse import (
+    Deadline,
+    Refused,
+    _labels_and_values,
+    html_to_text,
+    normalize,
+    sender_of,
+)
+from mailrouter.core.route import condition_matches
+from mailrouter.core.threads import ticket_in
 from mailrouter.testing.book import MemoryCaseBook, arrive
 from tests.conftest import ESCALATIONS, PROJECT
 
@@ -170,3 +183,136 @@ def test_the_sender_is_the_one_addr_spec_of_the_header(
 def test_the_sample_agent_is_still_herself() -> None:
     assert HANDLER.parse(NORMAL).from_address == "laura.gomez@example.com"
     assert arrive(HANDLER, MemoryCaseBook(), NORMAL, NOW).outcome == "routed"
+
+
+# --- 8. an admin's pattern cannot backtrack on mail text ------------------------------------
+
+
+def route_on_subject(pattern: str) -> Handler:
+    config = load_config(PROJECT / "config.yaml")
+    routes = [
+        config.settings.routes[0].model_copy(
+            update={"name": "trap", "when": Condition(subject=pattern)}
+        ),
+        *config.settings.routes,
+    ]
+    settings = config.settings.model_copy(update={"routes": routes})
+    return Handler(replace(config, settings=settings))
+
+
+def test_a_catastrophic_route_pattern_runs_in_linear_time() -> None:
+    # On Python's engine, (a+)+$ against 30 a's and a b takes minutes; the subject is
+    # cut to 300 characters, so the field pattern is tried on a field of 256 KB too.
+    handler = route_on_subject(r"(a+)+$")
+    hostile = plain("Cliente: Lafise\n").replace(
+        b"Subject: Escalamiento HIBOT", b"Subject: " + b"a" * 290 + b"!"
+    )
+    normal = fastest(lambda: arrive(handler, MemoryCaseBook(), NORMAL, NOW))
+    cost = fastest(lambda: arrive(handler, MemoryCaseBook(), hostile, NOW))
+    assert cost < 10 * normal, f"{cost / normal:.0f}x a normal escalation"
+    field = Condition(field="cliente", matches=r"^(\w+\s?)*$")
+    mail = HANDLER.parse(plain("Cliente: " + "palabra " * 30_000 + "!\n"))
+    start = time.perf_counter()
+    assert not condition_matches(field, mail)
+    assert time.perf_counter() - start < 1000 * fastest(lambda: HANDLER.parse(NORMAL))
+
+
+def test_a_pattern_re2_cannot_run_is_refused_with_its_line(tmp_path: Path) -> None:
+    data = yaml.safe_load((PROJECT / "config.yaml").read_text(encoding="utf-8"))
+    data["providers_dir"] = str(PROJECT / "providers")
+    data["templates_dir"] = str(PROJECT / "templates")
+    data["routes"].insert(0, {"name": "eco", "when": {"subject": r"(\w+) \1"}, "to": "hibot"})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), "utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (problem,) = [str(p) for p in caught.value.problems]
+    assert problem.startswith(f"{path}:")
+    assert "routes[0].when: bad regular expression" in problem
+    assert "no backreferences or lookaround" in problem
+
+
+def test_a_ticket_number_after_a_non_breaking_space_is_still_found() -> None:
+    provider = HANDLER.config.providers["hibot"]
+    mail = HANDLER.parse(plain("Su ticket\xa0#\xa012345 fue creado", sender="carlos@hibot.us"))
+    assert ticket_in(mail, provider) == "12345"
+
+
+# --- bounded shapes and the per-mail deadline ---------------------------------------------
+
+HEAD = b"From: laura.gomez@example.com\nTo: escalaciones@example.com\nSubject: x\n"
+
+
+def nested(depth: int) -> bytes:
+    opening = b"".join(
+        b"Content-Type: multipart/mixed; boundary=B%d\n\n--B%d\n" % (i, i) for i in range(depth)
+    )
+    closing = b"".join(b"\n--B%d--\n" % i for i in reversed(range(depth)))
+    return HEAD + b"MIME-Version: 1.0\n" + opening + b"Content-Type: text/plain\n\nx\n" + closing
+
+
+def parts(count: int) -> bytes:
+    body = b"".join(b"--B\nContent-Type: text/plain\n\nparte %d\n" % i for i in range(count))
+    return HEAD + b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=B\n\n" + body
+
+
+SHAPES = {
+    "3000 nested multiparts": (nested(3000), "more than 100 multipart MIME containers"),
+    "5000 MIME parts": (parts(5000) + b"--B--\n", "more than 1000 MIME parts"),
+    "5000 header fields": (
+        HEAD + b"".join(b"X-H%d: v\n" % i for i in range(5_000)) + b"\nCliente: a\n",
+        "more than 1000 header fields",
+    ),
+    "a 5 MB header": (HEAD + b"X-Long: " + b"a " * 2_500_000 + b"\n\nx\n", "header over 256 KB"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_a_shape_no_escalation_has_is_refused_early(name: str) -> None:
+    raw, reason = SHAPES[name]
+    with pytest.raises(Refused, match=reason):
+        HANDLER.parse(raw)
+    normal = fastest(lambda: HANDLER.parse(NORMAL))
+
+    def refuse() -> None:
+        with pytest.raises(Refused):
+            HANDLER.parse(raw)
+
+    # Refused before the costly parse: cost per byte no worse than a normal mail's.
+    cost = fastest(refuse, runs=1)
+    assert cost / len(raw) < 3 * normal / len(NORMAL), f"{cost / normal:.0f}x a normal mail"
+
+
+def test_shapes_within_the_limits_are_read() -> None:
+    assert HANDLER.parse(nested(20)).from_address == "laura.gomez@example.com"
+    assert len(HANDLER.parse(parts(900) + b"--B--\n").attachments) == 0
+
+
+def test_the_deadline_stops_reading_between_steps() -> None:
+    ticks = iter([0.0, 0.5, 31.0])  # start, after the MIME, after the bodies
+    deadline = Deadline(30, clock=lambda: next(ticks))
+    with pytest.raises(Refused, match=r"took over 30 s \(stopped at the bodies"):
+        HANDLER.parse(NORMAL, deadline)
+    assert HANDLER.parse(NORMAL, Deadline(30)).fields["cliente"] == "Lafise Nicaragua"
+
+
+# --- `mailrouter route` on each hostile shape: an answer, within the bound ---------------
+
+
+@pytest.mark.parametrize(
+    "name", ["spaces 5000", "colons 5000", "3000 nested multiparts", "a 5 MB header"]
+)
+def test_route_answers_on_a_hostile_shape(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = plain(BLANK_RUNS[name]) if name in BLANK_RUNS else SHAPES[name][0]
+    hostile, normal = tmp_path / "hostile.eml", tmp_path / "normal.eml"
+    hostile.write_bytes(raw)
+    normal.write_bytes(NORMAL)
+    config = str(PROJECT / "config.yaml")
+    base = fastest(lambda: main(["--config", config, "route", str(normal)]))
+    cost = fastest(lambda: main(["--config", config, "route", str(hostile)]), runs=1)
+    out, err = capsys.readouterr()
+    assert "Outcome:" in out and "Traceback" not in err
+    # Per byte, no worse than a normal mail (the 5 MB header is 2,000 times its size).
+    assert cost < 3 * base * max(1.0, len(raw) / len(NORMAL) / 100), f"{cost / base:.1f}x"
