@@ -199,7 +199,11 @@ def write_config(
     data["providers_dir"] = str(PROJECT / "providers")
     data["templates_dir"] = str(PROJECT / "templates")
     # A burst of thousands from a few agents is the point here, not a loop.
-    data["loop_protection"] = {"max_per_sender_per_hour": 0, "max_relays_per_case_per_hour": 0}
+    # A burst is thousands of escalations from three agents: every one acknowledged.
+    data["loop_protection"] = {
+        "max_replies_per_address_per_hour": 0,
+        "max_relays_per_case_per_hour": 0,
+    }
     # The mail path is measured here; digests are timed on their own (whatever the weekday).
     data["digest"] = {"schedule": "0 3 29 2 *"}  # 29 February: once in four years
     path = folder / "config.yaml"

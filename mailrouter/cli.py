@@ -69,6 +69,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def config_warnings(config: Config) -> list[str]:
     """What is allowed but unsafe where strangers can write to the intake."""
     s, warnings = config.settings, []
+    if s.loop_protection.max_per_sender_per_hour is not None:
+        warnings.append(
+            "loop_protection.max_per_sender_per_hour is no longer used: escalations are never "
+            "limited; what the router sends to one address is (max_replies_per_address_per_hour)"
+        )
     if s.authentication.require == "none":
         warnings.append(
             "authentication.require is none: a From header is believed as written; anyone "

@@ -260,8 +260,13 @@ class DigestSettings(_Model):
 class LoopSettings(_Model):
     """Last-resort brakes for a loop that slips past every header check."""
 
-    max_per_sender_per_hour: int = Field(120, ge=0, description="0: no limit")
+    # Automatic replies (acknowledgements, missing fields, notices) to one address in an
+    # hour; past it the router stops answering that address for the hour. 0: no limit.
+    max_replies_per_address_per_hour: int = Field(10, ge=0)
     max_relays_per_case_per_hour: int = Field(20, ge=0, description="0: no limit")
+    # No longer used: escalations from allowed senders are never limited (what is limited
+    # is what the router sends). Accepted so older files load; check-config says so.
+    max_per_sender_per_hour: int | None = Field(None, ge=0)
 
 
 class AuthenticationSettings(_Model):

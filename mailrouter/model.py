@@ -22,6 +22,15 @@ from mailrouter.config import Provider, Route
 OPEN_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
 # Cases a digest lists: everything not closed.
 LISTED_STATUSES = ("open", "vendor_replied", "awaiting_vendor", "needs_info", "undeliverable")
+# Automatic answers to the sender of a mail: what `loop_protection` counts and withholds.
+REPLY_KINDS = (
+    "acknowledgement",
+    "needs_info",
+    "duplicate",
+    "too_large",
+    "commands_refused",
+    "commands_done",
+)
 # Cases that get overdue reminders.
 REMINDED_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
 
@@ -64,6 +73,17 @@ class Attachment:
 
 
 @dataclass(frozen=True)
+class Bounce:
+    """What a delivery failure report says: who failed for good, who is still being tried,
+    why, and which mails it returns (their Message-IDs)."""
+
+    permanent: list[str]
+    temporary: list[str]
+    reason: str
+    original_ids: list[str]
+
+
+@dataclass(frozen=True)
 class ParsedMail:
     raw: bytes
     message_id: str | None
@@ -81,10 +101,19 @@ class ParsedMail:
     machine_reason: str | None = None
     # The Authentication-Results header values, top to bottom (core/authn.py reads them).
     auth_results: tuple[str, ...] = ()
+    # The delivery failure this mail reports (`core.parse.bounce_of`), or None.
+    bounce: Bounce | None = None
 
     @property
     def content_hash(self) -> str:
         return content_hash(self.raw)
+
+    @property
+    def content_digest(self) -> str | None:
+        """A digest of the sender's own words (quotes and signature left out, case and
+        spacing ignored); None when there are none. A robot repeats it, a person rarely."""
+        words = " ".join(self.agent_text.lower().split())
+        return hashlib.sha256(words.encode()).hexdigest()[:32] if words else None
 
     @property
     def dedupe_key(self) -> str:

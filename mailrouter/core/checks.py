@@ -39,6 +39,7 @@ CASE_EXTRAS: dict[str, dict[str, Any]] = {
     "relay_to_vendor.j2": {"text": _TEXT, "subject": "Re: [ESC-000123] Ticket #4567"},
     "undeliverable.j2": {"error": "550 5.1.1 User unknown"},
     "commands_refused.j2": {"refused": ["#resuelto"], "case_agent": "agente@example.com"},
+    "commands_done.j2": {"done": ["#resuelto: el caso quedó cerrado"]},
     "reminder.j2": {
         "age": "2 días",
         "last_vendor_date": "2026-01-04 10:00",
@@ -84,6 +85,12 @@ def _standalone(config: Config) -> dict[str, dict[str, Any]]:
             "reason": "dmarc does not pass",
             "original_subject": "Asunto",
             "message_id": "x@example.com",
+            "intake_address": intake,
+        },
+        "replies_stopped.j2": {
+            "address": agent["address"],
+            "why": "10 automatic replies to it in the last hour",
+            "case_tag": "ESC-000123",
             "intake_address": intake,
         },
         "digest.j2": {"digest": digest, "intake_address": intake, "now": "2026-01-05 08:00"},

@@ -11,7 +11,6 @@ the scheduler.
 
 from __future__ import annotations
 
-import email
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,9 +23,7 @@ from mailrouter.core.digests import age_text
 from mailrouter.core.parse import (
     Deadline,
     agent_part,
-    bounce_details,
     field_aliases,
-    is_bounce,
     normalize,
     parse_message,
 )
@@ -34,6 +31,7 @@ from mailrouter.core.render import Renderer, case_info
 from mailrouter.core.route import decide, sender_allowed
 from mailrouter.core.sla import due_after, windows_overdue
 from mailrouter.core.threads import (
+    bare_subject,
     is_vendor,
     parse_commands,
     pick_earlier,
@@ -44,8 +42,10 @@ from mailrouter.core.threads import (
 )
 from mailrouter.model import (
     OPEN_STATUSES,
+    REPLY_KINDS,
     Arrival,
     Attachment,
+    Bounce,
     CaseData,
     CaseRecord,
     Commands,
@@ -62,6 +62,8 @@ from mailrouter.model import (
 log = logging.getLogger(__name__)
 
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+# How far back a sender's same text counts as a repetition (a robot's, not a person's).
+REPEAT_WINDOW = timedelta(hours=24)
 # The reason a mail without the proof `authentication.require` asks for is kept aside.
 UNAUTHENTICATED = "unauthenticated sender"
 
@@ -74,8 +76,10 @@ class CaseBook(Protocol):
 
     # this mail, seen before? who sent how much?
     def earlier_outcome(self, key: str, source: ImapSource | None) -> Result | None: ...
-    def mails_from(self, address: str, since: datetime) -> int: ...
     def quarantined_from(self, address: str, reason: str, since: datetime) -> int: ...
+    # whom did we answer, and what did they send?
+    def repeated(self, address: str, digest: str, since: datetime, other_than: str) -> bool: ...
+    def logged(self, address: str, kind: str, since: datetime) -> int: ...
 
     # which case
     def case(self, case_id: int) -> CaseRecord | None: ...
@@ -98,6 +102,7 @@ class CaseBook(Protocol):
         self, arrival: Arrival, outcome: str, reason: str, kind: str, case_id: int | None
     ) -> None: ...
     def remember_uid(self, source: ImapSource | None) -> None: ...
+    def log_address(self, address: str, kind: str, at: datetime) -> None: ...
     def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None: ...
     def queue(self, case_id: int | None, now: datetime, mail: OutgoingMail) -> None: ...
     def cancel_pending_acks(self, case_id: int, reason: str) -> None: ...
@@ -145,6 +150,11 @@ class Handler:
         machine mail, a stranger, an agent on a case's thread, a duplicate or resend, or a
         new escalation."""
         config, now = self.config, arrival.now
+        if mail.bounce is not None:
+            # First, before any sender or auto-reply check: a report comes from the relay's
+            # daemon, marked auto-replied, and is believed only about a mail of ours it
+            # quotes by Message-ID (which a stranger does not know).
+            return self._bounce(book, arrival, mail.bounce)
         vendors = vendors_of(mail.from_address, config)
         allowed = sender_allowed(mail.from_address, config.settings.allowed_senders)
         if allowed or vendors:
@@ -153,15 +163,6 @@ class Handler:
             )
             if not verdict.passed:
                 return self._unauthenticated(book, arrival, mail, verdict.reason)
-        limits = config.settings.loop_protection
-        if limits.max_per_sender_per_hour and mail.from_address:
-            recent = book.mails_from(mail.from_address, now - timedelta(hours=1))
-            if recent >= limits.max_per_sender_per_hour:
-                reason = (
-                    f"rate limit: {recent} mails from {mail.from_address} in the last hour "
-                    f"(loop_protection.max_per_sender_per_hour)"
-                )
-                return self.quarantine(book, arrival, reason)
         case = book.case_by_thread([i for i in [mail.in_reply_to, *mail.references] if i])
         if case is None:
             case = self._tagged_case(book, mail)
@@ -170,8 +171,6 @@ class Handler:
         if case is not None and self._from_vendor(mail, case):
             return self._vendor_reply(book, arrival, mail, case)
         if mail.machine_reason:
-            if is_bounce(mail):
-                return self._bounce(book, arrival, mail)
             log.info(
                 "ignored %s from %s: %s", mail.message_id, mail.from_address, mail.machine_reason
             )
@@ -241,10 +240,7 @@ class Handler:
         asks for: kept aside, never acted on; the leads hear of the first one per sender per
         day (a forger can send many)."""
         now, leads = arrival.now, sorted(self._leads())
-        zone = self.config.calendar().zone
-        local = now.astimezone(zone)
-        day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        earlier = book.quarantined_from(mail.from_address, UNAUTHENTICATED, day_start)
+        earlier = book.quarantined_from(mail.from_address, UNAUTHENTICATED, self._day_start(now))
         result = self.quarantine(book, arrival, f"{UNAUTHENTICATED}: {reason}")
         if earlier or not leads:
             return result
@@ -349,17 +345,24 @@ class Handler:
         self._inbound(book, arrival, "threaded", f"agent reply on {tag}", "agent_reply", case)
         case.updated_at = now
         if _asked(commands) and not self._may_command(case, mail.from_address):
-            self._refuse_commands(book, case, mail, commands, now)
+            self._refuse_commands(book, arrival, case, mail, commands)
             commands = Commands(text=commands.text)
+        done: list[str] = []  # what the commands did, for the sender's confirmation
         for note in commands.notes:
             book.event(case.id, now, "note", f"{mail.from_address}: {note}")
+            done.append(f"#nota: anotado en el historial del caso ({note[:80]})")
         for followup in commands.followups:
             book.event(case.id, now, "follow_up", f"{mail.from_address}: {followup}")
+            done.append(f"#seguimiento: registrado ({followup[:80]})")
         if commands.priority and commands.priority != case.priority:
             book.event(case.id, now, "priority", f"{case.priority} -> {commands.priority}")
+            done.append(f"#prioridad: {case.priority} -> {commands.priority}")
             case.priority = commands.priority
             if case.priority == "URGENTE":
                 self._alert_leads(book, case, self.config.providers[case.provider], now)
+                done[-1] += " (los líderes fueron avisados)"
+        elif commands.priority:
+            done.append(f"#prioridad: ya era {case.priority}")
         if case.status in OPEN_STATUSES:
             # Any word from the agent on the thread is a follow-up: the clock starts again.
             case.follow_up_due = self._due(now, case.priority)
@@ -378,6 +381,20 @@ class Handler:
         if commands.close:
             case.status, case.follow_up_due = "closed", None
             book.event(case.id, now, "closed", f"closed by {mail.from_address}")
+            done.append("#resuelto: el caso quedó cerrado")
+        if done and self._may_answer(book, arrival, mail, case):
+            self._to_agent(
+                book,
+                case,
+                self.config.providers[case.provider],
+                "commands_done",
+                "commands_done.j2",
+                now,
+                agent={"name": mail.from_name, "address": mail.from_address},
+                thread=ThreadHeaders(mail.message_id, mail.references),
+                original_subject=mail.subject,
+                done=done,
+            )
         log.info("%s: agent reply from %s (%s)", tag, mail.from_address, case.status)
         return Result("threaded", f"agent reply on {tag}", case.id)
 
@@ -386,9 +403,14 @@ class Handler:
         return address == case.agent_address or address in self._leads()
 
     def _refuse_commands(
-        self, book: CaseBook, case: CaseRecord, mail: ParsedMail, commands: Commands, now: datetime
+        self,
+        book: CaseBook,
+        arrival: Arrival,
+        case: CaseRecord,
+        mail: ParsedMail,
+        commands: Commands,
     ) -> None:
-        refused = _command_lines(commands)
+        now, refused = arrival.now, _command_lines(commands)
         log.warning(
             "%s: commands from %s refused (not the case's agent or a lead): %s",
             self._tag(case),
@@ -396,6 +418,8 @@ class Handler:
             ", ".join(refused),
         )
         book.event(case.id, now, "commands_refused", f"{mail.from_address}: {', '.join(refused)}")
+        if not self._may_answer(book, arrival, mail, case):
+            return
         self._to_agent(
             book,
             case,
@@ -443,6 +467,8 @@ class Handler:
             book, case, now, mail.agent_text, mail.attachments, mail.from_name, mail.from_address
         )
         agent = {"name": mail.from_name, "address": mail.from_address}
+        if not self._may_answer(book, arrival, mail, case):
+            return Result("threaded", reason, case.id)
         self._to_agent(
             book,
             case,
@@ -458,18 +484,24 @@ class Handler:
         log.info("%s: duplicate escalation from %s attached", tag, mail.from_address)
         return Result("threaded", reason, case.id)
 
-    def _bounce(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
-        """A delivery failure report: when it returns one of our mails to a vendor, the case
-        is undeliverable and its agent is told; any other bounce is only recorded."""
-        details = bounce_details(email.message_from_bytes(arrival.raw))
-        case = book.case_of_bounced(details.original_ids)
+    def _bounce(self, book: CaseBook, arrival: Arrival, bounce: Bounce) -> Result:
+        """A delivery failure report. About a mail of ours to a vendor: given up for good,
+        the case is undeliverable (its agent and the leads are told, once); still being
+        tried, the delay goes in the case's history. Any other report is only recorded.
+        Nothing is ever sent to a bounce."""
+        case = book.case_of_bounced(bounce.original_ids)
         if case is None:
-            reason = f"bounce not about a mail to a vendor: {details.reason}"
+            reason = f"bounce not about a mail to a vendor: {bounce.reason}"
             self._inbound(book, arrival, "ignored", reason, "bounce")
             return Result("ignored", reason)
-        reason = f"bounce of {self._tag(case)}: {details.reason}"
+        if not bounce.permanent:
+            reason = f"delivery delayed on {self._tag(case)}: {bounce.reason}"
+            self._inbound(book, arrival, "ignored", reason, "bounce", case)
+            book.event(case.id, arrival.now, "delivery_delayed", bounce.reason)
+            return Result("ignored", reason, case.id)
+        reason = f"bounce of {self._tag(case)}: {bounce.reason}"
         self._inbound(book, arrival, "ignored", reason, "bounce", case)
-        self._undeliverable(book, case, arrival.now, details.reason)
+        self._undeliverable(book, case, arrival.now, bounce.reason)
         return Result("ignored", reason, case.id)
 
     def _open(
@@ -500,7 +532,8 @@ class Handler:
         for outgoing in self.renderer.decision_mails(
             case_info(case, self.config), mail, decision, now
         ):
-            book.queue(case.id, now, outgoing)
+            if outgoing.kind not in REPLY_KINDS or self._may_answer(book, arrival, mail, case):
+                book.queue(case.id, now, outgoing)
         detail = f"{decision.reason}; forwarded to {provider.name} <{provider.address}>"
         book.event(
             case.id,
@@ -551,6 +584,8 @@ class Handler:
         result = self.quarantine(book, arrival, reason)
         if decide(mail, self.config).outcome not in ("route", "needs_info"):
             return result  # no answer to machines or strangers
+        if not self._may_answer(book, arrival, mail, None):
+            return result
         settings = self.config.settings
         context = {
             "agent": {"name": mail.from_name, "address": mail.from_address},
@@ -633,6 +668,9 @@ class Handler:
             case.subject,
         )
         context.update(extra)
+        context["original_subject"] = bare_subject(
+            context["original_subject"], self.config.settings.case_tag_prefix, case.vendor_ticket
+        )
         if agent is not None:
             context["agent"] = agent
         thread = thread or thread_headers(
@@ -699,6 +737,57 @@ class Handler:
 
     def _due(self, start: datetime, priority: str) -> datetime:
         return due_after(start, self.config.settings.sla_hours[priority], self.config.calendar())
+
+    # --- whom the router answers -----------------------------------------------------------
+
+    def _may_answer(
+        self, book: CaseBook, arrival: Arrival, mail: ParsedMail, case: CaseRecord | None
+    ) -> bool:
+        """Whether an automatic reply may go to the sender of `mail`: not when it sent this
+        same text before (a robot answering each of our mails), nor past
+        `max_replies_per_address_per_hour`. Each reply allowed is counted here."""
+        address, now = mail.from_address, arrival.now
+        limit = self.config.settings.loop_protection.max_replies_per_address_per_hour
+        digest = mail.content_digest
+        if digest and book.repeated(address, digest, now - REPEAT_WINDOW, arrival.key):
+            why = "it sent the same text again (a robot answering our mail?)"
+        elif limit and book.logged(address, "reply", now - timedelta(hours=1)) >= limit:
+            why = (
+                f"{limit} automatic replies to it in the last hour "
+                "(loop_protection.max_replies_per_address_per_hour)"
+            )
+        else:
+            book.log_address(address, "reply", now)
+            return True
+        self._stop_answering(book, address, why, now, case)
+        return False
+
+    def _stop_answering(
+        self, book: CaseBook, address: str, why: str, now: datetime, case: CaseRecord | None
+    ) -> None:
+        """No reply to `address`; the leads hear of it once a (local) day per address."""
+        where = f"{self._tag(case)}: " if case is not None else ""
+        log.warning("%snot answering %s: %s", where, address, why)
+        if case is not None:
+            book.event(case.id, now, "reply_withheld", f"{address}: {why}")
+        leads = sorted(self._leads())
+        if not leads or book.logged(address, "leads_told", self._day_start(now)):
+            return
+        book.log_address(address, "leads_told", now)
+        context = {
+            "address": address,
+            "why": why,
+            "case_tag": self._tag(case) if case is not None else "",
+            "intake_address": self.config.settings.intake.address,
+        }
+        alert = self.renderer.compose(
+            "replies_stopped", "replies_stopped.j2", context, leads, now=now, to_agent=True
+        )
+        book.queue(case.id if case is not None else None, now, alert)
+
+    def _day_start(self, now: datetime) -> datetime:
+        local = now.astimezone(self.config.calendar().zone)
+        return local.replace(hour=0, minute=0, second=0, microsecond=0)
 
     def _alert_leads(
         self, book: CaseBook, case: CaseRecord, provider: Provider, now: datetime

@@ -21,15 +21,15 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.parser import BytesFeedParser
 from email.utils import getaddresses
 
 import mailparser
+from flufl.bounce import all_failures
 
 from mailrouter.config import Config
-from mailrouter.model import Attachment, ParsedMail
+from mailrouter.model import Attachment, Bounce, ParsedMail
 
 log = logging.getLogger(__name__)
 
@@ -326,56 +326,99 @@ def machine_reason(msg: email.message.Message, from_address: str, loop_token: st
     return None
 
 
-_BOUNCE_REASON = re.compile(
-    r"report|bounce|null return|mailer-daemon|postmaster|post_master|undeliver|delivery|"
-    r"returned mail|failure",
+# A mail worth handing to the bounce library: a DSN, or mail from a mailer daemon, with a
+# null return path, or a bounce's subject. Anything else is not scanned (its heuristics are
+# for mail already known to be a report, and they cost a pass over the text).
+_BOUNCE_SUBJECT = re.compile(
+    r"^(undeliver|delivery (status|failure|has failed|notification)|mail delivery failed|"
+    r"returned mail|failure notice|non[- ]?delivery|no se pudo entregar|"
+    r"mensaje no entregado|unzustellbar|warning: could not send)",
     re.I,
 )
+# The bounce library reads the report's first this many bytes when a bounce returns a
+# large original: the report itself is at its top.
+BOUNCE_SCAN_LIMIT = 512 * 1024
 
 
-def is_bounce(mail: ParsedMail) -> bool:
-    """Machine mail that reports a delivery failure (a DSN or an old-style bounce)."""
-    return bool(mail.machine_reason) and bool(_BOUNCE_REASON.search(mail.machine_reason or ""))
+def _is_dsn(msg: email.message.Message) -> bool:
+    return (
+        msg.get_content_type() == "multipart/report"
+        and str(msg.get_param("report-type") or "").lower() == "delivery-status"
+    )
 
 
-@dataclass(frozen=True)
-class Bounce:
-    """What a delivery failure report says: who failed, why, and which mails bounced."""
+def _looks_like_bounce(msg: email.message.Message, from_address: str, raw: bytes) -> bool:
+    if _is_dsn(msg):
+        return True
+    local = from_address.split("@", 1)[0].lower()
+    return (
+        str(msg.get("Return-Path", "")).strip() == "<>"
+        or (not from_address and b"mailer-daemon" in raw[:4096].lower())
+        or local in ("mailer-daemon", "postmaster", "mail-daemon", "maildaemon")
+        or bool(_BOUNCE_SUBJECT.match(decode_header_text(msg.get("Subject"))))
+    )
 
-    recipients: list[str]
-    reason: str
-    original_ids: list[str]
+
+def bounce_of(msg: email.message.Message, from_address: str, raw: bytes) -> Bounce | None:
+    """The delivery failure this mail reports, or None. Recognised before any auto-reply
+    check: real MTAs mark their reports `Auto-Submitted: auto-replied` too. Who failed comes
+    from flufl.bounce (RFC 3464 DSNs and the shapes of Postfix, Exim, qmail, Exchange,
+    Yahoo...); the reason text and the status codes from the DSN's own fields, and the
+    returned Message-IDs from the text: the library gives neither."""
+    if not _looks_like_bounce(msg, from_address, raw):
+        return None
+    scanned = msg if len(raw) <= BOUNCE_SCAN_LIMIT else read_message(raw[:BOUNCE_SCAN_LIMIT])
+    try:
+        temporary, permanent = all_failures(scanned)
+    except Exception as exc:  # a detector that trips on a broken report: ours still reads it
+        log.debug("flufl.bounce gave up (%s)", exc)
+        temporary, permanent = frozenset(), frozenset()
+    delayed, failed, reasons = _dsn_fields(scanned)
+    gone = {_address_text(a) for a in permanent} | failed
+    later = ({_address_text(a) for a in temporary} | delayed) - failed
+    # A DSN's 4.x.x status says "still trying", whatever its Action line says.
+    later |= gone & delayed
+    gone -= later
+    if not gone and not later:
+        return None
+    text = raw[:BOUNCE_SCAN_LIMIT].decode("utf-8", "replace")
+    own = _msgid(msg.get("Message-ID"))
+    quoted = [i for i in dict.fromkeys(_QUOTED_ID.findall(text)) if i != own]
+    reason = "; ".join(reasons) or "the mail server returned the mail"
+    return Bounce(sorted(gone), sorted(later), reason, quoted)
 
 
-def bounce_details(msg: email.message.Message) -> Bounce:
-    """Recipients, status and diagnostic of a DSN (RFC 3464), and every Message-ID quoted in
-    the report (the bounced original's, in a DSN part or in a free-text bounce)."""
-    recipients: list[str] = []
+_QUOTED_ID = re.compile(r"<([^<>\s@]{1,250}@[^<>\s@]{1,250})>")
+
+
+def _address_text(address: bytes | str) -> str:
+    value = address.decode("utf-8", "replace") if isinstance(address, bytes) else address
+    return value.strip().strip("<>").lower()
+
+
+def _dsn_fields(msg: email.message.Message) -> tuple[set[str], set[str], list[str]]:
+    """(delayed, failed, reasons) from the per-recipient fields of an RFC 3464 report."""
+    delayed: set[str] = set()
+    failed: set[str] = set()
     reasons: list[str] = []
     for part in msg.walk():
         if part.get_content_type() != "message/delivery-status":
             continue
         payload = part.get_payload()
-        blocks = payload if isinstance(payload, list) else []
-        for block in blocks:
+        for block in payload if isinstance(payload, list) else []:
             if not isinstance(block, email.message.Message):
                 continue
             recipient = str(block.get("Final-Recipient") or block.get("Original-Recipient") or "")
-            if not recipient or str(block.get("Action", "")).lower() not in ("failed", ""):
+            action = str(block.get("Action", "")).strip().lower()
+            if not recipient or action not in ("failed", "delayed", ""):
                 continue
-            address = recipient.split(";", 1)[-1].strip().strip("<>").lower()
-            recipients.append(address)
+            address = _address_text(recipient.split(";", 1)[-1])
             status = clean_header(str(block.get("Status", "")))
+            temporary = action == "delayed" or status.startswith("4")
+            (delayed if temporary else failed).add(address)
             diagnostic = clean_header(str(block.get("Diagnostic-Code", "")))
             reasons.append(f"{address}: {status} {diagnostic.split(';', 1)[-1].strip()}".strip())
-    try:
-        text = msg.as_bytes(policy=email.policy.compat32).decode("utf-8", "replace")
-    except Exception:  # a report too broken to re-serialise: its parts still told us enough
-        text = ""
-    # The report's own Message-ID is not the bounced mail's.
-    own = _msgid(msg.get("Message-ID"))
-    quoted = [i for i in dict.fromkeys(re.findall(r"<([^<>\s]+@[^<>\s]+)>", text)) if i != own]
-    return Bounce(recipients, "; ".join(reasons) or "the mail server returned the mail", quoted)
+    return delayed, failed, reasons
 
 
 def _bodies_stdlib(msg: email.message.Message) -> tuple[str, str, list[Attachment]]:
@@ -549,5 +592,6 @@ def parse_message(
         fields=extract_fields(agent_text, aliases),
         attachments=attachments,
         machine_reason=machine_reason(msg, from_address, loop_token),
+        bounce=bounce_of(msg, from_address, raw),
         auth_results=tuple(_raw_text(v) for v in msg.get_all("Authentication-Results", [])[:16]),
     )

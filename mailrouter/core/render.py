@@ -33,6 +33,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from mailrouter.config import Config, Provider
 from mailrouter.core.parse import LOOP_HEADER, clean_header
+from mailrouter.core.threads import bare_subject
 from mailrouter.model import (
     Attachment,
     CaseInfo,
@@ -342,7 +343,11 @@ class Renderer:
             "fields": {**{name: "" for name in settings.fields}, **fields},
             "labels": {name: spec.label for name, spec in settings.fields.items()},
             "agent": {"name": agent_name, "address": agent_address},
-            "original_subject": original_subject,
+            # One tag and one "Re:" in every subject the router writes: the original's
+            # own prefixes and tags go.
+            "original_subject": bare_subject(
+                original_subject, settings.case_tag_prefix, case.ticket or None
+            ),
             "attachments": [],
             "intake_address": settings.intake.address,
             "missing": [],

@@ -34,6 +34,34 @@ def tagged_case_id(subject: str, prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# "RE:", "RV:" (Spanish), "Fwd:", "AW:"/"WG:" (German), "TR:" (French), "SV:" (Nordic),
+# "R:"/"I:" (Italian), "RES:"/"ENC:" (Portuguese), with an optional count: "RE[2]:".
+_REPLY_PREFIX = re.compile(
+    r"\s*(?:re|rv|fwd?|aw|wg|tr|sv|antw|vs|r|i|res|enc)\s*(?:\[\d{1,3}\])?\s*:\s*", re.I
+)
+
+
+def bare_subject(subject: str, tag_prefix: str, ticket: str | None = None) -> str:
+    """A subject without reply and forward prefixes, without our case tags, and without a
+    leading bracket that holds the vendor's ticket number: what goes after the one tag and
+    the one "Re:" of each mail the router writes about a case."""
+    tag = re.compile(rf"\[\s*{re.escape(tag_prefix)}-\d{{1,12}}\s*\]", re.I)
+    text = tag.sub(" ", subject)
+    while True:
+        match = _REPLY_PREFIX.match(text)
+        if match is None or match.end() == 0:
+            break
+        text = text[match.end() :]
+    text = text.strip()
+    if ticket and text.startswith("[") and "]" in text:
+        head, _, rest = text[1:].partition("]")
+        if ticket in head:
+            text = rest
+            while (match := _REPLY_PREFIX.match(text)) is not None and match.end():
+                text = text[match.end() :]
+    return " ".join(text.split())
+
+
 def is_vendor(address: str, provider: Provider) -> bool:
     return any(fnmatch.fnmatchcase(address, p.lower()) for p in provider.sender_patterns)
 

@@ -34,6 +34,7 @@ from mailrouter.store.tables import (
     CASES,
     EVENTS,
     IMAP_STATE,
+    AddressLog,
     Case,
     DigestRecord,
     Event,
@@ -140,14 +141,30 @@ class SqlCaseBook:
             result_of(outcome, reason, case_id, duplicate=True), in_other_hands=this_message
         )
 
-    def mails_from(self, address: str, since: datetime) -> int:
-        """How many mails `address` sent us since `since`."""
-        count = self.session.scalar(
-            select(func.count(Message.id)).where(
+    def repeated(self, address: str, digest: str, since: datetime, other_than: str) -> bool:
+        """Whether `address` sent this same text (`digest`) since `since`, in a mail other
+        than the one keyed `other_than` (this one), that was not kept aside."""
+        found = self.session.scalar(
+            select(Message.id)
+            .where(
                 Message.direction == "in",
                 Message.sender == address[:320],
                 Message.created_at >= since,
+                Message.content_digest == digest,
+                Message.dedupe_key != other_than[:1024],
                 Message.outcome != "quarantined",
+            )
+            .limit(1)
+        )
+        return found is not None
+
+    def logged(self, address: str, kind: str, since: datetime) -> int:
+        """How many times `kind` was logged for `address` since `since` (see AddressLog)."""
+        count = self.session.scalar(
+            select(func.count(AddressLog.id)).where(
+                AddressLog.address == address[:320],
+                AddressLog.kind == kind,
+                AddressLog.at >= since,
             )
         )
         return int(count or 0)
@@ -312,11 +329,15 @@ class SqlCaseBook:
             sender=mail.from_address[:320] if mail else "",
             recipients=mail.to if mail else [],
             subject=mail.subject if mail else "",
+            content_digest=mail.content_digest if mail else None,
             outcome=outcome,
             reason=reason,
             attempts=0,
         )
         self.remember_uid(source)
+
+    def log_address(self, address: str, kind: str, at: datetime) -> None:
+        self.session.add(AddressLog(address=address[:320], kind=kind, at=at))
 
     def remember_uid(self, source: ImapSource | None) -> None:
         """Record the highest UID of the mailbox whose outcome is committed (one statement)."""
@@ -389,6 +410,9 @@ class RecordingBook(SqlCaseBook):
         self.inbound.append((outcome, reason, kind, case_id))
 
     def remember_uid(self, source: ImapSource | None) -> None:
+        return None
+
+    def log_address(self, address: str, kind: str, at: datetime) -> None:
         return None
 
     def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None:

@@ -125,6 +125,9 @@ class Message(Base):
     imap_uid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     sender: Mapped[str] = mapped_column(String(320), default="")
     recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # in: a digest of the sender's own words (`ParsedMail.content_digest`): a robot that
+    # sends the same text again is not answered again.
+    content_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     subject: Mapped[str] = mapped_column(Text, default="")
     # in: routed | needs_info | threaded | ignored | quarantined
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
@@ -161,6 +164,20 @@ class MessageBody(Base):
 CASES = cast(Table, Case.__table__)
 MESSAGES = cast(Table, Message.__table__)
 BODIES = cast(Table, MessageBody.__table__)
+
+
+class AddressLog(Base):
+    """What the router did about one address, and when: each automatic reply to it
+    ("reply", counted against `loop_protection.max_replies_per_address_per_hour`), and
+    each time the leads were told it stopped answering it ("leads_told", once a day)."""
+
+    __tablename__ = "address_log"
+    __table_args__ = (Index("ix_address_log", "address", "kind", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320))
+    kind: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Event(Base):

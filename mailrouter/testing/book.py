@@ -44,6 +44,7 @@ class StoredMail:
     reason: str | None = None
     dedupe_key: str | None = None
     source: ImapSource | None = None
+    content_digest: str | None = None
     delivery: str | None = None  # out: pending | sent | failed | cancelled
     last_error: str | None = None
 
@@ -62,6 +63,7 @@ class MemoryCaseBook:
     messages: list[StoredMail] = field(default_factory=list)
     events: list[StoredEvent] = field(default_factory=list)
     last_uids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    address_log: list[tuple[str, str, datetime]] = field(default_factory=list)
 
     # --- what tests read --------------------------------------------------------------------
 
@@ -90,12 +92,18 @@ class MemoryCaseBook:
                 )
         return None
 
-    def mails_from(self, address: str, since: datetime) -> int:
-        return sum(
-            1
+    def repeated(self, address: str, digest: str, since: datetime, other_than: str) -> bool:
+        return any(
+            m.sender == address
+            and m.created_at >= since
+            and m.content_digest == digest
+            and m.dedupe_key != other_than
+            and m.outcome != "quarantined"
             for m in self.inbound()
-            if m.sender == address and m.created_at >= since and m.outcome != "quarantined"
         )
+
+    def logged(self, address: str, kind: str, since: datetime) -> int:
+        return sum(1 for a, k, at in self.address_log if a == address and k == kind and at >= since)
 
     def quarantined_from(self, address: str, reason: str, since: datetime) -> int:
         return sum(
@@ -209,9 +217,13 @@ class MemoryCaseBook:
                 reason=reason,
                 dedupe_key=arrival.key,
                 source=arrival.source,
+                content_digest=mail.content_digest if mail else None,
             )
         )
         self.remember_uid(arrival.source)
+
+    def log_address(self, address: str, kind: str, at: datetime) -> None:
+        self.address_log.append((address, kind, at))
 
     def remember_uid(self, source: ImapSource | None) -> None:
         if source is None:

@@ -284,8 +284,14 @@ def test_the_sender_process_is_started_restarted_reloaded_and_stopped_with_the_d
 
     # A daemon killed outright takes its sender process with it (its input ends).
     daemon = start()
-    assert wait_until(lambda: len(children_of(daemon.pid)) == 1, timeout=30)
-    (child,) = children_of(daemon.pid)
+    found: list[int] = []
+
+    def one_child() -> bool:
+        found[:] = children_of(daemon.pid)
+        return len(found) == 1
+
+    assert wait_until(one_child, timeout=30), log.read_text()
+    (child,) = found
     daemon.kill()
     daemon.wait(30)
     assert wait_until(lambda: _gone(child), timeout=30), log.read_text()

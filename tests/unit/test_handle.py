@@ -588,22 +588,26 @@ def test_third_relay_within_the_hour_is_held_back() -> None:
     assert len(book.outbox("relay_to_agent")) == 3
 
 
-# --- 12. mails per sender per hour -------------------------------------------------------------
+# --- 12. what the router sends to one address per hour ----------------------------------------
 
 
-def test_third_escalation_from_one_agent_within_the_hour_is_quarantined() -> None:
-    handler = handler_with(loop_protection={"max_per_sender_per_hour": 2})
+def test_an_agent_s_escalations_are_never_limited_only_the_replies() -> None:
+    handler = handler_with(
+        loop_protection={"max_replies_per_address_per_hour": 2, "max_relays_per_case_per_hour": 20}
+    )
     book = MemoryCaseBook()
-    for minute, client in enumerate(["Uno", "Dos"]):
+    for minute, client in enumerate(["Uno", "Dos", "Tres"]):
         raw = hibot_escalation(client, "u1")
         assert arrive(handler, book, raw, NOW + timedelta(minutes=minute)).outcome == "routed"
-    third = arrive(handler, book, hibot_escalation("Tres", "u1"), NOW + timedelta(minutes=2))
-    assert third.outcome == "quarantined"
-    assert third.reason.startswith(f"rate limit: 2 mails from {LAURA} in the last hour")
-    assert sorted(book.cases) == [1, 2] and len(book.outbox()) == 4
-    # An hour and a half later (the quarantined mail counts too), the agent is heard again.
-    later = arrive(handler, book, hibot_escalation("Cuatro", "u1"), NOW + timedelta(minutes=90))
-    assert later.outcome == "routed"
+    assert sorted(book.cases) == [1, 2, 3] and len(book.outbox("forward")) == 3
+    assert len(book.outbox("acknowledgement")) == 2
+    assert details(book, 3, "reply_withheld") == [
+        f"{LAURA}: 2 automatic replies to it in the last hour "
+        "(loop_protection.max_replies_per_address_per_hour)"
+    ]
+    # An hour later the agent is answered again.
+    later = arrive(handler, book, hibot_escalation("Cuatro", "u1"), NOW + timedelta(minutes=61))
+    assert later.outcome == "routed" and len(book.outbox("acknowledgement")) == 3
 
 
 # --- 13. overdue reminders ---------------------------------------------------------------------
