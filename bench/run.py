@@ -3,7 +3,7 @@ ceiling and a peer (django-helpdesk, bench/peer.py) measured in the same run. Re
 loopback only, started here: a private Dovecot as the intake mailbox, an aiosmtpd relay in
 its own process, SQLite as the store.
 
-    python -m bench.run [--n 2000] [--runs 3] [--quick]
+    python -m bench.run [--n 2000] [--runs 3] [--quick] [--only hostile]
 
 Prints a table and writes var/bench/results.json. Not a test: nothing here asserts a time.
 """
@@ -38,6 +38,15 @@ from typing import Any
 import yaml
 from imapclient import IMAPClient
 
+from bench.hostile import (
+    CLEAN_SUBJECT,
+    HOSTILE_EVERY,
+    hostile_count,
+    mixed_burst,
+    route_costs,
+    throughput,
+    with_hostile,
+)
 from mailrouter.testing.factory import AGENTS, VENDORS, escalations
 from mailrouter.testing.servers import (
     Dovecot,
@@ -128,6 +137,7 @@ class Relay:
         self.log = folder / f"relay-{self.port}.jsonl"
         self.log.touch()
         self._read_to = self._forwards = self._acks = 0
+        self._counted = ""
         ready = multiprocessing.Event()
         self.process = multiprocessing.Process(
             target=_relay_main, args=(self.port, str(self.log), ready), daemon=True
@@ -152,14 +162,21 @@ class Relay:
                 if not line.endswith(b"\n"):
                     break
                 self._read_to += len(line)
-                to = set(json.loads(line)["to"])
+                record = json.loads(line)
+                # Unfolded: a long subject arrives with a line break where it was folded.
+                if self._counted and self._counted not in " ".join(record["subject"].split()):
+                    continue
+                to = set(record["to"])
                 self._forwards += bool(to & VENDOR_ADDRESSES)
                 self._acks += bool(to & AGENT_ADDRESSES)
         return self._forwards >= n and self._acks >= n
 
-    def reset(self) -> None:
+    def reset(self, counted: str = "") -> None:
+        """`counted`: only mails whose subject holds it count as delivered (the clean
+        escalations of a burst whose hostile mails are forwarded and acknowledged too)."""
         self.log.write_text("")
         self._read_to = self._forwards = self._acks = 0
+        self._counted = counted
 
     @property
     def pid(self) -> int:
@@ -338,16 +355,23 @@ def burst(
     n: int,
     existing: int = 0,
     sender_process: bool = False,
+    hostile_every: int = 0,
 ) -> dict[str, float]:
     """The daemon's peak RSS and CPU are its own plus, with `sender_process`, its sender's:
-    the RSS as the sum of the two peaks (an upper bound: they need not peak together)."""
+    the RSS as the sum of the two peaks (an upper bound: they need not peak together).
+    `hostile_every`: every so many mails, a hostile one instead (bench/hostile.py); done
+    when the clean ones are delivered and every mail is in Processed or Quarantine."""
     user = dovecot.new_user()
     run_dir = Path(tempfile.mkdtemp(dir=work))
     config = write_config(run_dir, dovecot, user, relay, sender_process=sender_process)
     if existing:
         seed_cases(run_dir / "bench.db", existing)
-    append_all(dovecot, user, [raw for _, raw in escalations(n, seed=hash(user) % 1000)])
-    relay.reset()
+    mails = [raw for _, raw in escalations(n, seed=hash(user) % 1000)]
+    append_all(dovecot, user, with_hostile(mails, hostile_every) if hostile_every else mails)
+    clean = n - hostile_count(n, hostile_every)
+    # A clean burst quarantines nothing: a mail there would be a failure, left to time out.
+    folders = ("Processed", "Quarantine") if hostile_every else ("Processed",)
+    relay.reset(counted=CLEAN_SUBJECT if hostile_every else "")
     relay_cpu = cpu_seconds(relay.pid)
     started = time.monotonic()
     daemon = start_daemon(config, run_dir / "daemon.log")
@@ -355,8 +379,8 @@ def burst(
         threading.Thread(
             target=_progress, args=(dovecot, user, relay, n, started), daemon=True
         ).start()
-    done = wait_for(lambda: relay.delivered(n), timeout=max(120, n)) and wait_for(
-        lambda: folder_count(dovecot, user, "Processed") == n, timeout=60, step=0.2
+    done = wait_for(lambda: relay.delivered(clean), timeout=max(120, n)) and wait_for(
+        lambda: sum(folder_count(dovecot, user, f) for f in folders) == n, timeout=60, step=0.2
     )
     elapsed = time.monotonic() - started
     processes = with_children(daemon.pid)
@@ -676,6 +700,26 @@ def memory(
     return big_attachments(dovecot, relay, work, count, size_mb, sender_process)
 
 
+def route_runs(quick: bool) -> int:
+    """Best of 5 (of 2 in a smoke run): the 7 MB shape alone takes most of a second a run."""
+    return 2 if quick else 5
+
+
+def hostile_mail(
+    dovecot: Dovecot, relay: Relay, work: Path, n: int, runs: int, quick: bool
+) -> dict[str, Any]:
+    """Issue 18: each hostile shape's route cost against a normal escalation, and bursts
+    with 1 hostile mail in 20 against clean ones, in turns."""
+
+    def run_burst(every: int) -> dict[str, float]:
+        return burst(dovecot, relay, work, n, hostile_every=every)
+
+    return {
+        "route": route_costs(runs=route_runs(quick)),
+        "burst": mixed_burst(run_burst, runs),
+    }
+
+
 def latencies(dovecot: Dovecot, relay: Relay, work: Path, quick: bool) -> dict[str, Any]:
     """20 msg/s for 60 s (5 msg/s for 3 s in a smoke run) over IMAP IDLE and over the SMTP
     listener, and the IDLE floor of the same Dovecot."""
@@ -694,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     parser.add_argument(
         "--only",
-        choices=("burst", "growth", "memory", "latency", "peer"),
+        choices=("burst", "growth", "memory", "latency", "peer", "hostile"),
         help="one measurement alone, printed as JSON (to profile it)",
     )
     parser.add_argument(
@@ -727,18 +771,21 @@ def main(argv: list[str] | None = None) -> int:
                 "memory": lambda: memory(dovecot, relay, work, quick, args.sender_process),
                 "latency": lambda: latencies(dovecot, relay, work, quick),
                 "peer": lambda: peer(dovecot, work, n),
+                "hostile": lambda: hostile_mail(dovecot, relay, work, n, runs, quick),
             }
             print(json.dumps(measure[args.only](), indent=2))
             return 0
-        # The two ways of running and the ceiling, in turns, so that the machine's drift
-        # (its speed moves by a third within the hour) touches all three alike.
+        # The two ways of running, the burst with hostile mail and the ceiling, in turns, so
+        # that the machine's drift (its speed moves by a third within the hour) touches all
+        # alike.
         bursts: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-        ceilings = []
+        ceilings, mixed = [], []
         for _ in range(runs):
             for sender_process in (False, True):
                 bursts[sender_process].append(
                     burst(dovecot, relay, work, n, sender_process=sender_process)
                 )
+            mixed.append(burst(dovecot, relay, work, n, hostile_every=HOSTILE_EVERY))
             ceilings.append(ceiling(dovecot, relay, work, n))
         rates = [c["msg_per_s"] for c in ceilings]
         results["ceiling"] = {
@@ -756,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = memory(dovecot, relay, work, quick)
         results["memory_sender_process"] = memory(dovecot, relay, work, quick, True)
         results["latency"] = latencies(dovecot, relay, work, quick)
+        results["hostile"] = {
+            "route": route_costs(runs=route_runs(quick)),
+            "burst": throughput(bursts[False], mixed),
+        }
         # The smoke run does not build the peer's virtualenv (it needs PyPI and a minute).
         results["peer"] = {"skipped": "--quick"} if quick else peer(dovecot, work, n)
     finally:
@@ -782,8 +833,10 @@ def summarise(bursts: list[dict[str, float]], ceiling_msg_per_s: float) -> dict[
 
 
 def targets(r: dict[str, Any]) -> dict[str, bool | None]:
-    """Each of issue 7's targets, met or not by this run's figures (None: not measured)."""
+    """Each of issues 7 and 18's targets, met or not by this run's figures (None: not
+    measured)."""
     b, bp, g, lat = r["burst"], r["burst_sender_process"], r["cost_growth"], r["latency"]
+    worst, mixed = r["hostile"]["route"]["worst"]["ratio"], r["hostile"]["burst"]["ratio"]
     floor = lat["idle_floor"].get("p50_s")
 
     def latency(key: str, p50: float | None, p99: float) -> bool | None:
@@ -806,7 +859,57 @@ def targets(r: dict[str, Any]) -> dict[str, bool | None]:
         "memory_sender_process_150mb": memory(r["memory_sender_process"]),
         "imap_idle": latency("imap_idle", None if floor is None else floor + 0.1, 1.5),
         "smtp_listener": latency("smtp_listener", 0.05, 0.25),
+        "hostile_route_3x": worst <= 3,
+        "hostile_route_6x": worst <= 6,
+        "hostile_throughput_90": mixed >= 0.9,
     }
+
+
+# measure, value, detail, target, and the key of its verdict in `targets` (None: no target)
+Row = tuple[str, str, str, str, str | None]
+
+
+def hostile_rows(h: dict[str, Any]) -> list[Row]:
+    """Issue 18: how many shapes route within 3× a normal escalation, the worst, each shape
+    (× a normal escalation of its size), and the burst with 1 hostile mail in 20."""
+    shapes, worst, mixed = h["route"]["shapes"], h["route"]["worst"], h["burst"]
+    within = sum(shape["ratio"] <= 3 for shape in shapes.values())
+    rows: list[Row] = [
+        (
+            "hostile mail: shapes within 3× a normal one",
+            f"{within}/{len(shapes)}",
+            f"worst: {worst['shape']}"[:32],
+            "every one ≤ 3×",
+            "hostile_route_3x",
+        ),
+        (
+            "hostile mail: worst route cost, × normal",
+            f"{worst['ratio']:.1f}",
+            f"best of {h['route']['runs']} runs each",
+            "≤ 6×",
+            "hostile_route_6x",
+        ),
+    ]
+    rows += [
+        (
+            f"  {name}",
+            f"{shape['ratio']:.1f}",
+            f"{shape['outcome']}, {shape['bytes'] / 1024:.0f} KB",
+            "",
+            None,
+        )
+        for name, shape in shapes.items()
+    ]
+    rows.append(
+        (
+            f"burst, 1 hostile mail in {mixed['hostile_every']}, msg/s",
+            f"{mixed['mixed_msg_per_s']:.0f}",
+            f"{mixed['ratio']:.0%} of clean ({mixed['clean_msg_per_s']:.0f})",
+            "≥ 90 % of clean",
+            "hostile_throughput_90",
+        )
+    )
+    return rows
 
 
 def report(r: dict[str, Any]) -> str:
@@ -825,7 +928,7 @@ def report(r: dict[str, Any]) -> str:
         if "msg_per_s" in p
         else ("peer", "—", f"skipped: {p['skipped']}"[:60], "", None)
     )
-    rows: list[tuple[str, str, str, str, str | None]] = [
+    rows: list[Row] = [
         (
             "burst, msg/s (median of runs)",
             f"{b['median_msg_per_s']:.0f}",
@@ -923,6 +1026,7 @@ def report(r: dict[str, Any]) -> str:
                     key,
                 )
             )
+    rows += hostile_rows(r["hostile"])
     met = r["targets"]
     verdict = {True: "met", False: "NOT MET", None: ""}
     width = max(len(row[0]) for row in rows)

@@ -3,13 +3,15 @@
 `run` starts the daemon; `check-config` validates the configuration;
 `route FILE.eml` explains what would happen to a mail without sending or
 writing anything (with `--db`, given the cases already in the database); `cases`
-lists the cases; `quarantine` lists the mail that was kept aside, with the reason.
+lists the cases; `quarantine` lists, shows, releases (again, or onto a case) and drops
+the mail that was kept aside; `digest` previews or sends the digests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import email
 import email.policy
 import logging
@@ -19,13 +21,17 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailrouter.config import Config, ConfigError, literal_secrets
 from mailrouter.core.parse import Deadline, Refused, field_aliases, parse_message
 from mailrouter.core.render import Renderer
-from mailrouter.core.route import decide
+from mailrouter.core.route import decide, sender_allowed
 from mailrouter.model import CaseInfo, OutgoingMail, case_tag
 from mailrouter.store.db import Store
+
+if TYPE_CHECKING:
+    from mailrouter.service import HeldContent, HeldMail
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -74,6 +80,13 @@ def config_warnings(config: Config) -> list[str]:
             "loop_protection.max_per_sender_per_hour is no longer used: escalations are never "
             "limited; what the router sends to one address is (max_replies_per_address_per_hour)"
         )
+    for provider in sorted(config.providers.values(), key=lambda p: p.id):
+        if not provider.senders and sender_allowed(provider.address, s.allowed_senders):
+            warnings.append(
+                f"provider {provider.id}: its replies are recognised by "
+                f"{provider.sender_patterns[0]}, which covers the agents too: set `senders` "
+                "to the addresses that speak for it"
+            )
     if s.authentication.require == "none":
         warnings.append(
             "authentication.require is none: a From header is believed as written; anyone "
@@ -119,7 +132,10 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"Outcome:     quarantined ({exc})")
         print("\nDry run: nothing was sent or written.")
         return 0
-    decision = decide(mail, config)
+    today = datetime.now(config.calendar().zone).date()
+    decision = decide(mail, config, today)
+    if decision.fields is not None:  # typed values as the router keeps them
+        mail = dataclasses.replace(mail, fields=decision.fields)
     labels = {name: spec.label for name, spec in config.settings.fields.items()}
     print(f"From:        {mail.from_name} <{mail.from_address}>")
     print(f"Subject:     {mail.subject}")
@@ -227,26 +243,140 @@ def cmd_cases(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quarantine(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = Store(config.database_url)
-    if args.show is not None:
-        if not store.quarantined(1, message_id=args.show):
-            print(f"no quarantined message #{args.show}", file=sys.stderr)
-            return 1
-        sys.stdout.buffer.write(store.read_raw(args.show))
-        return 0
-    # Only the rows listed, without their bytes: a quarantine can hold large mails.
-    rows = store.quarantined(args.limit)
+def _who() -> str:
+    """Who is acting, for the record: the OS user."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name anywhere (a bare container)
+        return f"uid {os.getuid()}"
+
+
+# What a mail's text must not bring to a lead's terminal: control characters (escape
+# sequences) and the marks that reorder what is shown (bidi overrides).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _shown(text: str) -> str:
+    """A stranger's text as it may be printed to a terminal."""
+    return _UNPRINTABLE.sub("?", text.replace("\r\n", "\n"))
+
+
+def _header_lines(raw: bytes) -> list[str]:
+    """A mail's header fields, decoded and unfolded, each on one line; one that cannot be
+    decoded is shown as written."""
+    import email.parser
+
+    msg = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    lines = []
+    for name, value in msg.raw_items():
+        try:
+            text = str(msg.policy.header_fetch_parse(name, value))
+        except Exception:
+            text = str(value)
+        lines.append(_shown(f"{name}: {' '.join(text.split())}"))
+    return lines
+
+
+def _quarantine_list(args: argparse.Namespace, rows: Sequence[HeldMail]) -> None:
+    if args.json:
+        import json
+
+        listed = [
+            {
+                "id": held.id,
+                "received": held.received.isoformat(),
+                "from": held.sender,
+                "reason": held.reason,
+                "subject": held.subject,
+            }
+            for held in rows
+        ]
+        print(json.dumps(listed, ensure_ascii=False, indent=2))
+        return
     print(f"{'#':>6} {'received (UTC)':<17} {'from':<32} reason / subject")
-    for message in rows:
+    for held in rows:
         print(
-            f"{message.id:>6} {message.created_at:%Y-%m-%d %H:%M} {message.sender[:32]:<32} "
-            f"{message.reason}\n{'':>58}{message.subject[:80]}"
+            f"{held.id:>6} {held.received:%Y-%m-%d %H:%M} {_shown(held.sender[:32]):<32} "
+            f"{_shown(held.reason)}\n{'':>58}{_shown(held.subject[:80])}"
         )
     if not rows:
-        print("(nothing in quarantine)")
-    store.close()
+        matching = f" with a reason holding {args.reason!r}" if args.reason else ""
+        print(f"(nothing in quarantine{matching})")
+
+
+def _quarantine_show(content: HeldContent) -> None:
+    held, mail = content.held, content.mail
+    print(f"Message #{held.id}, received {held.received:%Y-%m-%d %H:%M} UTC: {held.outcome}")
+    print(f"Reason: {_shown(held.reason)}")
+    print()
+    print("\n".join(_header_lines(content.raw)))
+    print()
+    if held.header_only:
+        print(f"({content.unreadable})")
+        return
+    if mail is None:
+        print(f"(the router cannot read this mail: {_shown(content.unreadable or '')})")
+        print(f"`mailrouter quarantine show {held.id} --raw > mail.eml` writes what is stored.")
+        return
+    print(_shown(mail.body.rstrip()) or "(no text)")
+    if mail.attachments:
+        print("\nAttachments:")
+        for attachment in mail.attachments:
+            print(
+                f"  {_shown(attachment.filename)} "
+                f"({_shown(attachment.content_type)}, {len(attachment.payload)} bytes)"
+            )
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from mailrouter.service import Quarantine, QuarantineError
+    from mailrouter.store.db import StoreError
+
+    config = _load(args)
+    store = Store(config.database_url)
+    queue = Quarantine(config, store, lambda: datetime.now(UTC))
+    prefix = config.settings.case_tag_prefix
+    try:
+        if args.action is None and args.show is not None:
+            args.action, args.id, args.raw = "show", args.show, True  # the older --show ID
+        if args.action == "show":
+            content = queue.show(args.id)
+            if args.raw:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(content.raw)
+                sys.stdout.buffer.flush()
+            else:
+                _quarantine_show(content)
+        elif args.action == "release":
+            who = _who()
+            if args.attach_to:
+                result = queue.attach(args.id, args.attach_to, who)
+            else:
+                result = queue.release(args.id, who)
+            on_case = f", case {case_tag(prefix, result.case_id)}" if result.case_id else ""
+            again = "the same mail was processed before: " if result.duplicate else ""
+            print(f"message #{args.id}: {again}{result.outcome} ({result.reason}){on_case}")
+        elif args.action == "drop":
+            who = _who()
+            queue.drop(args.id, who)
+            print(f"message #{args.id} dropped by {who} (kept in the database, no longer listed)")
+        else:
+            # Only the rows listed, without their bytes: a quarantine can hold large mails.
+            _quarantine_list(args, queue.held(args.limit, args.reason))
+    except QuarantineError as exc:
+        print(_shown(str(exc)), file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        print(f"the database cannot be used now ({exc}); nothing was changed", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`): what is left of the output goes nowhere, quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        store.close()
     return 0
 
 
@@ -351,11 +481,35 @@ def build_parser() -> argparse.ArgumentParser:
     digest.add_argument("--dry-run", action="store_true", help="with --now: show, send nothing")
     digest.set_defaults(func=cmd_digest)
     quarantine = commands.add_parser(
-        "quarantine", help="list quarantined mail with the reason, or print one with --show ID"
+        "quarantine",
+        help="work the quarantined mail: list, show, release (or attach to a case), drop",
+        description="Alone: the same as `list`. Each release or drop is recorded on the "
+        "mail's row with the OS user and the time (UTC); nothing is deleted.",
     )
-    quarantine.add_argument("--limit", type=int, default=200)
-    quarantine.add_argument("--show", type=int, metavar="ID", help="write that raw mail to stdout")
-    quarantine.set_defaults(func=cmd_quarantine)
+    quarantine.add_argument("--limit", type=int, default=200, help=argparse.SUPPRESS)
+    quarantine.add_argument(
+        "--show", type=int, metavar="ID", help="write that raw mail to stdout (= show ID --raw)"
+    )
+    quarantine.set_defaults(func=cmd_quarantine, action=None, reason=None, json=False)
+    held = quarantine.add_subparsers(dest="action", metavar="ACTION")
+    listing = held.add_parser("list", help="the newest quarantined mails with the reason")
+    listing.add_argument("--reason", metavar="TEXT", help="only those whose reason holds TEXT")
+    listing.add_argument("--json", action="store_true", help="a JSON array, one object a mail")
+    listing.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="how many (200)")
+    show = held.add_parser("show", help="headers, reason, text and attachments of a mail")
+    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("--raw", action="store_true", help="write the stored bytes to stdout")
+    release = held.add_parser(
+        "release", help="process a mail again as if it had just arrived, or attach it to a case"
+    )
+    release.add_argument("id", type=int, metavar="ID")
+    release.add_argument(
+        "--attach-to",
+        metavar="CASE",
+        help="add it to this case (ESC-123): its thread, its history, relayed to its vendor",
+    )
+    drop = held.add_parser("drop", help="put a mail aside for good (marked, never deleted)")
+    drop.add_argument("id", type=int, metavar="ID")
     return parser
 
 

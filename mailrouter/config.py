@@ -67,9 +67,13 @@ class Calendar:
     start: time = time(8, 0)
     end: time = time(18, 0)
     holidays: frozenset[date] = frozenset()
+    # A country's public holidays (the `holidays` library, years computed as asked).
+    country_holidays: Any = field(default=None, compare=False, hash=False)
 
     def is_working_day(self, day: date) -> bool:
-        return day.weekday() in self.days and day not in self.holidays
+        if day.weekday() not in self.days or day in self.holidays:
+            return False
+        return self.country_holidays is None or day not in self.country_holidays
 
     def _at(self, day: date, moment: time) -> datetime:
         return datetime.combine(day, moment, tzinfo=self.zone).astimezone(UTC)
@@ -202,11 +206,36 @@ class Route(_Model):
 
 class FieldSpec(_Model):
     """A canonical field: the label shown to agents, every alias accepted, and its kind
-    (`email` values must be an address; `priority` one of BAJA/MEDIA/ALTA/URGENTE)."""
+    (`email` values must be an address; `priority` one of BAJA/MEDIA/ALTA/URGENTE; `phone`
+    a valid number, kept in E.164; `date` a date, kept as YYYY-MM-DD)."""
 
     label: str
     aliases: list[str] = []
-    type: Literal["text", "email", "priority"] = "text"
+    type: Literal["text", "email", "priority", "phone", "date"] = "text"
+
+
+def _reason(error: Any) -> str:
+    """One pydantic error as `where: what`, our own checks without pydantic's prefix."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {message}" if where else message
+
+
+class HolidaySettings(_Model):
+    country: str = Field(pattern=r"^[A-Z]{2}$")
+    subdivision: str | None = None
+    dates: list[date] = []
+
+    @model_validator(mode="after")
+    def _known(self) -> HolidaySettings:
+        import holidays
+
+        supported = holidays.list_supported_countries()
+        if self.country not in supported:
+            raise ValueError(f"no public holidays known for country {self.country!r}")
+        if self.subdivision is not None and self.subdivision not in supported[self.country]:
+            raise ValueError(f"unknown subdivision {self.subdivision!r} of {self.country}")
+        return self
 
 
 class BusinessHours(_Model):
@@ -222,7 +251,24 @@ class BusinessHours(_Model):
     ]
     start: time = time(8, 0)
     end: time = time(18, 0)
-    holidays: list[date] = []
+    # A list of dates, or {country: CO, subdivision: ..., dates: [...]}: that country's
+    # public holidays (Colombia's moved to Monday included) plus the dates given.
+    holidays: list[date] | HolidaySettings = []
+
+    @field_validator("holidays", mode="before")
+    @classmethod
+    def _one_shape(cls, value: Any) -> Any:
+        # Told apart here, so a mistake is reported once, in the shape the admin chose.
+        if isinstance(value, dict):
+            try:
+                return HolidaySettings.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError("; ".join(_reason(e) for e in exc.errors())) from None
+        return value
+
+    @property
+    def holiday_dates(self) -> list[date]:
+        return self.holidays if isinstance(self.holidays, list) else self.holidays.dates
 
     @model_validator(mode="after")
     def _sane(self) -> BusinessHours:
@@ -298,6 +344,12 @@ class Settings(_Model):
     case_tag_prefix: str = Field("ESC", pattern=r"^[A-Z][A-Z0-9]{1,9}$")
     default_priority: Literal["BAJA", "MEDIA", "ALTA", "URGENTE"] = "MEDIA"
     timezone: str = "America/Bogota"
+    # How dates and times are written in mails (CLDR locale, by babel): es_CO writes
+    # "martes, 17 de noviembre de 2026, 2:05 p. m.".
+    locale: str = "es_CO"
+    # ISO 3166 country: phone numbers written without "+" are of this country, and
+    # `business_hours.holidays: {country: ...}` defaults to it.
+    country: str = Field("CO", pattern=r"^[A-Z]{2}$")
     sla_hours: dict[str, float] = {
         "URGENTE": 4,
         "ALTA": 24,
@@ -328,6 +380,17 @@ class Settings(_Model):
             raise ValueError(f"give a window for every priority; missing {', '.join(missing)}")
         if any(hours <= 0 for hours in value.values()):
             raise ValueError("windows must be positive numbers of hours")
+        return value
+
+    @field_validator("locale")
+    @classmethod
+    def _known_locale(cls, value: str) -> str:
+        from babel import Locale, UnknownLocaleError
+
+        try:
+            Locale.parse(value)
+        except (UnknownLocaleError, ValueError) as exc:
+            raise ValueError(f"unknown locale {value!r} (e.g. es_CO, es_ES, en_US)") from exc
         return value
 
     @field_validator("timezone")
@@ -384,6 +447,14 @@ class Provider(_Model):
         if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
             raise ValueError(f"{value!r} is not an email address")
         return value
+
+
+def _country_holidays(holidays_setting: list[date] | HolidaySettings) -> Any:
+    if isinstance(holidays_setting, list):
+        return None
+    import holidays
+
+    return holidays.country_holidays(holidays_setting.country, subdiv=holidays_setting.subdivision)
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:
@@ -447,7 +518,8 @@ class Config:
             days=frozenset(DAY_NAMES.index(d) for d in hours.days),
             start=hours.start,
             end=hours.end,
-            holidays=frozenset(hours.holidays),
+            holidays=frozenset(hours.holiday_dates),
+            country_holidays=_country_holidays(hours.holidays),
         )
 
     def agent_name(self, address: str, fallback: str = "") -> str:

@@ -22,6 +22,10 @@ from mailrouter.config import Provider, Route
 OPEN_STATUSES = ("open", "vendor_replied", "awaiting_vendor")
 # Cases a digest lists: everything not closed.
 LISTED_STATUSES = ("open", "vendor_replied", "awaiting_vendor", "needs_info", "undeliverable")
+# Inbound mail kept aside: in quarantine, or taken out of it by a lead (released: processed
+# again as a new row; attached: recorded on a case as a new row; dropped). None of it
+# counts as something its sender said to the router.
+SET_ASIDE = ("quarantined", "released", "attached", "dropped")
 # Automatic answers to the sender of a mail: what `loop_protection` counts and withholds.
 REPLY_KINDS = (
     "acknowledgement",
@@ -198,6 +202,8 @@ class Decision:
     provider: Provider | None = None
     priority: str = "MEDIA"
     missing: list[MissingField] = field(default_factory=list)
+    # The mail's fields with typed values normalised (phones E.164, dates ISO); None: as read.
+    fields: dict[str, str] | None = None
 
 
 @dataclass

@@ -10,16 +10,20 @@ UID) gets its earlier outcome back. A mail whose processing raises is quarantine
 the reason, so one bad mail never blocks the rest.
 
 `Followup` is what the daemon's scheduler runs: overdue reminders and the digests.
+
+`Quarantine` is how a lead works the mail kept aside (`mailrouter quarantine`): list,
+show, release, attach to a case, drop; each act recorded on the mail's row.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from mailrouter.core.handle import Handler
 from mailrouter.core.parse import Deadline, Refused
 from mailrouter.model import (
     REMINDED_STATUSES,
+    SET_ASIDE,
     Arrival,
     Clock,
     FailedMail,
@@ -40,11 +45,13 @@ from mailrouter.model import (
     OutgoingMail,
     ParsedMail,
     Result,
+    case_tag,
     content_hash,
 )
 from mailrouter.store import repo
 from mailrouter.store.db import Conflict, Store, Unavailable
 from mailrouter.store.repo import RecordingBook, SqlCaseBook
+from mailrouter.store.tables import Message
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +284,198 @@ class Followup:
         if run.queued:
             log.info("digests for %s queued to %s", period, ", ".join(run.queued))
         return run
+
+
+# --- the quarantine, worked by a lead -------------------------------------------------------
+
+# What `Handler._too_large` says of a mail it kept only the header of (over IMAP); at the
+# start of the reason, where no text of the mail's own can be.
+HEADER_ONLY = re.compile(
+    r"message of \d+ bytes is over the \d+-byte limit; only its header is stored"
+)
+
+
+class QuarantineError(Exception):
+    """What a lead asked of the quarantine cannot be done: one line that says why."""
+
+
+@dataclass(frozen=True)
+class HeldMail:
+    """One quarantined mail as a lead sees it, without its bytes."""
+
+    id: int
+    received: datetime
+    sender: str
+    reason: str
+    subject: str
+    outcome: str = "quarantined"  # or, settled: released | attached | dropped
+    key: str | None = None  # its mail's identity (`ParsedMail.dedupe_key`) while it holds it
+
+    @property
+    def header_only(self) -> bool:
+        """Only its header is stored: the mail is whole only in the IMAP quarantine folder."""
+        return HEADER_ONLY.match(self.reason) is not None
+
+
+@dataclass(frozen=True)
+class HeldContent:
+    """A quarantined mail with its bytes and what the router reads in them."""
+
+    held: HeldMail
+    raw: bytes
+    mail: ParsedMail | None  # None: unreadable, or only the header is stored
+    unreadable: str | None  # why the router cannot read it
+
+
+def case_number(tag: str, prefix: str) -> int | None:
+    """The case a lead names: `ESC-123` or `ESC-000123` (any case); None if it is no tag."""
+    text = tag.strip()
+    head, dash, digits = text.rpartition("-")
+    if not dash or head.lower() != prefix.lower() or not digits.isascii():
+        return None
+    return int(digits) if digits.isdigit() and len(digits) <= 12 else None
+
+
+class Quarantine:
+    """The quarantine as a queue a lead empties: list, show, release (processed again as if
+    it had just arrived), attach to a case, drop. Each act is recorded on the quarantined
+    row, whose bytes stay: its outcome becomes released | attached | dropped and its reason
+    says who did it and when (UTC). Nothing is deleted."""
+
+    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+
+    def held(self, limit: int = 200, reason: str | None = None) -> list[HeldMail]:
+        """The newest `limit` quarantined mails, oldest first; with `reason`, those whose
+        reason holds that text."""
+        with self.store.reading() as session:
+            return [_held(row) for row in repo.quarantined(session, limit, reason=reason)]
+
+    def show(self, number: int) -> HeldContent:
+        """A mail that is, or was, in quarantine, with what the router reads in it."""
+        held = self._find(number, SET_ASIDE)
+        raw = self.store.read_raw(number)
+        if held.header_only:
+            folder = self.config.settings.intake.imap.quarantine_folder
+            whole = f"only its header is stored; the whole mail is in the IMAP folder {folder!r}"
+            return HeldContent(held, raw, None, whole)
+        pipeline = Pipeline(self.config, self.store, self.clock)
+        try:
+            return HeldContent(held, raw, pipeline.parse(raw), None)
+        except Exception as exc:  # Refused, or anything a hostile mail makes the parser raise
+            return HeldContent(held, raw, None, str(exc) or type(exc).__name__)
+
+    def release(self, number: int, who: str) -> Result:
+        """Process the mail again as if it had just arrived, with today's configuration and
+        checks: first the row is marked released and lets go of its mail's identity (in one
+        transaction), then `Pipeline.process` takes the mail down the normal path. Should
+        that fail, the row is put back in quarantine."""
+        held = self._whole(self._find(number))
+        raw = self.store.read_raw(number)
+        pipeline = Pipeline(self.config, self.store, self.clock)
+        with self.store.transaction() as session:
+            note = self._note("released", who)
+            if not repo.settle_quarantined(session, number, "released", note, forget_key=True):
+                raise QuarantineError(f"message #{number} is no longer in quarantine")
+        try:
+            return pipeline.process(raw)
+        except Exception as exc:
+            self._put_back(number, "released", held, exc)
+            raise
+
+    def attach(self, number: int, tag: str, who: str) -> Result:
+        """Add the mail to the case named `tag` (its thread, the vendor, its history) in one
+        transaction with the mark on its row (`Handler.attach`)."""
+        prefix = self.config.settings.case_tag_prefix
+        case_id = case_number(tag, prefix)
+        if case_id is None:
+            raise QuarantineError(f"{tag!r} is not a case: give it as {prefix}-123")
+        named = case_tag(prefix, case_id)
+        self._whole(self._find(number))
+        raw = self.store.read_raw(number)
+        pipeline = Pipeline(self.config, self.store, self.clock)
+        try:
+            mail = pipeline.parse(raw)
+        except Exception as exc:
+            raise QuarantineError(
+                f"message #{number} cannot be attached: the router cannot read it ({exc}); "
+                f"`release` processes it again, or `drop` puts it aside for good"
+            ) from exc
+        now = self.clock()
+        arrival = Arrival(raw, mail.dedupe_key, None, now, mail, len(raw))
+        try:
+            with self.store.transaction() as session:
+                book = SqlCaseBook(session)
+                case = book.case(case_id)
+                if case is None:
+                    raise QuarantineError(f"no case {named}")
+                note = self._note(f"attached to {named}", who)
+                if not repo.settle_quarantined(session, number, "attached", note, forget_key=True):
+                    raise QuarantineError(f"message #{number} is no longer in quarantine")
+                return pipeline.handler.attach(book, arrival, mail, case, who, number)
+        except Conflict as exc:
+            # Its identity (Message-ID, sender, body) belongs to another stored message.
+            raise QuarantineError(
+                f"message #{number} cannot be attached: the same mail is stored as another "
+                "message already (processed since it was quarantined?)"
+            ) from exc
+
+    def drop(self, number: int, who: str) -> None:
+        """Put the mail aside for good: marked dropped, kept (a copy that arrives again gets
+        this outcome back), no longer listed."""
+        self._find(number)
+        with self.store.transaction() as session:
+            note = self._note("dropped", who)
+            if not repo.settle_quarantined(session, number, "dropped", note, forget_key=False):
+                raise QuarantineError(f"message #{number} is no longer in quarantine")
+
+    def _find(self, number: int, outcomes: tuple[str, ...] = ("quarantined",)) -> HeldMail:
+        with self.store.reading() as session:
+            row = repo.inbound_message(session, number)
+        if row is None:
+            raise QuarantineError(f"no message #{number}")
+        if row.outcome not in outcomes:
+            said = f"{row.outcome}: {row.reason or ''}"
+            raise QuarantineError(f"no quarantined message #{number} ({said[:300]})")
+        return _held(row)
+
+    def _whole(self, held: HeldMail) -> HeldMail:
+        if held.header_only:
+            folder = self.config.settings.intake.imap.quarantine_folder
+            raise QuarantineError(
+                f"message #{held.id} cannot be released from the database: only its header "
+                f"is stored; the whole mail is in the IMAP folder {folder!r} (to have it "
+                "processed, raise intake.max_message_bytes and move it back to the intake "
+                "folder; then drop this one)"
+            )
+        return held
+
+    def _note(self, done: str, who: str) -> str:
+        at = self.clock().astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f" — {done} by {who} at {at}"
+
+    def _put_back(self, number: int, outcome: str, held: HeldMail, error: Exception) -> None:
+        """Undo a release whose processing failed (nothing of it was committed)."""
+        try:
+            with self.store.transaction() as session:
+                repo.requarantine(session, number, outcome, held.reason, held.key)
+        except Exception as again:
+            raise QuarantineError(
+                f"message #{number} could not be processed ({error}) nor put back in "
+                f"quarantine ({again}): it is marked {outcome}, its bytes are kept"
+            ) from error
+
+
+def _held(row: Message) -> HeldMail:
+    """A stored message row (`store.tables.Message`) as the quarantine shows it."""
+    return HeldMail(
+        id=row.id,
+        received=row.created_at,
+        sender=row.sender,
+        reason=row.reason or "",
+        subject=row.subject,
+        outcome=row.outcome or "quarantined",
+        key=row.dedupe_key,
+    )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from mailrouter.config import Config
-from mailrouter.core.render import Renderer
+from mailrouter.core.render import Renderer, local_time
 from mailrouter.model import (
     DigestCase,
     OutgoingMail,
@@ -190,7 +190,7 @@ def render_digest(
     context = {
         "digest": digest,
         "intake_address": config.settings.intake.address,
-        "now": now.astimezone(config.calendar().zone).strftime("%Y-%m-%d %H:%M"),
+        "now": local_time(now, config),
     }
     return renderer.compose(
         "digest",

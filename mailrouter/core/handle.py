@@ -27,7 +27,7 @@ from mailrouter.core.parse import (
     normalize,
     parse_message,
 )
-from mailrouter.core.render import Renderer, case_info
+from mailrouter.core.render import Renderer, case_info, local_time
 from mailrouter.core.route import decide, sender_allowed
 from mailrouter.core.sla import due_after, windows_overdue
 from mailrouter.core.threads import (
@@ -185,7 +185,7 @@ class Handler:
             if case.status == "needs_info":
                 return self._complete(book, arrival, mail, case)
             return self._agent_reply(book, arrival, mail, case)
-        decision = decide(mail, config)
+        decision = decide(mail, config, self._day_start(now).date())
         client = normalize(mail.fields.get("cliente", ""))
         candidates = (
             book.cases_of_client(decision.provider.id, client)
@@ -517,6 +517,8 @@ class Handler:
         now = arrival.now
         provider, route = decision.provider, decision.route
         assert provider is not None and route is not None
+        if decision.fields is not None:  # typed values as the router keeps them
+            mail = replace(mail, fields=decision.fields)
         needs_info = decision.outcome == "needs_info"
         outcome = "needs_info" if needs_info else "routed"
         case.updated_at = now
@@ -574,7 +576,8 @@ class Handler:
             "agent_update",
             f"resent by {mail.from_address}: {', '.join(sorted(mail.fields)) or 'no fields'}",
         )
-        return self._open(book, arrival, whole, decide(whole, self.config), case)
+        today = self._day_start(arrival.now).date()
+        return self._open(book, arrival, whole, decide(whole, self.config, today), case)
 
     def _too_large(self, book: CaseBook, arrival: Arrival, mail: ParsedMail) -> Result:
         limit = self.config.settings.intake.max_message_bytes
@@ -874,10 +877,9 @@ class Handler:
         if last is not None:
             parsed = parse_message(last[1], {}, self.config.settings.intake.address)
             excerpt = agent_part(parsed.body, sign_offs=False)[:600]
-        zone = self.config.calendar().zone
         context.update(
             age=age_text(case.created_at, now),
-            last_vendor_date=last[0].astimezone(zone).strftime("%Y-%m-%d %H:%M") if last else "",
+            last_vendor_date=local_time(last[0], self.config) if last else "",
             last_vendor_text=excerpt,
         )
         return context
@@ -894,6 +896,43 @@ class Handler:
         mail = self.renderer.compose(kind, f"{kind}.j2", context, to, now=now, to_agent=True)
         book.queue(case.id, now, mail)
         book.event(case.id, now, kind, ", ".join(to))
+
+    # --- a lead's hand: a quarantined mail attached to a case ------------------------------
+
+    def attach(
+        self,
+        book: CaseBook,
+        arrival: Arrival,
+        mail: ParsedMail,
+        case: CaseRecord,
+        who: str,
+        number: int,
+    ) -> Result:
+        """`who` attaches the quarantined message `number` to `case`: the mail joins the
+        case's thread and its text and attachments go to the vendor, as an agent's reply
+        would (only while the case is open: not one waiting for fields, closed or
+        undeliverable); its #commands are not applied and its sender, maybe a stranger,
+        gets no answer. The act goes in the case's history."""
+        now, tag = arrival.now, self._tag(case)
+        kind = "agent_reply" if mail.in_reply_to or mail.references else "escalation"
+        relay = case.status in OPEN_STATUSES and case.provider in self.config.providers
+        reason = f"attached to {tag} from quarantine by {who}"
+        if not relay:
+            reason += f"; not relayed to the vendor (case {case.status}, to {case.provider})"
+        self._inbound(book, arrival, "threaded", reason, kind, case)
+        case.updated_at = now
+        detail = f"{who}: message #{number} from {mail.from_address or '(no sender)'}"
+        book.event(case.id, now, "attached_from_quarantine", detail)
+        if relay:
+            text = mail.agent_text or mail.body.strip()
+            self._to_vendor(
+                book, case, now, text, mail.attachments, mail.from_name, mail.from_address
+            )
+            if case.status in OPEN_STATUSES:
+                case.status = "awaiting_vendor"
+                case.follow_up_due = self._due(now, case.priority)
+        log.info("%s: message #%d from %s attached by %s", tag, number, mail.from_address, who)
+        return Result("threaded", reason, case.id)
 
 
 def _asked(commands: Commands) -> bool:

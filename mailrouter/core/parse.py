@@ -16,6 +16,8 @@ import base64
 import email
 import email.message
 import email.policy
+import functools
+import itertools
 import logging
 import re
 import time
@@ -24,6 +26,7 @@ from collections.abc import Callable, Mapping
 from email.header import decode_header, make_header
 from email.parser import BytesFeedParser
 from email.utils import getaddresses
+from typing import Any
 
 import mailparser
 from flufl.bounce import all_failures
@@ -139,12 +142,24 @@ def html_to_text(html: str) -> str:
     from inscriptis import get_text
     from inscriptis.model.config import ParserConfig
 
-    text = get_text(html[:HTML_TEXT_LIMIT], ParserConfig(display_links=False))
+    text = get_text(_first_elements(html[:HTML_TEXT_LIMIT]), ParserConfig(display_links=False))
     lines = (" ".join(line.split()) for line in text.splitlines())
     return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
 
 
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# inscriptis spends about 10 us per element: 256 KB of `<p>x</p>` took 20 times a normal
+# mail. HTML is converted up to its this-many-th tag (fields are at the top).
+HTML_ELEMENT_LIMIT = 2000
+
+
+def _first_elements(html: str) -> str:
+    at = -1
+    for _ in range(HTML_ELEMENT_LIMIT):
+        at = html.find("<", at + 1)
+        if at < 0:
+            return html
+    return html[:at]
 
 
 # Where the agent's own words end: the start of quoted or forwarded history, a signature,
@@ -169,10 +184,33 @@ _OUTLOOK_HEADER = re.compile(r"^(de|from)\s*:\s*\S", re.I)
 _OUTLOOK_FOLLOWER = re.compile(r"^(enviado el|enviado|sent|fecha|date)\s*:", re.I)
 
 
+@functools.cache
+def _reply_parser() -> Any:
+    from mailparser_reply import EmailReplyParser
+
+    return EmailReplyParser(languages=["es", "en"])
+
+
 def agent_part(text: str, *, sign_offs: bool = True) -> str:
     """The text before any quoted original, forwarded message, signature or (when `sign_offs`,
-    for reading fields) a sign-off line. Relays keep the sign-off: it is part of a reply."""
-    markers = _CUT_MARKERS if sign_offs else _CUT_MARKERS[:-1]
+    for reading fields) a sign-off line. Relays keep the sign-off: it is part of a reply.
+
+    Signatures, sign-offs ("Saludos,", "Enviado desde mi iPhone"...), English and Outlook
+    quote headers are found by mail-parser-reply; our own markers stay for what it misses:
+    Gmail's Spanish "El ... escribió:" header, forwarded-message separators, ">" lines."""
+    own = _before_markers(text, _CUT_MARKERS if sign_offs else _CUT_MARKERS[:-1])
+    if not sign_offs or not own.strip():
+        return own
+    try:
+        replies = _reply_parser().read(text=own).replies
+    except Exception as exc:  # its patterns are its own: a mail it trips on keeps ours
+        log.debug("mail-parser-reply gave up (%s)", exc)
+        return own
+    body = str(replies[0].body).rstrip() if replies else ""
+    return body if body.strip() else own
+
+
+def _before_markers(text: str, markers: list[re.Pattern[str]]) -> str:
     lines = text.splitlines()
     for index, line in enumerate(lines):
         stripped = line.strip() if not line.startswith("-- ") else line.rstrip("\n")
@@ -530,18 +568,31 @@ class Deadline:
 # parser can recurse (it raises RecursionError at about a thousand levels).
 HEADER_LIMIT = 256 * 1024
 MAX_HEADER_FIELDS = 1000
-MAX_PARTS = 1000
+MAX_PARTS = 200
 MAX_MULTIPART = 100
 _MULTIPART = re.compile(rb"(?im)^content-type:\s*multipart/")
+_CONTENT_TYPE = re.compile(rb"(?im)^content-type:")
+_FIELD_START = re.compile(rb"\n[^ \t\r\n]")
 
 
 def _refuse_shape(raw: bytes) -> None:
-    ends = [raw.find(blank, 0, HEADER_LIMIT) for blank in (b"\n\n", b"\r\n\r\n")]
-    if len(raw) > HEADER_LIMIT and max(ends) < 0:
+    """Counted on the bytes, before the stdlib parses them (parsing 900 parts costs three
+    normal mails): the parse then only confirms."""
+    blanks = (raw.find(b"\n\n", 0, HEADER_LIMIT), raw.find(b"\r\n\r\n", 0, HEADER_LIMIT))
+    ends = [at for at in blanks if at >= 0]
+    if len(raw) > HEADER_LIMIT and not ends:
         raise Refused(f"header over {HEADER_LIMIT // 1024} KB")
+    header = raw[: min(ends)] if ends else raw
+    if sum(1 for _ in itertools.islice(_FIELD_START.finditer(header), MAX_HEADER_FIELDS)) >= (
+        MAX_HEADER_FIELDS
+    ):
+        raise Refused(f"more than {MAX_HEADER_FIELDS} header fields")
     for count, _ in enumerate(_MULTIPART.finditer(raw), start=1):
         if count > MAX_MULTIPART:
             raise Refused(f"more than {MAX_MULTIPART} multipart MIME containers")
+    for count, _ in enumerate(_CONTENT_TYPE.finditer(raw), start=1):
+        if count > MAX_PARTS + 1:
+            raise Refused(f"more than {MAX_PARTS} MIME parts")
 
 
 def _refuse_tree(msg: email.message.Message) -> None:
@@ -550,6 +601,124 @@ def _refuse_tree(msg: email.message.Message) -> None:
     for count, _ in enumerate(msg.walk(), start=1):
         if count > MAX_PARTS:
             raise Refused(f"more than {MAX_PARTS} MIME parts")
+
+
+# --- the customer's original, forwarded by the agent -----------------------------------------
+
+_FORWARD_SUBJECT = re.compile(r"^\s*(rv|fwd?|tr|wg|enc|i)\s*:", re.I)
+# Where an inline forwarded mail begins: always after these; after a reply separator only
+# when the subject says the mail is a forward (Outlook forwards under "Mensaje original").
+_FORWARD_SEPARATOR = re.compile(
+    r"^\s*(?:-{2,}\s*(?:forwarded message|mensaje reenviado)\s*-*"
+    r"|(?:begin forwarded message|inicio del mensaje reenviado)\s*:)\s*$",
+    re.I,
+)
+_ORIGINAL_SEPARATOR = re.compile(
+    r"^\s*-{2,}\s*(?:mensaje original|original message)\s*-*\s*$", re.I
+)
+_INLINE_HEADERS = {
+    "de": "From",
+    "from": "From",
+    "fecha": "Date",
+    "date": "Date",
+    "enviado": "Date",
+    "enviado el": "Date",
+    "sent": "Date",
+    "para": "To",
+    "to": "To",
+    "cc": "Cc",
+    "asunto": "Subject",
+    "subject": "Subject",
+}
+_UNSAFE_IN_NAME = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
+
+
+def _eml_name(subject: str) -> str:
+    """A file name every mail client opens as a mail: the subject, made safe, and .eml."""
+    stem = " ".join(_UNSAFE_IN_NAME.sub(" ", subject).split())[:100].strip(" .")
+    return f"{stem or 'mensaje reenviado'}.eml"
+
+
+def _detach_originals(msg: email.message.Message) -> list[Attachment]:
+    """Mails attached to this one (message/rfc822), taken out of the tree: each travels to
+    the vendor whole — subject, sender, date, its own attachments — and neither its text
+    nor its attachments are read as the agent's."""
+    originals: list[Attachment] = []
+
+    def visit(part: email.message.Message) -> None:
+        payload = part.get_payload()
+        if not part.is_multipart() or not isinstance(payload, list):
+            return
+        kept: list[email.message.Message | str] = []
+        for sub in payload:
+            if not isinstance(sub, email.message.Message):
+                continue
+            inner = sub.get_payload()
+            forwarded = inner[0] if isinstance(inner, list) and inner else None
+            if sub.get_content_type() == "message/rfc822" and isinstance(
+                forwarded, email.message.Message
+            ):
+                data = forwarded.as_bytes(policy=email.policy.compat32)
+                name = decode_header_text(sub.get_filename()) or _eml_name(
+                    subject_of(forwarded.get("Subject"))
+                )
+                name = name if name.lower().endswith(".eml") else f"{name}.eml"
+                originals.append(Attachment(name, "message/rfc822", data))
+            else:
+                visit(sub)
+                kept.append(sub)
+        part.set_payload(kept)
+
+    if msg.get_content_type() != "multipart/report":  # a bounce's returned mail stays
+        visit(msg)
+    return originals
+
+
+def _inline_original(text: str, subject: str) -> Attachment | None:
+    """The mail an agent forwarded inline (after "---------- Forwarded message ---------",
+    or Outlook's "-----Mensaje original-----" under an RV:/Fwd: subject), rebuilt as a
+    mail of its own from the header lines its client wrote."""
+    lines = text.splitlines()
+    forward = bool(_FORWARD_SUBJECT.match(subject))
+    start = next(
+        (
+            n
+            for n, line in enumerate(lines)
+            if _FORWARD_SEPARATOR.match(line) or (forward and _ORIGINAL_SEPARATOR.match(line))
+        ),
+        None,
+    )
+    if start is None:
+        return None
+    headers: dict[str, str] = {}
+    index = start + 1
+    while index < len(lines) and lines[index].strip():
+        name, colon, value = lines[index].partition(":")
+        key = _INLINE_HEADERS.get(" ".join(name.strip().strip("*").lower().split()))
+        if not colon or key is None:
+            break
+        headers.setdefault(key, " ".join(value.split())[:998])
+        index += 1
+    if "From" not in headers and "Subject" not in headers:
+        return None
+    original = email.message.EmailMessage()
+    try:
+        for key, value in headers.items():
+            original[key] = value
+        original.set_content("\n".join(lines[index:]).strip() + "\n")
+        data = original.as_bytes(policy=email.policy.SMTP)
+    except (ValueError, TypeError, IndexError, LookupError) as exc:
+        # Header lines the stdlib cannot turn into a mail: the text still went inline.
+        log.debug("forwarded original not rebuilt (%s)", exc)
+        return None
+    return Attachment(_eml_name(headers.get("Subject", "")), "message/rfc822", data)
+
+
+def _as_mail(item: Attachment) -> Attachment:
+    """A mail some clients attach as application/octet-stream named *.eml: a mail still."""
+    if item.filename.lower().endswith(".eml") and item.content_type != "message/rfc822":
+        return Attachment(item.filename, "message/rfc822", item.payload)
+    return item
 
 
 def parse_message(
@@ -563,6 +732,11 @@ def parse_message(
     check("MIME")
     _refuse_tree(msg)
     from_name, from_address = sender_of(msg.get("From"))
+    subject = subject_of(msg.get("Subject"))
+    # Read before the forwarded originals are taken out of the tree: a bounce returns one.
+    machine = machine_reason(msg, from_address, loop_token)
+    bounce = bounce_of(msg, from_address, raw)
+    originals = _detach_originals(msg)
     try:
         plain, html, attachments = _bodies_mailparser(msg)
     except Exception as exc:  # mail-parser gives up on some broken MIME the stdlib reads
@@ -573,11 +747,13 @@ def parse_message(
     body = plain if plain.strip() else html_to_text(html) if html.strip() else ""
     check("the HTML")
     agent_text = agent_part(body[:FIELD_TEXT_LIMIT])
+    inline = _inline_original(body[:FIELD_TEXT_LIMIT], subject) if not originals else None
+    attachments = [*originals, *([inline] if inline else []), *map(_as_mail, attachments)]
     check("the text")
     return ParsedMail(
         raw=raw,
         message_id=_msgid(msg.get("Message-ID")),
-        subject=subject_of(msg.get("Subject")),
+        subject=subject,
         from_address=from_address,
         from_name=clean_header(from_name),
         to=[
@@ -591,7 +767,7 @@ def parse_message(
         agent_text=agent_text,
         fields=extract_fields(agent_text, aliases),
         attachments=attachments,
-        machine_reason=machine_reason(msg, from_address, loop_token),
-        bounce=bounce_of(msg, from_address, raw),
+        machine_reason=machine,
+        bounce=bounce,
         auth_results=tuple(_raw_text(v) for v in msg.get_all("Authentication-Results", [])[:16]),
     )

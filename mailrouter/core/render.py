@@ -52,11 +52,18 @@ def case_info(case: CaseRecord, config: Config) -> CaseInfo:
         tag=case_tag(config.settings.case_tag_prefix, case.id),
         priority=case.priority,
         status=case.status,
-        follow_up_due=due.astimezone(config.calendar().zone).strftime("%Y-%m-%d %H:%M (%Z)")
-        if due
-        else "",
+        follow_up_due=local_time(due, config) if due else "",
         ticket=case.vendor_ticket or "",
     )
+
+
+def local_time(moment: datetime, config: Config) -> str:
+    """A moment as the team reads it: in its time zone, written in its language (babel)."""
+    from babel.dates import format_date, format_time
+
+    zone, locale = config.calendar().zone, config.settings.locale
+    day = format_date(moment.astimezone(zone), format="full", locale=locale)
+    return f"{day}, {format_time(moment, format='short', tzinfo=zone, locale=locale)}"
 
 
 class TemplateShapeError(ValueError):

@@ -9,7 +9,9 @@ touches the database or the network.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
+from datetime import date, timedelta
 
 from mailrouter.config import PRIORITIES, Condition, Config, Provider, Route, pattern_search
 from mailrouter.core.parse import normalize
@@ -73,33 +75,114 @@ def choose_route(mail: ParsedMail, routes: list[Route]) -> Route:
 _ADDRESS = re.compile(r"[^@\s<>(),;:]+@[^@\s<>(),;:]+\.[^@\s<>(),;:]+")
 
 
-def invalid_value(kind: str, value: str) -> str | None:
-    """Why a present value is unusable for its field type (in Spanish, for the agent), or None."""
-    if kind == "email" and not _ADDRESS.fullmatch(value.strip().strip("<>")):
-        return f"«{value}» no es una dirección de correo"
-    if kind == "priority" and normalize_priority(value) is None:
-        return f"«{value}» no es una prioridad válida: {', '.join(PRIORITIES)}"
+def checked_value(kind: str, value: str, country: str, today: date) -> tuple[str, str | None]:
+    """A present value as the router keeps it (phone numbers in E.164, dates as ISO), and
+    why it is unusable for its field type (in Spanish, for the agent), or None."""
+    value = value.strip()
+    if kind == "email":
+        address = value.strip("<>")
+        return address, None if _ADDRESS.fullmatch(
+            address
+        ) else f"«{value}» no es una dirección de correo"
+    if kind == "priority":
+        priority = normalize_priority(value)
+        if priority is None:
+            return value, f"«{value}» no es una prioridad válida: {', '.join(PRIORITIES)}"
+        return priority, None
+    if kind == "phone":
+        return _phone(value, country)
+    if kind == "date":
+        day = parse_day(value, today)
+        if day is None:
+            return value, f"«{value}» no es una fecha (día/mes/año, p. ej. {today:%d/%m/%Y})"
+        return day.isoformat(), None
+    return value, None
+
+
+def _phone(value: str, country: str) -> tuple[str, str | None]:
+    import phonenumbers
+
+    problem = f"«{value}» no es un teléfono válido (con indicativo si no es de {country})"
+    if len(value) > 40:
+        return value, problem
+    try:
+        number = phonenumbers.parse(value, country)
+    except phonenumbers.NumberParseException:
+        return value, problem
+    if not phonenumbers.is_valid_number(number):
+        return value, problem
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
+
+
+_NUMERIC_DATE = re.compile(r"(\d{1,4})[/.-](\d{1,2})[/.-](\d{2,4})")
+_WORDS_DATE = re.compile(r"(\d{1,2})(?:\s+de)?\s+([a-zñ.]{3,12})(?:\s+de(?:l)?)?\s+(\d{4})")
+_RELATIVE = {"hoy": 0, "today": 0, "ayer": -1, "yesterday": -1, "anteayer": -2, "mañana": 1}
+
+
+@functools.cache
+def _month_numbers() -> dict[str, int]:
+    """Spanish and English month names, whole and abbreviated (from the CLDR, by babel)."""
+    from babel.dates import get_month_names
+
+    names: dict[str, int] = {}
+    for locale in ("es", "en"):
+        for width in ("wide", "abbreviated"):
+            for number, name in get_month_names(width, locale=locale).items():
+                names[normalize(name).rstrip(".")] = number
+    names["setiembre"] = 9
+    return names
+
+
+def parse_day(value: str, today: date) -> date | None:
+    """A date as agents write it: 16/11/2026 (day first), 2026-11-16, 16 de noviembre de
+    2026, 16 nov 2026, or hoy/ayer/mañana (in the team's time zone: `today`)."""
+    text = " ".join(value.lower().split())[:60]
+    if text in _RELATIVE:
+        return today + timedelta(days=_RELATIVE[text])
+    try:
+        match = _NUMERIC_DATE.fullmatch(text)
+        if match:
+            first, second, third = (int(g) for g in match.groups())
+            if len(match.group(1)) == 4:
+                return date(first, second, third)
+            return date(third + 2000 if third < 100 else third, second, first)
+        match = _WORDS_DATE.fullmatch(text)
+        if match:
+            month = _month_numbers().get(normalize(match.group(2)).rstrip("."))
+            if month is not None:
+                return date(int(match.group(3)), month, int(match.group(1)))
+    except ValueError:  # 31/02/2026
+        return None
     return None
 
 
-def _missing_fields(mail: ParsedMail, provider: Provider, config: Config) -> list[MissingField]:
-    """Required fields that are absent or empty, then given values that are invalid."""
+def checked_fields(
+    mail: ParsedMail, provider: Provider, config: Config, today: date
+) -> tuple[dict[str, str], list[MissingField]]:
+    """The mail's fields as the router keeps them (typed values normalised), and the
+    required fields that are absent or empty, then the given values that are invalid."""
     specs = config.settings.fields
     missing = [
         MissingField(name, specs[name].label)
         for name in provider.required
         if not mail.fields.get(name, "").strip()
     ]
+    fields = dict(mail.fields)
     for name, value in mail.fields.items():
         spec = specs.get(name)
-        problem = invalid_value(spec.type, value) if spec and value.strip() else None
-        if spec is not None and problem is not None:
+        if spec is None or spec.type == "text" or not value.strip():
+            continue
+        kept, problem = checked_value(spec.type, value, config.settings.country, today)
+        if problem is not None:
             missing.append(MissingField(name, spec.label, problem))
-    return missing
+        elif spec.type in ("phone", "date"):
+            fields[name] = kept
+    return fields, missing
 
 
-def decide(mail: ParsedMail, config: Config) -> Decision:
-    """Loop protection first, then the sender check, then the route and its required fields."""
+def decide(mail: ParsedMail, config: Config, today: date | None = None) -> Decision:
+    """Loop protection first, then the sender check, then the route and its required fields.
+    `today` (in the team's time zone) is what "hoy" or "ayer" in a date field mean."""
     settings = config.settings
     if mail.machine_reason:
         return Decision("ignore", f"machine mail: {mail.machine_reason}")
@@ -110,10 +193,10 @@ def decide(mail: ParsedMail, config: Config) -> Decision:
     route = choose_route(mail, settings.routes)
     provider = config.providers[route.to]
     priority = normalize_priority(mail.fields.get("prioridad")) or settings.default_priority
-    missing = _missing_fields(mail, provider, config)
+    fields, missing = checked_fields(mail, provider, config, today or date.today())
     if missing:
         names = ", ".join(m.label for m in missing)
         return Decision(
-            "needs_info", f"missing or invalid: {names}", route, provider, priority, missing
+            "needs_info", f"missing or invalid: {names}", route, provider, priority, missing, fields
         )
-    return Decision("route", f"route {route.name!r} matched", route, provider, priority)
+    return Decision("route", f"route {route.name!r} matched", route, provider, priority, [], fields)

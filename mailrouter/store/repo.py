@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 from mailrouter.model import (
     LISTED_STATUSES,
     OPEN_STATUSES,
+    SET_ASIDE,
     Arrival,
     CaseRecord,
     DigestCase,
@@ -152,7 +153,7 @@ class SqlCaseBook:
                 Message.created_at >= since,
                 Message.content_digest == digest,
                 Message.dedupe_key != other_than[:1024],
-                Message.outcome != "quarantined",
+                Message.outcome.not_in(SET_ASIDE),
             )
             .limit(1)
         )
@@ -176,7 +177,7 @@ class SqlCaseBook:
                 Message.direction == "in",
                 Message.sender == address[:320],
                 Message.created_at >= since,
-                Message.outcome == "quarantined",
+                Message.outcome.in_(SET_ASIDE),
                 Message.reason.startswith(reason, autoescape=True),
             )
         )
@@ -244,7 +245,7 @@ class SqlCaseBook:
                 Message.case_id == case_id,
                 Message.direction == "in",
                 Message.sender == address[:320],
-                Message.outcome != "quarantined",
+                Message.outcome.not_in(SET_ASIDE),
             )
             .limit(1)
         )
@@ -498,11 +499,64 @@ def messages(session: Session, direction: str, case_id: int | None = None) -> li
     return list(session.scalars(query))
 
 
-def quarantined(session: Session, limit: int, message_id: int | None = None) -> list[Message]:
+def quarantined(
+    session: Session, limit: int, message_id: int | None = None, reason: str | None = None
+) -> list[Message]:
     """The newest `limit` quarantined mails, oldest first, without their bytes (or the one
-    numbered `message_id`, if it is quarantined)."""
+    numbered `message_id`, if it is quarantined); with `reason`, only those whose reason
+    holds that text (ignoring case)."""
     query = select(Message).where(Message.outcome == "quarantined")
     if message_id is not None:
         query = query.where(Message.id == message_id)
+    if reason:
+        query = query.where(func.lower(Message.reason).contains(reason.lower(), autoescape=True))
     rows = session.scalars(query.order_by(Message.id.desc()).limit(limit))
     return list(reversed(list(rows)))
+
+
+# --- working the quarantine: a lead releases, attaches or drops a mail ----------------------
+
+
+def inbound_message(session: Session, message_id: int) -> Message | None:
+    """The inbound message numbered `message_id`, without its bytes."""
+    return session.scalar(
+        select(Message).where(Message.id == message_id, Message.direction == "in")
+    )
+
+
+def settle_quarantined(
+    session: Session, message_id: int, outcome: str, note: str, *, forget_key: bool
+) -> bool:
+    """Take a quarantined mail out of the quarantine: its outcome becomes `outcome` and
+    `note` is added to its reason; its bytes stay. With `forget_key`, it no longer answers
+    for its mail (`dedupe_key` NULL), so the same mail can be stored again. False when the
+    row is not (or no longer) quarantined: someone else settled it first."""
+    values: dict[str, object] = {
+        "outcome": outcome,
+        "reason": func.coalesce(Message.reason, "") + note,
+    }
+    if forget_key:
+        values["dedupe_key"] = None
+    done = session.connection().execute(
+        update(Message)
+        .where(
+            Message.id == message_id,
+            Message.direction == "in",
+            Message.outcome == "quarantined",
+        )
+        .values(values)
+    )
+    return bool(done.rowcount == 1)
+
+
+def requarantine(
+    session: Session, message_id: int, outcome: str, reason: str, dedupe_key: str | None
+) -> bool:
+    """Undo `settle_quarantined` of a mail whose settling could not be carried through
+    (its reason and key as they were), if the row still has outcome `outcome`."""
+    done = session.connection().execute(
+        update(Message)
+        .where(Message.id == message_id, Message.outcome == outcome)
+        .values(outcome="quarantined", reason=reason, dedupe_key=dedupe_key)
+    )
+    return bool(done.rowcount == 1)

@@ -17,6 +17,7 @@ from datetime import datetime
 from mailrouter.core.handle import Handler
 from mailrouter.model import (
     OPEN_STATUSES,
+    SET_ASIDE,
     Arrival,
     CaseData,
     CaseRecord,
@@ -98,7 +99,7 @@ class MemoryCaseBook:
             and m.created_at >= since
             and m.content_digest == digest
             and m.dedupe_key != other_than
-            and m.outcome != "quarantined"
+            and m.outcome not in SET_ASIDE
             for m in self.inbound()
         )
 
@@ -111,7 +112,7 @@ class MemoryCaseBook:
             for m in self.inbound()
             if m.sender == address
             and m.created_at >= since
-            and m.outcome == "quarantined"
+            and m.outcome in SET_ASIDE
             and (m.reason or "").startswith(reason)
         )
 
@@ -156,7 +157,7 @@ class MemoryCaseBook:
 
     def has_written(self, case_id: int, address: str) -> bool:
         return any(
-            m.case_id == case_id and m.sender == address and m.outcome != "quarantined"
+            m.case_id == case_id and m.sender == address and m.outcome not in SET_ASIDE
             for m in self.inbound()
         )
 

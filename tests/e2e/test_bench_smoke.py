@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrouter.testing.hostile import BUILDERS
 from mailrouter.testing.servers import Dovecot
 from tests.conftest import PROJECT
 
@@ -26,6 +27,16 @@ def test_bench_quick_run_produces_every_figure() -> None:
     assert results["cost_growth"]["digest"]["digests"] > 0
     assert results["peer"] == {"skipped": "--quick"}
     assert set(results["targets"]) >= {"burst_300", "burst_half_ceiling", "memory_150mb"}
+    shapes = results["hostile"]["route"]["shapes"]
+    assert set(shapes) == set(BUILDERS)
+    assert all(shape["ratio"] > 0 for shape in shapes.values())
+    assert all(shape["baseline_outcome"] == "routed" for shape in shapes.values())
+    assert results["hostile"]["burst"]["mixed_msg_per_s"] > 0
+    assert set(results["targets"]) >= {
+        "hostile_route_3x",
+        "hostile_route_6x",
+        "hostile_throughput_90",
+    }
 
 
 def test_each_target_is_judged_from_the_figures_of_the_run() -> None:
@@ -64,6 +75,24 @@ def test_each_target_is_judged_from_the_figures_of_the_run() -> None:
             "smtp_listener": {"count": 0},  # not measured
         },
         "peer": {"skipped": "--quick"},
+        # One shape at 4.2x a normal mail: over 3x, under 6x; and the mixed burst too slow.
+        "hostile": {
+            "route": {
+                "runs": 5,
+                "shapes": {
+                    "spaces 5000": _shape(0.8, "routed"),
+                    "HTML-only 160 KB": _shape(4.2, "routed"),
+                    "header 5 MB": _shape(0.1, "quarantined"),
+                },
+                "worst": {"shape": "HTML-only 160 KB", "ratio": 4.2},
+            },
+            "burst": {
+                "hostile_every": 20,
+                "clean_msg_per_s": 70.0,
+                "mixed_msg_per_s": 59.5,
+                "ratio": 0.85,
+            },
+        },
     }
     met = targets(results)
     assert met == {
@@ -77,10 +106,27 @@ def test_each_target_is_judged_from_the_figures_of_the_run() -> None:
         "memory_sender_process_150mb": True,
         "imap_idle": True,
         "smtp_listener": None,
+        "hostile_route_3x": False,
+        "hostile_route_6x": True,
+        "hostile_throughput_90": False,
     }
     table = report(results | {"targets": met})
     assert "burst / ceiling, sender_process on" in table
-    assert table.count("NOT MET") == 5 and table.count(" met") == 4
+    assert "  HTML-only 160 KB" in table and "85% of clean (70)" in table
+    assert table.count("NOT MET") == 7 and table.count(" met") == 5
+
+
+def _shape(ratio: float, outcome: str) -> dict[str, object]:
+    return {
+        "bytes": 166_917,
+        "seconds": ratio * 0.01,
+        "baseline_bytes": 166_875,
+        "baseline_seconds": 0.01,
+        "baseline_outcome": "routed",
+        "ratio": ratio,
+        "outcome": outcome,
+        "reason": "",
+    }
 
 
 def test_the_peer_ingests_every_mail_when_its_virtualenv_is_there(

@@ -58,9 +58,9 @@ def test_escalation_opens_case_and_queues_forward_and_ack(pipeline: Pipeline) ->
     ack_text = ack.raw.decode()
     assert "ESC-000001" in ack_text and "ALTA" in ack_text
     assert (
-        "2026-11-17 14:05 (-05)"
+        "martes, 17 de noviembre de 2026, 2:05\u202fp.\u202fm."
         in cast(bytes, email.message_from_bytes(ack.raw).get_payload(decode=True)).decode()
-    )  # due time shown in the configured time zone
+    )  # due time shown in the configured time zone, in the team's language (es_CO)
     (inbound,) = pipeline.store.inbound()
     assert inbound.raw == escalation("01-hibot-basic.eml")
     assert inbound.case_id == case.id and inbound.outcome == "routed"

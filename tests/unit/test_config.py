@@ -295,3 +295,22 @@ def test_check_config_warns_of_a_secret_written_in_the_file(
     from_env = write_config({"outbound": {"smtp": {"password": "${SMTP_PASSWORD:-}"}}})
     assert main(["--config", str(from_env), "check-config"]) == 0
     assert "a secret written" not in capsys.readouterr().err
+
+
+def test_check_config_warns_when_a_vendor_s_replies_would_match_the_agents(
+    write_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    providers = tmp_path / "providers"
+    shutil.copytree(PROJECT / "providers", providers)
+    tech = providers / "tech.yaml"
+    tech.write_text(
+        "\n".join(line for line in tech.read_text().splitlines() if "senders" not in line)
+    )
+    assert (
+        main(["--config", str(write_config({"providers_dir": str(providers)})), "check-config"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "provider tech: its replies are recognised by *@example.com" in err
+    assert main(["--config", str(write_config()), "check-config"]) == 0
+    assert "provider tech" not in capsys.readouterr().err

@@ -188,7 +188,8 @@ def test_complete_escalation_is_routed_with_forward_and_acknowledgement(
     # The acknowledgement answers the agent's own mail, with the case number and due time.
     assert parsed(ack)["In-Reply-To"] == f"<{message_id_of(raw)}>"
     text = body_of(ack)
-    assert "ESC-000001" in text and "ALTA" in text and "2026-11-17 14:05" in text
+    assert "ESC-000001" in text and "ALTA" in text
+    assert "martes, 17 de noviembre de 2026, 2:05" in text  # the due time, in Bogotá, in Spanish
     (inbound,) = book.inbound()
     assert (inbound.kind, inbound.outcome, inbound.case_id) == ("escalation", "routed", 1)
     assert book.events_of(1) == ["opened"]  # ALTA: no lead alert

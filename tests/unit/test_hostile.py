@@ -133,7 +133,7 @@ def test_a_huge_html_table_is_read_only_as_far_as_the_cap() -> None:
     row = "<tr><td>Cliente:</td><td>Lafise</td></tr>"
     capped = "<table>" + row * 8_000 + "</table>"  # about the cap
     huge = "<table>" + row * 160_000 + "</table>"  # 7 MB
-    ratio = fastest(lambda: html_to_text(huge), runs=1) / fastest(lambda: html_to_text(capped))
+    ratio = fastest(lambda: html_to_text(huge)) / fastest(lambda: html_to_text(capped))
     assert ratio < 3, f"7 MB of HTML took {ratio:.1f}x what the cap's worth takes"
     assert "Cliente: Lafise" in html_to_text(huge)
 
@@ -259,7 +259,7 @@ def parts(count: int) -> bytes:
 
 SHAPES = {
     "3000 nested multiparts": (nested(3000), "more than 100 multipart MIME containers"),
-    "5000 MIME parts": (parts(5000) + b"--B--\n", "more than 1000 MIME parts"),
+    "900 MIME parts": (parts(900) + b"--B--\n", "more than 200 MIME parts"),
     "5000 header fields": (
         HEAD + b"".join(b"X-H%d: v\n" % i for i in range(5_000)) + b"\nCliente: a\n",
         "more than 1000 header fields",
@@ -286,7 +286,7 @@ def test_a_shape_no_escalation_has_is_refused_early(name: str) -> None:
 
 def test_shapes_within_the_limits_are_read() -> None:
     assert HANDLER.parse(nested(20)).from_address == "laura.gomez@example.com"
-    assert len(HANDLER.parse(parts(900) + b"--B--\n").attachments) == 0
+    assert len(HANDLER.parse(parts(150) + b"--B--\n").attachments) == 0
 
 
 def test_the_deadline_stops_reading_between_steps() -> None:

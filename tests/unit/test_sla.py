@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from mailrouter.config import Calendar
+from mailrouter.config import Calendar, ConfigError, load_config
+from mailrouter.core.render import local_time
 from mailrouter.core.sla import due_after, windows_overdue
 
 BOGOTA = ZoneInfo("America/Bogota")  # UTC-5, no daylight saving
@@ -89,3 +92,65 @@ def test_windows_overdue() -> None:
     assert windows_overdue(due, local(BOGOTA, 2026, 11, 16, 11, 0), 4, calendar) == 0
     assert windows_overdue(due, local(BOGOTA, 2026, 11, 16, 15, 0), 4, calendar) == 1
     assert windows_overdue(due, local(BOGOTA, 2026, 11, 16, 16, 1), 4, calendar) == 2
+
+
+# --- a country's public holidays from the `holidays` library (issue 19, item 8) -----------
+
+
+def colombia(write_config: Callable[..., Path], dates: list[str] | None = None) -> Calendar:
+    holidays = {"country": "CO", "dates": dates or []}
+    hours = {"enabled": True, "holidays": holidays}
+    return load_config(write_config({"business_hours": hours})).calendar()
+
+
+@pytest.mark.parametrize(
+    ("day", "working"),
+    [
+        (date(2026, 1, 6), True),  # Epiphany's date, a Tuesday: the holiday moved...
+        (date(2026, 1, 12), False),  # ...to the next Monday (Ley Emiliani)
+        (date(2026, 3, 19), True),  # Saint Joseph, a Thursday, moved...
+        (date(2026, 3, 23), False),  # ...to Monday the 23rd
+        (date(2026, 11, 16), False),  # Independence of Cartagena, observed on Monday
+        (date(2026, 12, 8), False),  # Immaculate Conception is not moved
+        (date(2027, 1, 11), False),  # next year's Epiphany Monday: years come as asked
+        (date(2026, 12, 24), False),  # a date of our own, given beside the country
+        (date(2026, 12, 23), True),
+    ],
+)
+def test_colombian_holidays_come_out_right(
+    write_config: Callable[..., Path], day: date, working: bool
+) -> None:
+    assert colombia(write_config, ["2026-12-24"]).is_working_day(day) is working
+
+
+def test_a_due_time_skips_the_moved_monday(write_config: Callable[..., Path]) -> None:
+    calendar = colombia(write_config)
+    start = local(BOGOTA, 2026, 11, 13, 16, 0)  # Friday 16:00: 2 h, then Tuesday the 17th
+    assert due_after(start, 4, calendar) == local(BOGOTA, 2026, 11, 17, 10, 0)
+
+
+def test_an_unknown_country_is_refused_with_its_line(write_config: Callable[..., Path]) -> None:
+    path = write_config({"business_hours": {"holidays": {"country": "XX"}}})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert any(
+        "business_hours.holidays" in str(p)
+        and "no public holidays known for country 'XX'" in str(p)
+        for p in caught.value.problems
+    ), caught.value.problems
+
+
+def test_times_in_mails_are_written_in_the_team_s_language(
+    write_config: Callable[..., Path],
+) -> None:
+    moment = datetime(2026, 11, 17, 19, 5, tzinfo=UTC)
+    colombian = load_config(write_config())
+    assert local_time(moment, colombian).replace("\u202f", " ") == (
+        "martes, 17 de noviembre de 2026, 2:05 p. m."
+    )
+    english = load_config(write_config({"locale": "en_US", "timezone": "America/New_York"}))
+    assert local_time(moment, english).replace("\u202f", " ") == (
+        "Tuesday, November 17, 2026, 2:05 PM"
+    )
+    with pytest.raises(ConfigError, match="unknown locale 'xx_YY'"):
+        load_config(write_config({"locale": "xx_YY"}))
