@@ -17,13 +17,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/mailrouter --config config.yaml run
 
-## The real servers the integration tests talk to (Dovecot for IMAP).
+## The real servers the integration tests talk to (Dovecot for IMAP), and systemd-analyze
+## (tests/e2e/test_install.py verifies deploy/mailrouter.service with it).
 system-deps:
-	@if ! command -v dovecot >/dev/null 2>&1 && ! test -x /usr/sbin/dovecot; then \
+	@missing=""; \
+	command -v dovecot >/dev/null 2>&1 || test -x /usr/sbin/dovecot || missing=" dovecot-imapd"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "Dovecot is missing: run 'sudo apt-get install dovecot-imapd' (needed by the IMAP tests)"; exit 1; \
+	    echo "Missing:$$missing: run 'sudo apt-get install$$missing' (needed by the tests)"; exit 1; \
 	  fi; \
 	fi
 

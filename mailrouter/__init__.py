@@ -7,4 +7,9 @@ daemon wire them up.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # pyproject.toml's version, as installed (`mailrouter --version`)
+    __version__ = version("mailrouter")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -1,33 +1,36 @@
 """CLI: the `mailrouter` command (also `python -m mailrouter`).
 
-`run` starts the daemon; `check-config` validates the configuration;
-`route FILE.eml` explains what would happen to a mail without sending or
-writing anything (with `--db`, given the cases already in the database); `cases`
-lists the cases; `quarantine` lists, shows, releases (again, or onto a case) and drops
-the mail that was kept aside; `digest` previews or sends the digests.
+`init [DIR]` writes a starter configuration; `run` starts the daemon; `check-config`
+validates the configuration; `route FILE.eml` explains what would happen to a mail
+without sending or writing anything (with `--db`, given the cases already in the
+database); `cases` lists the cases; `quarantine` lists, shows, releases (again, or onto
+a case) and drops the mail that was kept aside; `digest` previews or sends the digests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import email
 import email.policy
 import logging
 import os
 import re
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mailrouter import __version__
 from mailrouter.config import Config, ConfigError, literal_secrets
 from mailrouter.core.parse import Deadline, Refused, field_aliases, parse_message
 from mailrouter.core.render import Renderer
 from mailrouter.core.route import decide, sender_allowed
-from mailrouter.model import CaseInfo, OutgoingMail, case_tag
+from mailrouter.model import CaseInfo, IntakeHooks, OutgoingMail, Result, case_tag
 from mailrouter.store.db import Store
 
 if TYPE_CHECKING:
@@ -43,8 +46,54 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from mailrouter.daemon import run_daemon
 
-    run_daemon(_load(args), sender_only=args.sender_only)
+    config = _load(args)
+    if not args.sender_only:
+        for warning in config_warnings(config):
+            logging.getLogger("mailrouter").warning("%s: %s", config.path, warning)
+    run_daemon(config, sender_only=args.sender_only)
     return 0
+
+
+def cmd_check_connection(args: argparse.Namespace) -> int:
+    """Log into the IMAP intake and the SMTP relay as the daemon would, send nothing and
+    create no folder: one line per server; exit 1 if one fails, with why."""
+    from mailrouter.deliver.transports import SmtpTransport
+    from mailrouter.intake.imap import ImapIntake
+
+    config = _load(args)
+    s = config.settings
+    checks: list[tuple[str, Callable[[], str]]] = []
+    if s.intake.source == "imap":
+        imap = s.intake.imap
+        hooks = IntakeHooks(
+            ingest=_nothing_ingested, known=lambda *_: {}, max_bytes=1, large_mail=_no_turn
+        )
+        checks.append((f"IMAP {imap.host}:{imap.port}", ImapIntake(imap, hooks).check))
+    if s.outbound.transport == "smtp":
+        smtp = s.outbound.smtp
+        transport = SmtpTransport(smtp)
+        checks.append((f"SMTP {smtp.host}:{smtp.port}", lambda: asyncio.run(transport.check())))
+    if not checks:
+        print("nothing to connect to: the intake is the SMTP listener, outbound writes files")
+        return 0
+    failed = 0
+    for server, check in checks:
+        try:
+            print(check())
+        except Exception as exc:  # one line, no traceback: what a login or a connection said
+            failed += 1
+            said = " ".join(str(exc).split())[:300] or type(exc).__name__
+            print(f"{server}: FAILED: {type(exc).__name__}: {said}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _nothing_ingested(raw: bytes, source: object, size: object) -> Result:
+    raise AssertionError("check-connection fetches no mail")
+
+
+@contextlib.contextmanager
+def _no_turn(size: int) -> Iterator[None]:
+    yield
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -72,9 +121,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def config_warnings(config: Config) -> list[str]:
     """What is allowed but unsafe where strangers can write to the intake."""
     s, warnings = config.settings, []
+    servers = []
+    if s.intake.source == "imap":
+        servers.append(("intake.imap", s.intake.imap.host, s.intake.imap.security))
+    if s.outbound.transport == "smtp":
+        servers.append(("outbound.smtp", s.outbound.smtp.host, s.outbound.smtp.security))
+    for name, host, security in servers:
+        if security == "none" and host not in _LOOPBACK:
+            warnings.append(
+                f"{name}.security is none on {host}: the login and every mail cross the "
+                "network unencrypted; use tls or starttls"
+            )
     if s.loop_protection.max_per_sender_per_hour is not None:
         warnings.append(
             "loop_protection.max_per_sender_per_hour is no longer used: escalations are never "
@@ -92,11 +155,7 @@ def config_warnings(config: Config) -> list[str]:
             "authentication.require is none: a From header is believed as written; anyone "
             "can write as an agent or a vendor (README, Security)"
         )
-    elif s.intake.source == "smtp" and s.intake.listen.host not in (
-        "127.0.0.1",
-        "::1",
-        "localhost",
-    ):
+    elif s.intake.source == "smtp" and s.intake.listen.host not in _LOOPBACK:
         warnings.append(
             f"the SMTP listener on {s.intake.listen.host} trusts Authentication-Results: only "
             "an MTA in front of it may reach it, or anyone can write those results"
@@ -440,6 +499,26 @@ def cmd_digest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from mailrouter.defaults import install
+
+    target = Path(args.dir)
+    if target.exists() and not target.is_dir():
+        print(f"{target} is not a directory", file=sys.stderr)
+        return 1
+    for path, written in install(target):
+        print(f"wrote   {path}" if written else f"skipped {path} (already there, left as it is)")
+    config = shlex.quote(str(target / "config.yaml"))
+    print(
+        "\nNext steps:\n"
+        f"  1. edit {config} (intake, allowed_senders, team, outbound) and the providers/;\n"
+        "     secrets come from the environment (${MAILROUTER_...}), never from the file\n"
+        f"  2. mailrouter --config {config} check-config\n"
+        f"  3. mailrouter --config {config} run"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailrouter", description="Email escalation router: one intake address for agents."
@@ -450,7 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="path to config.yaml (default: $MAILROUTER_CONFIG or ./config.yaml)",
     )
     parser.add_argument("--log-level", default=os.environ.get("MAILROUTER_LOG_LEVEL", "INFO"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser(
+        "init", help="write a starter config.yaml, providers/ and templates/ (never over a file)"
+    )
+    init.add_argument("dir", nargs="?", default=".", metavar="DIR", help="where (default: .)")
+    init.set_defaults(func=cmd_init)
     run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
     run.add_argument(
         "--sender-only",
@@ -462,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "check-config", help="validate config.yaml and providers/*.yaml"
     ).set_defaults(func=cmd_check_config)
+    commands.add_parser(
+        "check-connection",
+        help="log into the IMAP intake and the SMTP relay as the daemon would; send nothing",
+    ).set_defaults(func=cmd_check_connection)
     route = commands.add_parser("route", help="dry run: explain what would happen to a mail")
     route.add_argument("file", help="an .eml file")
     route.add_argument(

@@ -94,12 +94,55 @@ class ListenSettings(_Model):
     port: int = Field(2525, ge=0, le=65535)
 
 
+class OAuth2Settings(_Model):
+    """How to get the access token a server takes instead of a password (XOAUTH2)."""
+
+    provider: Literal["microsoft", "google", "command"] | None = None
+    # microsoft: the app registration (client credentials)
+    tenant_id: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    # Another sign-in authority (an OpenID Connect issuer URL): tests, sovereign clouds.
+    authority: str = ""
+    # google: a service account with domain-wide delegation, acting as `username`
+    service_account_file: str = ""
+    # command: prints an access token on stdout (any other provider, a token broker)
+    token_command: str = ""
+    scopes: list[str] = []
+    # outbound.smtp only: the intake's block, not written twice
+    same_as: Literal["imap"] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> OAuth2Settings:
+        if self.same_as is not None:
+            if self.provider is not None:
+                raise ValueError("give either same_as or a provider, not both")
+            return self
+        if self.provider is None:
+            raise ValueError("give a provider (microsoft, google or command) or same_as: imap")
+        needs = {
+            "microsoft": (
+                "client_id",
+                "client_secret",
+                *(() if self.authority else ("tenant_id",)),
+            ),
+            "google": ("service_account_file",),
+            "command": ("token_command",),
+        }[self.provider]
+        missing = [name for name in needs if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"provider {self.provider} needs {', '.join(missing)}")
+        return self
+
+
 class _ServerSettings(_Model):
     """A mail server we connect to: certificates are always verified (ca_file to pin a CA)."""
 
     host: str = "127.0.0.1"
     username: str = ""
     password: str = ""
+    # Instead of the password: log in with an OAuth2 access token (XOAUTH2).
+    oauth2: OAuth2Settings | None = None
     timeout: float = Field(60.0, gt=0)
     ca_file: str = ""
 
@@ -401,6 +444,17 @@ class Settings(_Model):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _one_oauth2_block(self) -> Settings:
+        smtp = self.outbound.smtp
+        if smtp.oauth2 is not None and smtp.oauth2.same_as == "imap":
+            if self.intake.imap.oauth2 is None:
+                raise ValueError(
+                    "outbound.smtp.oauth2.same_as: imap, but intake.imap has no oauth2"
+                )
+            self.outbound.smtp = smtp.model_copy(update={"oauth2": self.intake.imap.oauth2})
+        return self
 
     @model_validator(mode="after")
     def _default_route_last(self) -> Settings:

@@ -19,6 +19,7 @@ import aiosmtplib
 
 from mailrouter.config import Config, SmtpSettings, tls_context
 from mailrouter.model import is_large
+from mailrouter.oauth2 import TokenError, TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,15 @@ class SmtpTransport:
     """Kept-open aiosmtplib connections to the relay, one per mail in flight (at most
     `connections`, as the sender never has more in flight); a connection that errs is closed."""
 
-    def __init__(self, settings: SmtpSettings) -> None:
+    def __init__(self, settings: SmtpSettings, tokens: TokenSource | None = None) -> None:
         self.settings = settings
         self._idle: list[aiosmtplib.SMTP] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.tokens = tokens or (
+            TokenSource(settings.oauth2, settings.username, settings.ca_file)
+            if settings.oauth2 is not None
+            else None
+        )
 
     async def _connect(self) -> aiosmtplib.SMTP:
         s = self.settings
@@ -78,20 +84,50 @@ class SmtpTransport:
             start_tls=s.security == "starttls",
             tls_context=tls_context(s.ca_file) if s.security != "none" else None,
         )
-        await client.connect()  # closes the connection itself if it fails
-        if s.username:
-            try:
+        try:
+            # aiosmtplib closes a connection that fails before it is made, not one whose
+            # STARTTLS fails (an untrusted certificate): that one is ours to close.
+            await client.connect()
+            if self.tokens is not None:
+                await self._oauth2_login(client)
+            elif s.username:
                 await client.login(s.username, s.password)
-            except BaseException:
-                # Not handed out, so nobody else would close it (`send` only quits a
-                # client `_checkout` returned). Aborted rather than closed: closing a TLS
-                # connection waits for the relay's close_notify, which a loop that ends
-                # next (a one-shot pass) never receives, leaving the socket open.
-                if isinstance(client.transport, asyncio.Transport):
-                    client.transport.abort()
-                client.close()
-                raise
+        except BaseException:
+            # Not handed out, so nobody else would close it (`send` only quits a client
+            # `_checkout` returned). Aborted rather than closed: closing a TLS connection
+            # waits for the relay's close_notify, which a loop that ends next (a one-shot
+            # pass) never receives, leaving the socket open.
+            if isinstance(client.transport, asyncio.Transport):
+                client.transport.abort()
+            client.close()
+            raise
         return client
+
+    async def _oauth2_login(self, client: aiosmtplib.SMTP) -> None:
+        """AUTH XOAUTH2; a refused token is replaced once (revoked or rotated early)."""
+        assert self.tokens is not None
+        token = await asyncio.to_thread(self.tokens.token)
+        try:
+            await client.auth_xoauth2(self.settings.username, token)
+        except aiosmtplib.SMTPAuthenticationError:
+            self.tokens.refused(token)
+            token = await asyncio.to_thread(self.tokens.token)
+            await client.auth_xoauth2(self.settings.username, token)
+
+    async def check(self) -> str:
+        """Connect and log in as for a mail, send nothing: one line saying how it went
+        (`mailrouter check-connection`). Raises what a failed connection or login raises."""
+        s = self.settings
+        client = await self._connect()
+        try:
+            transport = client.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            tls = ssl_object.version() if ssl_object is not None else "no TLS"
+        finally:
+            await _quit(client)
+        mechanism = "XOAUTH2" if self.tokens else "AUTH" if s.username else "no login"
+        who = f" as {s.username}" if s.username else ""
+        return f"SMTP {s.host}:{s.port}: {tls}, {mechanism}{who}: ok"
 
     async def _checkout(self) -> aiosmtplib.SMTP:
         if self._loop is not asyncio.get_running_loop():
@@ -142,6 +178,10 @@ class SmtpTransport:
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             await _quit(client)
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from exc
+        except TokenError as exc:
+            # No token for the relay: the identity provider's or our configuration, not
+            # this mail's fault; the mail waits and is tried again.
+            raise TemporaryFailure(f"no OAuth2 token for the relay: {exc}") from exc
         self._idle.append(client)
         if errors:
             # The relay took the mail for the other recipients (a lead beside the agent):

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
+from imapclient.exceptions import IMAPClientError, LoginError
 
 from mailrouter.config import ImapSettings, tls_context
 from mailrouter.model import ImapSource, IntakeHooks, Result
+from mailrouter.oauth2 import TokenError, TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ImapIntake:
         hooks: IntakeHooks,
         on_committed: Callable[[], None] = lambda: None,
         stop: threading.Event | None = None,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.settings = settings
         self.hooks = hooks
@@ -53,20 +55,63 @@ class ImapIntake:
         self.stop = stop or threading.Event()
         s = settings
         self.mailbox = f"imap://{s.username}@{s.host}:{s.port}/{s.folder}"
+        # One token source for every connection (IDLE, reconnects): a token is fetched once
+        # an hour, not once a login.
+        self.tokens = tokens or (
+            TokenSource(s.oauth2, s.username, s.ca_file) if s.oauth2 is not None else None
+        )
 
-    def connect(self) -> IMAPClient:
+    def check(self) -> str:
+        """Log in and look at the folders the intake uses, creating none: one line saying
+        what was found (`mailrouter check-connection`). Raises what a failed login raises."""
+        s = self.settings
+        client = self.connect(create_folders=False)
+        try:
+            sock = client.socket()
+            tls = sock.version() if isinstance(sock, ssl.SSLSocket) else "no TLS"
+            folders = [
+                f"{name} {'ok' if client.folder_exists(name) else 'missing (created at start)'}"
+                for name in (s.folder, s.processed_folder, s.quarantine_folder)
+            ]
+        finally:
+            _logout(client)
+        mechanism = "XOAUTH2" if self.tokens is not None else "LOGIN"
+        return f"IMAP {s.host}:{s.port}: {tls}, {mechanism} as {s.username}: ok; " + ", ".join(
+            folders
+        )
+
+    def connect(self, create_folders: bool = True) -> IMAPClient:
         s = self.settings
         context = tls_context(s.ca_file) if s.security != "none" else None
         client = IMAPClient(
             s.host, port=s.port, ssl=s.security == "tls", ssl_context=context, timeout=s.timeout
         )
-        if s.security == "starttls":
-            client.starttls(context)
-        client.login(s.username, s.password)
-        for folder in (s.processed_folder, s.quarantine_folder):
+        try:
+            if s.security == "starttls":
+                client.starttls(context)
+            if self.tokens is not None:
+                self._oauth2_login(client)
+            else:
+                client.login(s.username, s.password)
+        except BaseException:
+            with contextlib.suppress(Exception):  # refused: the connection is ours to close
+                client.shutdown()
+            raise
+        for folder in (s.processed_folder, s.quarantine_folder) if create_folders else ():
             if not client.folder_exists(folder):
                 client.create_folder(folder)
         return client
+
+    def _oauth2_login(self, client: IMAPClient) -> None:
+        """AUTHENTICATE XOAUTH2; a refused token is replaced once (it may have been revoked
+        or rotated before it ran out), a second refusal is the account's."""
+        assert self.tokens is not None
+        token = self.tokens.token()
+        try:
+            client.oauth2_login(self.settings.username, token)
+        except LoginError:
+            self.tokens.refused(token)
+            client.oauth2_login(self.settings.username, self.tokens.token())
 
     def _folder_for(self, result: Result) -> str:
         if result.outcome == "quarantined":
@@ -262,7 +307,7 @@ def _fetch_in_slices(client: IMAPClient, uid: int) -> bytes | None:
 
 
 def _is_network(exc: BaseException) -> bool:
-    return isinstance(exc, (IMAPClientError, OSError, socket.timeout, ssl.SSLError))
+    return isinstance(exc, (IMAPClientError, OSError, socket.timeout, ssl.SSLError, TokenError))
 
 
 def _is_exists(response: Iterable[Any] | Any) -> bool:

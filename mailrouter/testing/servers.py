@@ -191,8 +191,12 @@ def _close(client: IMAPClient) -> None:
             client.shutdown()
 
 
-def start_dovecot(binary: str) -> tuple[Dovecot, subprocess.CompletedProcess[bytes]]:
-    """A private Dovecot as root on loopback; the traps are in ../shared/TESTING-NOTES.md."""
+def start_dovecot(
+    binary: str, introspection_url: str | None = None
+) -> tuple[Dovecot, subprocess.CompletedProcess[bytes]]:
+    """A private Dovecot as root on loopback; the traps are in ../shared/TESTING-NOTES.md.
+    With `introspection_url`, it also takes XOAUTH2/OAUTHBEARER logins, checking each token
+    there (its `oauth2` passdb, RFC 7662 introspection)."""
     base = Path(tempfile.mkdtemp(prefix="mr-dovecot-"))
     mail = base / "mail"
     mail.mkdir()
@@ -211,7 +215,7 @@ protocols = imap
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" xoauth2 oauthbearer" if introspection_url else ""}
 mail_location = maildir:{mail}/%n/Maildir
 mail_uid = 65534
 mail_gid = 65534
@@ -219,8 +223,10 @@ first_valid_uid = 1
 first_valid_gid = 1
 passdb {{
   driver = static
+  mechanisms = plain login
   args = password={Dovecot.password}
 }}
+{_oauth2_passdb(base, introspection_url)}
 userdb {{
   driver = static
   args = uid=65534 gid=65534 home={mail}/%n
@@ -247,6 +253,27 @@ namespace inbox {{
             [binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, timeout=30
         )
     return Dovecot("127.0.0.1", port, base), result
+
+
+def _oauth2_passdb(base: Path, introspection_url: str | None) -> str:
+    if introspection_url is None:
+        return ""
+    settings = base / "dovecot-oauth2.conf.ext"
+    settings.write_text(
+        f"""introspection_mode = post
+introspection_url = {introspection_url}
+force_introspection = yes
+username_attribute = username
+active_attribute = active
+active_value = true
+""",
+        encoding="utf-8",
+    )
+    return f"""passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {settings}
+}}"""
 
 
 def stop_dovecot(server: Dovecot) -> None:
