@@ -382,19 +382,8 @@ class Handler:
             case.status, case.follow_up_due = "closed", None
             book.event(case.id, now, "closed", f"closed by {mail.from_address}")
             done.append("#resuelto: el caso quedó cerrado")
-        if done and self._may_answer(book, arrival, mail, case):
-            self._to_agent(
-                book,
-                case,
-                self.config.providers[case.provider],
-                "commands_done",
-                "commands_done.j2",
-                now,
-                agent={"name": mail.from_name, "address": mail.from_address},
-                thread=ThreadHeaders(mail.message_id, mail.references),
-                original_subject=mail.subject,
-                done=done,
-            )
+        if done:
+            self._answer_sender(book, arrival, mail, case, "commands_done", done=done)
         log.info("%s: agent reply from %s (%s)", tag, mail.from_address, case.status)
         return Result("threaded", f"agent reply on {tag}", case.id)
 
@@ -418,20 +407,40 @@ class Handler:
             ", ".join(refused),
         )
         book.event(case.id, now, "commands_refused", f"{mail.from_address}: {', '.join(refused)}")
+        self._answer_sender(
+            book,
+            arrival,
+            mail,
+            case,
+            "commands_refused",
+            refused=refused,
+            case_agent=case.agent_address,
+        )
+
+    def _answer_sender(
+        self,
+        book: CaseBook,
+        arrival: Arrival,
+        mail: ParsedMail,
+        case: CaseRecord,
+        kind: str,
+        **extra: Any,
+    ) -> None:
+        """An automatic answer about `case` to whoever sent `mail`, in their conversation
+        (template `<kind>.j2`), unless loop protection withholds it."""
         if not self._may_answer(book, arrival, mail, case):
             return
         self._to_agent(
             book,
             case,
             self.config.providers[case.provider],
-            "commands_refused",
-            "commands_refused.j2",
-            now,
+            kind,
+            f"{kind}.j2",
+            arrival.now,
             agent={"name": mail.from_name, "address": mail.from_address},
             thread=ThreadHeaders(mail.message_id, mail.references),
             original_subject=mail.subject,
-            refused=refused,
-            case_agent=case.agent_address,
+            **extra,
         )
 
     def _duplicate(
@@ -466,21 +475,7 @@ class Handler:
         self._to_vendor(
             book, case, now, mail.agent_text, mail.attachments, mail.from_name, mail.from_address
         )
-        agent = {"name": mail.from_name, "address": mail.from_address}
-        if not self._may_answer(book, arrival, mail, case):
-            return Result("threaded", reason, case.id)
-        self._to_agent(
-            book,
-            case,
-            provider,
-            "duplicate",
-            "duplicate.j2",
-            now,
-            original_subject=mail.subject,
-            raised=raised or "",
-            agent=agent,
-            thread=ThreadHeaders(mail.message_id, mail.references),
-        )
+        self._answer_sender(book, arrival, mail, case, "duplicate", raised=raised or "")
         log.info("%s: duplicate escalation from %s attached", tag, mail.from_address)
         return Result("threaded", reason, case.id)
 

@@ -90,6 +90,16 @@ def command_settings(path: Path) -> OAuth2Settings:
     )
 
 
+def microsoft(authority: TokenAuthority) -> OAuth2Settings:
+    """An app registration at the test's authority (an OpenID Connect issuer, like Entra)."""
+    return OAuth2Settings(
+        provider="microsoft",
+        client_id=authority.client_id,
+        client_secret=authority.client_secret,
+        authority=f"{authority.base_url}/contoso",
+    )
+
+
 # --- where a token comes from ---------------------------------------------------------------
 
 
@@ -117,12 +127,7 @@ def test_a_failing_command_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_microsoft_client_credentials(https_authority: tuple[TokenAuthority, Path]) -> None:
     authority, ca_file = https_authority
-    settings = OAuth2Settings(
-        provider="microsoft",
-        client_id=authority.client_id,
-        client_secret=authority.client_secret,
-        authority=f"{authority.base_url}/contoso",
-    )
+    settings = microsoft(authority)
     source = TokenSource(settings, "escalaciones@contoso.com", str(ca_file))
     token = source.token()
     assert authority.valid[token] == "app"
@@ -140,12 +145,7 @@ def test_an_expired_microsoft_token_is_replaced(
 ) -> None:
     authority, ca_file = https_authority
     authority.lifetime = 1  # shorter than our margin: every call finds it about to run out
-    settings = OAuth2Settings(
-        provider="microsoft",
-        client_id=authority.client_id,
-        client_secret=authority.client_secret,
-        authority=f"{authority.base_url}/contoso",
-    )
+    settings = microsoft(authority)
     source = TokenSource(settings, "escalaciones@contoso.com", str(ca_file))
     first = source.token()
     assert wait_until(lambda: source.token() != first, timeout=10)
@@ -155,12 +155,7 @@ def test_the_authority_s_certificate_is_verified(
     https_authority: tuple[TokenAuthority, Path],
 ) -> None:
     authority, _ = https_authority
-    settings = OAuth2Settings(
-        provider="microsoft",
-        client_id=authority.client_id,
-        client_secret=authority.client_secret,
-        authority=f"{authority.base_url}/contoso",
-    )
+    settings = microsoft(authority)
     with pytest.raises(TokenError, match="CERTIFICATE_VERIFY_FAILED") as untrusted:
         TokenSource(settings, "escalaciones@contoso.com").token()  # no ca_file: not trusted
     assert authority.client_secret not in str(untrusted.value)

@@ -18,20 +18,9 @@ from tests.unit.test_handle import (
     agent_reply,
     arrive,
     body_of,
-    handler_with,
     only,
     open_hibot,
 )
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return handler_with()
-
-
-@pytest.fixture
-def book() -> MemoryCaseBook:
-    return MemoryCaseBook()
 
 
 def test_resuelto_closes_the_case_and_confirms_it(handler: Handler, book: MemoryCaseBook) -> None:

@@ -16,7 +16,6 @@ from tests.unit.test_handle import (
     NOW,
     arrive,
     details,
-    handler_with,
     only,
     open_hibot,
 )
@@ -37,16 +36,6 @@ TEMPORARY = {
     "DSN 4.0.0": "flanker__delayed.eml",
     "delayed, Auto-Submitted": "sisimai__rhost-franceptt-06.eml",
 }
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return handler_with()
-
-
-@pytest.fixture
-def book() -> MemoryCaseBook:
-    return MemoryCaseBook()
 
 
 def returning(handler: Handler, name: str, message_id: str) -> bytes:

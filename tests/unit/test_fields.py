@@ -12,22 +12,12 @@ from mailrouter.core.handle import Handler
 from mailrouter.core.route import parse_day
 from mailrouter.testing.book import MemoryCaseBook
 from mailrouter.testing.factory import reply as compose
-from tests.unit.test_handle import LAURA, NOW, arrive, body_of, handler_with, only
+from tests.unit.test_handle import LAURA, NOW, arrive, body_of, only
 
 BASE = (
     "Proveedor: HIBOT\nCliente: Lafise\nUsuario que tiene el problema: mrodriguez\n"
     "Correo asociado al usuario: mrodriguez@lafise.com.ni\nPrioridad: ALTA\n"
 )
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return handler_with()
-
-
-@pytest.fixture
-def book() -> MemoryCaseBook:
-    return MemoryCaseBook()
 
 
 def escalate(

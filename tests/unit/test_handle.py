@@ -13,8 +13,6 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from mailrouter.config import Config, load_config
 from mailrouter.core.handle import Handler
 from mailrouter.model import CaseData, FailedMail, Result
@@ -60,16 +58,6 @@ def handler_with(**updates: dict[str, Any]) -> Handler:
     if key not in _handlers:
         _handlers[key] = Handler(variant(**updates))
     return _handlers[key]
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return handler_with()
-
-
-@pytest.fixture
-def book() -> MemoryCaseBook:
-    return MemoryCaseBook()
 
 
 def sample(name: str) -> bytes:

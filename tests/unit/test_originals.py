@@ -8,28 +8,16 @@ import email
 import email.policy
 from email.message import EmailMessage
 
-import pytest
-
 from mailrouter.core.handle import Handler
 from mailrouter.testing.book import MemoryCaseBook
 from mailrouter.testing.factory import reply as compose
-from tests.unit.test_handle import LAURA, arrive, handler_with, only, sample
+from tests.unit.test_handle import LAURA, arrive, only, sample
 
 FRAGMENT = (
     "Proveedor: HIBOT\nCliente: Lafise\nUsuario que tiene el problema: mrodriguez\n"
     "Correo asociado al usuario: mrodriguez@lafise.com.ni\n"
     "Descripción del problema: ver el correo del cliente\n"
 )
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return handler_with()
-
-
-@pytest.fixture
-def book() -> MemoryCaseBook:
-    return MemoryCaseBook()
 
 
 def customer_mail() -> EmailMessage:

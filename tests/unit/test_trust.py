@@ -40,11 +40,6 @@ MX = "mx.example.com"
 DMARC = {"authentication": {"trusted_authserv_ids": [MX], "require": "dmarc"}}
 
 
-@pytest.fixture
-def book() -> MemoryCaseBook:
-    return MemoryCaseBook()
-
-
 def with_results(raw: bytes, *results: str) -> bytes:
     """`raw` with Authentication-Results headers on top, in the order given."""
     head = b"".join(f"Authentication-Results: {r}\n".encode() for r in results)
@@ -236,11 +231,6 @@ def test_the_lead_and_the_agent_may_command(handler: Handler, book: MemoryCaseBo
     arrive(handler, book, agent_reply(ack, "#resuelto", LAURA))
     assert book.cases[1].status == "closed"
     assert not book.outbox("commands_refused")
-
-
-@pytest.fixture
-def handler() -> Handler:
-    return handler_with()
 
 
 # --- 4. a tag alone threads only a participant's mail ---
