@@ -299,6 +299,19 @@ def test_the_daemon_reads_and_sends_with_oauth2(
     run_daemon(config)
     assert wait_until(lambda: len(oauth_relay.to("soporte@hibot.us")) == 1, timeout=60)
     assert MAILBOX in oauth_relay.logins
+    # The broker rotates the token and the old one is revoked before it runs out; the IMAP
+    # server restarts, so the running daemon must log in again: its cached token is
+    # refused, it asks the command again, and mail flows on.
+    first = authority.issued[0]
+    authority.revoke(first)
+    path.write_text(authority.issue(MAILBOX))
+    oauth_dovecot.stop()
+    oauth_dovecot.start()
+    mailbox = oauth_dovecot.client("escalaciones")
+    mailbox.append("INBOX", crlf(escalation("02-panda-basic.eml")))
+    mailbox.logout()
+    panda = "soporte_revendedores@clickpanda.com"
+    assert wait_until(lambda: len(oauth_relay.to(panda)) == 1, timeout=90)
 
 
 # --- check-connection, and certificates ---------------------------------------------------------
