@@ -328,3 +328,21 @@ def test_a_sender_process_that_cannot_start_is_tried_again(
     failed = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
     assert len(failed) == 1 and "trying again in 1 s" in failed[0]
     daemon.store.close()
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
+    """`mailrouter route big.eml | head -1`: the pipe closes under the command."""
+    big = tmp_path / "big.eml"
+    text = escalation("01-hibot-basic.eml").replace(b"Gracias,", b"Detalle: " + b"x " * 200_000)
+    big.write_bytes(text)
+    command = [sys.executable, "-m", "mailrouter", "--config", str(PROJECT / "config.yaml")]
+    reader = subprocess.Popen(
+        [*command, "route", str(big)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.read(100)
+    reader.stdout.close()
+    errors = reader.stderr.read().decode()
+    reader.stderr.close()
+    assert reader.wait(60) == 0, errors
+    assert "Traceback" not in errors and "BrokenPipe" not in errors
