@@ -377,6 +377,33 @@ class AuthenticationSettings(_Model):
         return self
 
 
+class HttpSettings(_Model):
+    """The daemon's /healthz, /readyz and /metrics (Prometheus): off unless `listen` is set."""
+
+    # host:port to serve them on ([::1]:9464 for IPv6); empty: no server.
+    listen: str = ""
+    # /readyz fails while the oldest outgoing mail not yet sent was queued longer ago.
+    stuck_outbox_seconds: float = Field(900.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9464)")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on; None when the server is off."""
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class Settings(_Model):
     intake: IntakeSettings
     allowed_senders: list[str] = Field(min_length=1)
@@ -411,6 +438,7 @@ class Settings(_Model):
     reminder_check_seconds: float = Field(60.0, gt=0)
     team: TeamSettings = TeamSettings()
     digest: DigestSettings = DigestSettings()
+    http: HttpSettings = HttpSettings()
 
     @field_validator("sla_hours")
     @classmethod

@@ -11,6 +11,9 @@ With `outbound.sender_process` the sender runs in a child process instead
 child's standard input (a line per new batch of outbox rows), restarts if it
 dies, and stops by closing that input: a child whose daemon is gone, killed
 included, sees the end of its input and stops too.
+
+With `http.listen`, /healthz, /readyz and /metrics are served on the loop (`httpd`); the
+counts behind /metrics are moved here, around the pipeline and the sender (`metrics`).
 """
 
 from __future__ import annotations
@@ -24,18 +27,23 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from mailrouter import __version__
 from mailrouter.config import Config, ConfigError
 from mailrouter.deliver.sender import Sender
 from mailrouter.deliver.transports import make_transport, outbound_lanes
+from mailrouter.httpd import HttpServer, health_routes
 from mailrouter.intake.imap import ImapIntake
 from mailrouter.intake.smtp import start_smtp_server
-from mailrouter.model import IntakeHooks
+from mailrouter.metrics import Metrics
+from mailrouter.model import FailedMail, ImapSource, IntakeHooks, Result
 from mailrouter.service import Followup, Pipeline, load_checked
 from mailrouter.store.db import Store
 
@@ -63,27 +71,53 @@ class Daemon:
         # Replaced whole on reload; intakes fetch it per mail, so each mail sees one config.
         self.pipeline = Pipeline(config, self.store, clock)
         self.transport = make_transport(config)
+        self.metrics = Metrics(
+            self.store,
+            clock,
+            source=config.settings.intake.source,
+            providers=lambda: self.config.providers.keys(),
+            stuck_outbox_seconds=config.settings.http.stuck_outbox_seconds,
+        )
         self.sender = Sender(
             self.store,
             self.transport,
             config.settings.outbound.retry,
             clock,
-            on_failed=lambda session, failed: self.pipeline.delivery_failed(session, failed),
+            on_failed=self._delivery_failed,
             lanes=outbound_lanes(config),
+            on_try=self.metrics.sent,
         )
         self.followup = Followup(config, self.store, clock)
         self.stopping = asyncio.Event()
         self.outbox_changed = asyncio.Event()
         self.ready = threading.Event()  # set once the intake is listening (tests wait on it)
+        self.http: HttpServer | None = None
+        # The tasks /healthz answers for: none may end before the daemon stops.
+        self.loops: dict[str, asyncio.Future[Any]] = {}
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _delivery_failed(self, session: Any, failed: FailedMail) -> None:
+        self.pipeline.delivery_failed(session, failed)
+        self.metrics.sent(failed.kind, "failed")
+
+    def _ingest(self, raw: bytes, source: ImapSource | None, size: int | None) -> Result:
+        """The pipeline of the moment's `process`, counted and timed for /metrics."""
+        started = time.monotonic()
+        try:
+            result = self.pipeline.process(raw, source, size)
+        except Exception:
+            self.metrics.not_received()
+            raise
+        self.metrics.received(result, time.monotonic() - started)
+        return result
 
     def intake_hooks(self) -> IntakeHooks:
         """What the intakes are handed: each call reaches the pipeline of the moment (a
         reload replaces it, so each mail sees one configuration)."""
         return IntakeHooks(
-            ingest=lambda raw, source, size: self.pipeline.process(raw, source, size),
+            ingest=self._ingest,
             known=lambda mailbox, validity, uids: self.pipeline.known_outcomes(
                 mailbox, validity, uids
             ),
@@ -103,7 +137,8 @@ class Daemon:
             log.error("configuration reload refused; still running the last good one:\n%s", exc)
             return False
         running = self.config.settings
-        fixed = {name: getattr(running, name) for name in ("intake", "outbound", "database")}
+        restart = ("intake", "outbound", "database", "http")
+        fixed = {name: getattr(running, name) for name in restart}
         changed = [name for name, value in fixed.items() if getattr(new.settings, name) != value]
         if changed:
             log.warning("changes to %s take effect after a restart", ", ".join(changed))
@@ -141,14 +176,18 @@ class Daemon:
         sender_task = asyncio.create_task(
             self._sender_loop() if in_process else self._keep_sender_process()
         )
+        self.loops["sender"] = sender_task
         scheduler = self._start_scheduler(wake_sender)
         settings = self.config.settings
         try:
+            await self._start_http()
             if settings.intake.source == "smtp":
                 await self._serve_smtp(wake_sender)
             else:
                 await self._serve_imap(wake_sender)
         finally:
+            if self.http is not None:
+                await self.http.close()
             self.stopping.set()
             self.outbox_changed.set()
             scheduler.shutdown(wait=False)
@@ -208,27 +247,54 @@ class Daemon:
             intake.address,
             self._outbound_description(),
         )
+        self.metrics.intake_state(True)
         self.ready.set()
         try:
             await self.stopping.wait()
         finally:
+            self.metrics.intake_state(False)
             server.close()
             await server.wait_closed()
 
     async def _serve_imap(self, wake_sender: Callable[[], None]) -> None:
         settings = self.config.settings.intake.imap
         stop_thread = threading.Event()
-        poller = ImapIntake(settings, self.intake_hooks(), wake_sender, stop_thread)
+        poller = ImapIntake(
+            settings,
+            self.intake_hooks(),
+            wake_sender,
+            stop_thread,
+            on_state=self.metrics.intake_state,
+        )
         log.info(
             "mailrouter polling %s; outbound: %s", poller.mailbox, self._outbound_description()
         )
         worker = asyncio.create_task(asyncio.to_thread(poller.run_forever))
+        self.loops["imap intake"] = worker
         self.ready.set()
         try:
             await self.stopping.wait()
         finally:
             stop_thread.set()
             await worker  # finishes the message in hand
+
+    async def _start_http(self) -> None:
+        """/healthz, /readyz and /metrics on `http.listen`, if it is set."""
+        address = self.config.settings.http.address
+        if address is None:
+            return
+        routes = health_routes(
+            version=__version__,
+            dead_loops=lambda: [name for name, task in self.loops.items() if task.done()],
+            checks=lambda: self.metrics.readiness().checks,
+            registry=self.metrics.registry,
+        )
+        self.http = HttpServer(*address, routes)
+        await self.http.start()
+        log.info(
+            "health and metrics on http://%s/ (healthz, readyz, metrics)",
+            self.config.settings.http.listen,
+        )
 
     def _outbound_description(self) -> str:
         outbound = self.config.settings.outbound

@@ -51,10 +51,13 @@ class Sender:
         rng: random.Random | None = None,
         on_failed: OnFailed | None = None,
         lanes: int = 1,
+        on_try: Callable[[str, str], None] = lambda kind, result: None,
     ) -> None:
         """`on_failed(session, failed)` runs in the transaction that marks a row failed;
-        `lanes` is how many mails may be in flight at once."""
+        `lanes` is how many mails may be in flight at once; `on_try(kind, result)` is told
+        of each mail the relay took ("sent") or deferred ("deferred"), as it answers."""
         self.lanes = lanes
+        self.on_try = on_try
         self.store = store
         self.outbox = Outbox(store)
         self.transport = transport
@@ -205,6 +208,7 @@ class Sender:
                 # Before anything else: from here a kill no longer repeats the mail.
                 self.journal.record(row_id)
             except TemporaryFailure as exc:
+                self.on_try(row.kind, "deferred")
                 await asyncio.to_thread(self._retry_later, row_id, str(exc))
                 return False
             except PermanentFailure as exc:
@@ -220,6 +224,7 @@ class Sender:
                 del raw
         self._unmarked.append((row_id, self.clock()))
         self._start_marking()
+        self.on_try(row.kind, "sent")
         return True
 
     def _start_marking(self) -> None:

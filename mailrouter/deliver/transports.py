@@ -8,6 +8,7 @@ connection errors are `TemporaryFailure` (the sender retries with backoff), 5xx 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -100,6 +101,12 @@ class SmtpTransport:
             if isinstance(client.transport, asyncio.Transport):
                 client.transport.abort()
             client.close()
+            # A transport that is closing finishes on the loop's next turns; a one-shot
+            # command's loop may end right after this (a failed STARTTLS left the plain
+            # one half-closed): let it finish here.
+            with contextlib.suppress(BaseException):
+                for _ in range(3):
+                    await asyncio.sleep(0)
             raise
         return client
 

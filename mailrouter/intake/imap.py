@@ -48,10 +48,14 @@ class ImapIntake:
         on_committed: Callable[[], None] = lambda: None,
         stop: threading.Event | None = None,
         tokens: TokenSource | None = None,
+        on_state: Callable[[bool], None] = lambda connected: None,
     ) -> None:
+        """`on_state(connected)`: called on each login to the mailbox (True) and each loss of
+        the connection, or the end of the intake (False)."""
         self.settings = settings
         self.hooks = hooks
         self.on_committed = on_committed
+        self.on_state = on_state
         self.stop = stop or threading.Event()
         s = settings
         self.mailbox = f"imap://{s.username}@{s.host}:{s.port}/{s.folder}"
@@ -236,6 +240,7 @@ class ImapIntake:
             try:
                 if client is None:
                     client = self.connect()
+                    self.on_state(True)
                     if state != "connected":
                         log.info("IMAP connected to %s", self.mailbox)
                     state, delay = "connected", 1.0
@@ -263,9 +268,11 @@ class ImapIntake:
                     state = f"error:{type(exc).__name__}"
                 _logout(client)
                 client = None
+                self.on_state(False)
                 self.stop.wait(delay)
                 delay = min(delay * 2, self.settings.reconnect_max)
         _logout(client)
+        self.on_state(False)
 
 
 def keep_polling(last_new_mail: float | None, now: float) -> bool:

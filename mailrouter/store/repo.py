@@ -560,3 +560,39 @@ def requarantine(
         .values(outcome="quarantined", reason=reason, dedupe_key=dedupe_key)
     )
     return bool(done.rowcount == 1)
+
+
+# --- what the daemon's /metrics and /readyz read, at each scrape ----------------------------
+
+
+def outbox_backlog(session: Session) -> tuple[int, datetime | None]:
+    """How many outgoing mails have not left yet (pending, or being sent), and when the
+    oldest of them was queued (None when there are none)."""
+    count, oldest = session.execute(
+        select(func.count(), func.min(Message.created_at)).where(
+            Message.delivery.in_(("pending", "sending"))
+        )
+    ).one()
+    return int(count), oldest
+
+
+def case_counts(session: Session, statuses: tuple[str, ...]) -> list[tuple[str, str, int]]:
+    """(provider, priority, how many) of the cases in `statuses`."""
+    rows = session.execute(
+        select(Case.provider, Case.priority, func.count())
+        .where(Case.status.in_(statuses))
+        .group_by(Case.provider, Case.priority)
+    ).all()
+    return [(provider, priority, int(count)) for provider, priority, count in rows]
+
+
+def overdue_counts(
+    session: Session, statuses: tuple[str, ...], now: datetime
+) -> list[tuple[str, int]]:
+    """(provider, how many) of the cases in `statuses` whose follow-up was due before `now`."""
+    rows = session.execute(
+        select(Case.provider, func.count())
+        .where(Case.status.in_(statuses), Case.follow_up_due < now)
+        .group_by(Case.provider)
+    ).all()
+    return [(provider, int(count)) for provider, count in rows]

@@ -34,6 +34,7 @@ class TokenAuthority:
     valid: dict[str, str] = field(default_factory=dict)
     issued: list[str] = field(default_factory=list)
     refused_requests: int = 0
+    introspected: list[str] = field(default_factory=list)  # tokens asked about, in order
     _numbers: Any = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -81,6 +82,7 @@ class TokenAuthority:
                 length = int(self.headers.get("Content-Length") or 0)
                 form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
                 if self.path.startswith("/introspect"):
+                    authority.introspected.append(form.get("token", ""))
                     account = authority.valid.get(form.get("token", ""))
                     body = {"active": True, "username": account} if account else {"active": False}
                     self._answer(200, body)

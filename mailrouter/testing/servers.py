@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -134,6 +135,17 @@ class Dovecot:
 
     def stop(self) -> None:
         stop_dovecot(self)
+
+    def take_down(self) -> None:
+        """Stop as a mailbox server goes down: with the sessions it was serving (a stopped
+        Dovecot's IMAP processes go on serving the connections they have)."""
+        master = int((self.base / "run" / "master.pid").read_text())
+        sessions = children_of(master)
+        self.stop()
+        for pid in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in sessions))
 
     def new_user(self) -> str:
         return f"u{uuid.uuid4().hex[:10]}"

@@ -251,7 +251,7 @@ def test_imap_server_outage(private_dovecot: Dovecot, rig_for: Callable[..., Rig
     daemon = rig.daemon().start()
     assert wait_until(lambda: rig.count("Processed") > 0, timeout=30)
     started = time.monotonic()
-    private_dovecot.stop()
+    private_dovecot.take_down()  # with the daemon's session: stop() alone leaves it served
     time.sleep(outage)
     private_dovecot.start()
     rig.append(mails[total // 2 :])

@@ -305,13 +305,17 @@ def test_the_daemon_reads_and_sends_with_oauth2(
     first = authority.issued[0]
     authority.revoke(first)
     path.write_text(authority.issue(MAILBOX))
-    oauth_dovecot.stop()
+    oauth_dovecot.take_down()
+    asked = len(authority.introspected)
     oauth_dovecot.start()
     mailbox = oauth_dovecot.client("escalaciones")
     mailbox.append("INBOX", crlf(escalation("02-panda-basic.eml")))
     mailbox.logout()
     panda = "soporte_revendedores@clickpanda.com"
     assert wait_until(lambda: len(oauth_relay.to(panda)) == 1, timeout=90)
+    # It did log in again: first with the revoked token, refused, then with the new one.
+    again = authority.introspected[asked:]
+    assert first in again and again[-1] == authority.issued[-1]
 
 
 # --- check-connection, and certificates ---------------------------------------------------------
