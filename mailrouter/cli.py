@@ -15,22 +15,29 @@ import contextlib
 import dataclasses
 import email
 import email.policy
+import json
 import logging
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailrouter import __version__
 from mailrouter.config import Config, ConfigError, literal_secrets
 from mailrouter.core.parse import Deadline, Refused, field_aliases, parse_message
 from mailrouter.core.render import Renderer
 from mailrouter.core.route import decide, sender_allowed
-from mailrouter.model import CaseInfo, IntakeHooks, OutgoingMail, Result, case_tag
+from mailrouter.model import (
+    CaseInfo,
+    IntakeHooks,
+    OutgoingMail,
+    Result,
+    case_tag,
+)
 from mailrouter.store.db import Store
 
 if TYPE_CHECKING:
@@ -286,7 +293,13 @@ def cmd_cases(args: argparse.Namespace) -> int:
     config = _load(args)
     store = Store(config.database_url)
     prefix = config.settings.case_tag_prefix
-    rows = store.cases(limit=args.limit)
+    since = datetime.combine(args.since, datetime.min.time(), UTC) if args.since else None
+    filters = {"status": args.status, "provider": args.provider, "agent": args.agent}
+    rows = store.cases(limit=args.limit, since=since, now=datetime.now(UTC), **filters)
+    store.close()
+    if args.json:
+        print(json.dumps([_case_json(case, prefix) for case in rows], indent=1))
+        return 0
     print(
         f"{'case':<11} {'created (UTC)':<17} {'agent':<30} {'destination':<12} "
         f"{'priority':<8} status"
@@ -298,8 +311,61 @@ def cmd_cases(args: argparse.Namespace) -> int:
         )
     if not rows:
         print("(no cases)")
-    store.close()
     return 0
+
+
+def cmd_case(args: argparse.Namespace) -> int:
+    """One case: its fields, status, due time, and its timeline."""
+    from mailrouter.service import case_number
+
+    config = _load(args)
+    prefix = config.settings.case_tag_prefix
+    number = case_number(args.tag, prefix)
+    if number is None:
+        print(f"{args.tag!r} is not a case: give it as {prefix}-123", file=sys.stderr)
+        return 2
+    store = Store(config.database_url)
+    found = store.case(number)
+    store.close()
+    if found is None:
+        print(f"no case {case_tag(prefix, number)}", file=sys.stderr)
+        return 1
+    case, timeline = found
+    if args.json:
+        entries = [{"at": at.isoformat(), "what": what, "detail": d} for at, what, d in timeline]
+        print(json.dumps({**_case_json(case, prefix), "timeline": entries}, indent=1))
+        return 0
+    due = case.follow_up_due.strftime("%Y-%m-%d %H:%M UTC") if case.follow_up_due else "-"
+    print(f"{case.tag(prefix)}  {case.status}  {case.priority}  to {case.provider}")
+    print(f"agent:     {case.agent_name} <{case.agent_address}>")
+    print(f"subject:   {case.subject}")
+    print(f"follow-up: {due}")
+    print(f"ticket:    {case.vendor_ticket or '-'}")
+    for name, value in case.fields.items():
+        print(f"  {name}: {' '.join(str(value).split())[:200]}")
+    print()
+    for at, what, detail in timeline:
+        print(f"{at:%Y-%m-%d %H:%M}  {what:<28} {detail}")
+    return 0
+
+
+def _case_json(case: Any, prefix: str) -> dict[str, Any]:
+    def moment(value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return {
+        "case": case.tag(prefix),
+        "created": moment(case.created_at),
+        "status": case.status,
+        "provider": case.provider,
+        "priority": case.priority,
+        "agent": case.agent_address,
+        "client": case.client,
+        "subject": case.subject,
+        "follow_up_due": moment(case.follow_up_due),
+        "vendor_ticket": case.vendor_ticket,
+        "fields": case.fields,
+    }
 
 
 def _who() -> str:
@@ -529,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="path to config.yaml (default: $MAILROUTER_CONFIG or ./config.yaml)",
     )
     parser.add_argument("--log-level", default=os.environ.get("MAILROUTER_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser(
@@ -562,7 +631,28 @@ def build_parser() -> argparse.ArgumentParser:
     route.set_defaults(func=cmd_route)
     cases = commands.add_parser("cases", help="list cases")
     cases.add_argument("--limit", type=int, default=200)
+    cases.add_argument(
+        "--status",
+        choices=(
+            "open",
+            "overdue",
+            "needs_info",
+            "vendor_replied",
+            "awaiting_vendor",
+            "closed",
+            "undeliverable",
+        ),
+        help="open: being worked on; overdue: being worked on, follow-up past due",
+    )
+    cases.add_argument("--provider", help="a destination's id (providers/<id>.yaml)")
+    cases.add_argument("--agent", help="the agent's address")
+    cases.add_argument("--since", type=date.fromisoformat, help="created on or after (YYYY-MM-DD)")
+    cases.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     cases.set_defaults(func=cmd_cases)
+    case = commands.add_parser("case", help="one case: fields, status, due time, timeline")
+    case.add_argument("tag", help="ESC-123 or ESC-000123")
+    case.add_argument("--json", action="store_true")
+    case.set_defaults(func=cmd_case)
     digest = commands.add_parser("digest", help="preview or send the digests now")
     digest.add_argument("--preview", metavar="DIR", help="write each digest's HTML and text here")
     digest.add_argument("--now", action="store_true", help="send the digests now")
@@ -625,6 +715,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # goes nowhere, quietly, and Python's flush at exit does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        # One line for a person; the traceback for whoever debugs it (--debug).
+        if args.debug:
+            raise
+        said = " ".join(str(exc).split())[:300]
+        print(f"mailrouter: {type(exc).__name__}: {said} (--debug shows more)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -346,11 +346,20 @@ class Store:
     # What reports and tests read; the statements are in `repo` (which imports this module,
     # hence the imports inside).
 
-    def cases(self, limit: int = 200) -> list[Case]:
+    def cases(self, limit: int = 200, **filters: Any) -> list[Case]:
+        """The newest cases (see `repo.cases` for the filters)."""
         from mailrouter.store import repo
 
         with self.reading() as session:
-            return repo.cases(session, limit)
+            return repo.cases(session, limit, **filters)
+
+    def case(self, case_id: int) -> tuple[Case, list[tuple[datetime, str, str]]] | None:
+        """A case and its timeline (`repo.case_timeline`), or None."""
+        from mailrouter.store import repo
+
+        with self.reading() as session:
+            case = session.get(Case, case_id)
+            return None if case is None else (case, repo.case_timeline(session, case_id))
 
     def events(self, case_id: int) -> list[Event]:
         from mailrouter.store import repo

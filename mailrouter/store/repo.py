@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 from mailrouter.model import (
     LISTED_STATUSES,
     OPEN_STATUSES,
+    REMINDED_STATUSES,
     SET_ASIDE,
     Arrival,
     CaseRecord,
@@ -478,8 +479,63 @@ def digest_rows(connection: Connection) -> list[DigestCase]:
     return list(rows)  # type: ignore[arg-type]
 
 
-def cases(session: Session, limit: int) -> list[Case]:
-    return list(session.scalars(select(Case).order_by(Case.id.desc()).limit(limit)))
+def cases(
+    session: Session,
+    limit: int,
+    *,
+    status: str | None = None,
+    provider: str | None = None,
+    agent: str | None = None,
+    since: datetime | None = None,
+    now: datetime | None = None,
+) -> list[Case]:
+    """The newest `limit` cases, filtered: `status` is a case status, or `open` (being
+    worked on) or `overdue` (being worked on, follow-up past due at `now`)."""
+    query = select(Case)
+    if status == "open":
+        query = query.where(Case.status.in_(OPEN_STATUSES))
+    elif status == "overdue":
+        query = query.where(Case.status.in_(REMINDED_STATUSES), Case.follow_up_due < now)
+    elif status is not None:
+        query = query.where(Case.status == status)
+    if provider is not None:
+        query = query.where(Case.provider == provider)
+    if agent is not None:
+        query = query.where(Case.agent_address == agent.lower())
+    if since is not None:
+        query = query.where(Case.created_at >= since)
+    return list(session.scalars(query.order_by(Case.id.desc()).limit(limit)))
+
+
+def case_timeline(session: Session, case_id: int) -> list[tuple[datetime, str, str]]:
+    """Everything that happened to a case, oldest first, without the mails' bytes: each
+    mail in (its kind, sender, outcome), each mail out (kind, recipients, delivery), each
+    event. (time, what, detail)."""
+    rows: list[tuple[datetime, str, str]] = []
+    mails = session.execute(
+        select(
+            Message.created_at,
+            Message.direction,
+            Message.kind,
+            Message.sender,
+            Message.recipients,
+            Message.subject,
+            Message.outcome,
+            Message.delivery,
+            Message.last_error,
+        ).where(Message.case_id == case_id)
+    )
+    for at, direction, kind, sender, recipients, subject, outcome, delivery, error in mails:
+        if direction == "in":
+            rows.append((at, f"in: {kind}", f"from {sender}: {outcome}; {subject}"[:300]))
+        else:
+            result = delivery or ""
+            if error and delivery != "sent":
+                result += f" ({error})"
+            rows.append((at, f"out: {kind}", f"to {', '.join(recipients)}: {result}"[:300]))
+    for event in session.scalars(select(Event).where(Event.case_id == case_id)):
+        rows.append((event.at, f"event: {event.kind}", event.detail[:300]))
+    return sorted(rows, key=lambda row: row[0])
 
 
 def events(session: Session, case_id: int) -> list[Event]:
