@@ -54,6 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mailrouter.daemon import run_daemon
 
     config = _load(args)
+    logs = config.settings.logging
+    if logs.level is not None:
+        logging.getLogger().setLevel(logs.level)
+    if logs.format == "json":
+        from mailrouter.logjson import use_json
+
+        use_json(config.settings.case_tag_prefix)
     if not args.sender_only:
         for warning in config_warnings(config):
             logging.getLogger("mailrouter").warning("%s: %s", config.path, warning)
@@ -699,7 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # aiosmtpd logs every SMTP command at INFO, and Alembic every start: keep the log for us.
-    for noisy in ("mail.log", "alembic", "mailparser"):
+    # APScheduler writes a line at INFO for every job run (every reminder check).
+    for noisy in ("mail.log", "alembic", "mailparser", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.func(args))

@@ -404,6 +404,15 @@ class HttpSettings(_Model):
         return host.strip("[]"), int(port)
 
 
+class LoggingSettings(_Model):
+    """How the daemon writes its log (standard error; journald keeps it under systemd)."""
+
+    # text: "time LEVEL logger: message"; json: one JSON object a line, for a log store.
+    format: Literal["text", "json"] = "text"
+    # None: --log-level (INFO by default) decides.
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+
+
 class Settings(_Model):
     intake: IntakeSettings
     allowed_senders: list[str] = Field(min_length=1)
@@ -439,6 +448,7 @@ class Settings(_Model):
     team: TeamSettings = TeamSettings()
     digest: DigestSettings = DigestSettings()
     http: HttpSettings = HttpSettings()
+    logging: LoggingSettings = LoggingSettings()
 
     @field_validator("sla_hours")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import multiprocessing.synchronize
 import os
@@ -346,3 +347,39 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
     reader.stderr.close()
     assert reader.wait(60) == 0, errors
     assert "Traceback" not in errors and "BrokenPipe" not in errors
+
+
+def test_json_logs_one_object_a_line(tmp_path: Path) -> None:
+    config = install(tmp_path)
+    text = config.read_text()
+    config.write_text(text + "\nlogging: {format: json}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
+    env.update(MAILROUTER_LISTEN_PORT=str(port), MAILROUTER_CONFIG=str(config))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "mailrouter", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert wait_until(lambda: smtp_listening(port), timeout=30)
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail(
+                "laura.gomez@example.com",
+                ["escalaciones@example.com"],
+                crlf(escalation("01-hibot-basic.eml")),
+            )
+            client.sendmail(
+                "soporte@ejemplo-falso.example",
+                ["escalaciones@example.com"],
+                crlf(escalation("10-spoofed-sender.eml")),
+            )
+        outbox = tmp_path / "var" / "outbox"
+        assert wait_until(lambda: outbox.is_dir() and len(list(outbox.glob("*.eml"))) == 2)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=30)
+    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    routed = [line for line in lines if line.get("case") == "ESC-000001"]
+    assert routed and "routed" in routed[0]["message"]
+    assert any(line["level"] == "WARNING" and "quarantined" in line["message"] for line in lines)
+    assert not [line for line in lines if line["logger"].startswith("apscheduler")]
