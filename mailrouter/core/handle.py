@@ -302,6 +302,8 @@ class Handler:
         text = agent_part(mail.body, sign_offs=False) or mail.body.strip()
         if mail.machine_reason:
             reason = f"vendor auto-reply on {tag}: {mail.machine_reason}"
+            ticket_note = f" (ticket #{ticket})" if new_ticket else ""
+            log.info("%s: vendor auto-reply from %s%s", tag, mail.from_address, ticket_note)
             self._inbound(book, arrival, "threaded", reason, "vendor", case)
             if new_ticket:
                 self._to_agent(
@@ -316,6 +318,7 @@ class Handler:
                 )
             return Result("threaded", reason, case.id)
         reason = f"vendor reply on {tag}"
+        log.info("%s: vendor reply from %s (%s)", tag, mail.from_address, provider.id)
         self._inbound(book, arrival, "threaded", reason, "vendor", case)
         if case.status in OPEN_STATUSES:
             case.status = "vendor_replied"
