@@ -48,16 +48,13 @@ def mailrouter(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
     )
 
 
-def test_run_with_shipped_defaults(tmp_path: Path) -> None:
-    config = install(tmp_path)
+def run_shipped(config: Path) -> tuple[dict[str, str], subprocess.Popen[str], str]:
+    """`mailrouter run` on an installed config, an escalation and a stranger's mail sent
+    over its SMTP listener, stopped once both outgoing files are written: (the environment
+    it ran in, the process, its standard error)."""
     port = free_port()
-    env = {**os.environ, "MAILROUTER_LISTEN_PORT": str(port), "MAILROUTER_CONFIG": str(config)}
-    for name in list(env):
-        if name.startswith("MAILROUTER_") and name not in (
-            "MAILROUTER_LISTEN_PORT",
-            "MAILROUTER_CONFIG",
-        ):
-            del env[name]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
+    env.update(MAILROUTER_LISTEN_PORT=str(port), MAILROUTER_CONFIG=str(config))
     daemon = subprocess.Popen(
         [sys.executable, "-m", "mailrouter", "run"], env=env, stderr=subprocess.PIPE, text=True
     )
@@ -76,11 +73,18 @@ def test_run_with_shipped_defaults(tmp_path: Path) -> None:
                 ["escalaciones@example.com"],
                 crlf(escalation("10-spoofed-sender.eml")),
             )
-        outbox = tmp_path / "var" / "outbox"
+        outbox = config.parent / "var" / "outbox"
         assert wait_until(lambda: outbox.is_dir() and len(list(outbox.glob("*.eml"))) == 2)
     finally:
         daemon.send_signal(signal.SIGTERM)
         _, stderr = daemon.communicate(timeout=30)
+    return env, daemon, stderr
+
+
+def test_run_with_shipped_defaults(tmp_path: Path) -> None:
+    config = install(tmp_path)
+    env, daemon, stderr = run_shipped(config)
+    outbox = tmp_path / "var" / "outbox"
     assert daemon.returncode == 0, stderr
     assert "listening on 127.0.0.1" in stderr and "mailrouter stopped" in stderr
 
@@ -351,32 +355,8 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
 
 def test_json_logs_one_object_a_line(tmp_path: Path) -> None:
     config = install(tmp_path)
-    text = config.read_text()
-    config.write_text(text + "\nlogging: {format: json}\n")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
-    env.update(MAILROUTER_LISTEN_PORT=str(port), MAILROUTER_CONFIG=str(config))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "mailrouter", "run"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert wait_until(lambda: smtp_listening(port), timeout=30)
-        with smtplib.SMTP("127.0.0.1", port) as client:
-            client.sendmail(
-                "laura.gomez@example.com",
-                ["escalaciones@example.com"],
-                crlf(escalation("01-hibot-basic.eml")),
-            )
-            client.sendmail(
-                "soporte@ejemplo-falso.example",
-                ["escalaciones@example.com"],
-                crlf(escalation("10-spoofed-sender.eml")),
-            )
-        outbox = tmp_path / "var" / "outbox"
-        assert wait_until(lambda: outbox.is_dir() and len(list(outbox.glob("*.eml"))) == 2)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        _, stderr = daemon.communicate(timeout=30)
+    config.write_text(config.read_text() + "\nlogging: {format: json}\n")
+    _, _, stderr = run_shipped(config)
     lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     routed = [line for line in lines if line.get("case") == "ESC-000001"]
