@@ -113,9 +113,10 @@ def _no_turn(size: int) -> Iterator[None]:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     s = config.settings
+    listen = s.intake.listen.socket or f"{s.intake.listen.host}:{s.intake.listen.port}"
     intake = (
-        f"SMTP listener {s.intake.listen.host}:{s.intake.listen.port}"
-        if s.intake.source == "smtp"
+        f"{s.intake.source.upper()} listener {listen}"
+        if s.intake.source in ("smtp", "lmtp")
         else f"IMAP {s.intake.imap.host}:{s.intake.imap.port}/{s.intake.imap.folder}"
     )
     outbound = (
@@ -169,7 +170,11 @@ def config_warnings(config: Config) -> list[str]:
             "authentication.require is none: a From header is believed as written; anyone "
             "can write as an agent or a vendor (README, Security)"
         )
-    elif s.intake.source == "smtp" and s.intake.listen.host not in _LOOPBACK:
+    elif (
+        s.intake.source in ("smtp", "lmtp")
+        and not s.intake.listen.socket
+        and s.intake.listen.host not in _LOOPBACK
+    ):
         warnings.append(
             f"the SMTP listener on {s.intake.listen.host} trusts Authentication-Results: only "
             "an MTA in front of it may reach it, or anyone can write those results"

@@ -92,6 +92,8 @@ class _Model(BaseModel):
 class ListenSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
+    # A unix socket path instead of host:port (LMTP from a local Postfix or Dovecot).
+    socket: str = ""
 
 
 class OAuth2Settings(_Model):
@@ -159,7 +161,9 @@ class ImapSettings(_ServerSettings):
 
 class IntakeSettings(_Model):
     address: str
-    source: Literal["smtp", "imap"] = "smtp"
+    # smtp: the built-in SMTP listener; lmtp: the same speaking LMTP (an MTA hands mail
+    # over with a reply per recipient); imap: poll a mailbox.
+    source: Literal["smtp", "lmtp", "imap"] = "smtp"
     listen: ListenSettings = ListenSettings()
     imap: ImapSettings = ImapSettings()
     max_message_bytes: int = Field(25 * 1024 * 1024, gt=0)

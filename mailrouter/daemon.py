@@ -181,7 +181,7 @@ class Daemon:
         settings = self.config.settings
         try:
             await self._start_http()
-            if settings.intake.source == "smtp":
+            if settings.intake.source in ("smtp", "lmtp"):
                 await self._serve_smtp(wake_sender)
             else:
                 await self._serve_imap(wake_sender)
@@ -240,10 +240,11 @@ class Daemon:
     async def _serve_smtp(self, wake_sender: Callable[[], None]) -> None:
         intake = self.config.settings.intake
         server = await start_smtp_server(intake, self.intake_hooks(), wake_sender)
+        where = intake.listen.socket or f"{intake.listen.host}:{intake.listen.port}"
         log.info(
-            "mailrouter listening on %s:%s for <%s>; outbound: %s",
-            intake.listen.host,
-            intake.listen.port,
+            "mailrouter listening on %s (%s) for <%s>; outbound: %s",
+            where,
+            intake.source.upper(),
             intake.address,
             self._outbound_description(),
         )

@@ -382,3 +382,38 @@ def test_a_mail_over_the_size_limit_is_quarantined_from_its_header_alone(
     assert kept == crlf(big)
     client.logout()
     store.close()
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix socket"])
+def test_lmtp_intake_end_to_end(
+    over: str,
+    relay: RecordingRelay,
+    write_config: Callable[..., Path],
+    run_daemon: Callable[[Path], DaemonThread],
+    tmp_path: Path,
+) -> None:
+    """Postfix or Dovecot hands mail over with LMTP: a reply per recipient, after the
+    commit; the mail routed like any other."""
+    from mailrouter.testing.servers import free_port
+
+    port, socket_path = free_port(), tmp_path / "lmtp.sock"
+    listen = {"socket": str(socket_path)} if over == "unix socket" else {"port": port}
+    config = write_config(
+        {"intake": {"source": "lmtp", "listen": listen}, "outbound": smtp_outbound(relay)}
+    )
+    run_daemon(config)
+    client = (
+        smtplib.LMTP(str(socket_path)) if over == "unix socket" else smtplib.LMTP("127.0.0.1", port)
+    )
+    with client:
+        code, _ = client.ehlo()  # smtplib's LMTP sends LHLO
+        assert code == 250
+        refused = client.sendmail(
+            AGENTS["01-hibot-basic.eml"],
+            ["escalaciones@example.com"],
+            crlf(escalation("01-hibot-basic.eml")),
+        )
+        assert refused == {}
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("x@example.com", ["someone@else.example"], b"Subject: x\r\n\r\nhi")
+    assert wait_until(lambda: len(relay.to("soporte@hibot.us")) == 1, timeout=20)
