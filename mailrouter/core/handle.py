@@ -76,7 +76,6 @@ class CaseBook(Protocol):
 
     # this mail, seen before? who sent how much?
     def earlier_outcome(self, key: str, source: ImapSource | None) -> Result | None: ...
-    def quarantined_from(self, address: str, reason: str, since: datetime) -> int: ...
     # whom did we answer, and what did they send?
     def repeated(self, address: str, digest: str, since: datetime, other_than: str) -> bool: ...
     def logged(self, address: str, kind: str, since: datetime) -> int: ...
@@ -240,9 +239,8 @@ class Handler:
         asks for: kept aside, never acted on; the leads hear of the first one per sender per
         day (a forger can send many)."""
         now, leads = arrival.now, sorted(self._leads())
-        earlier = book.quarantined_from(mail.from_address, UNAUTHENTICATED, self._day_start(now))
         result = self.quarantine(book, arrival, f"{UNAUTHENTICATED}: {reason}")
-        if earlier or not leads:
+        if not leads or not self._first_today(book, mail.from_address, "leads_told_forged", now):
             return result
         context = {
             "sender": mail.from_address,
@@ -772,9 +770,8 @@ class Handler:
         if case is not None:
             book.event(case.id, now, "reply_withheld", f"{address}: {why}")
         leads = sorted(self._leads())
-        if not leads or book.logged(address, "leads_told", self._day_start(now)):
+        if not leads or not self._first_today(book, address, "leads_told", now):
             return
-        book.log_address(address, "leads_told", now)
         context = {
             "address": address,
             "why": why,
@@ -785,6 +782,13 @@ class Handler:
             "replies_stopped", "replies_stopped.j2", context, leads, now=now, to_agent=True
         )
         book.queue(case.id if case is not None else None, now, alert)
+
+    def _first_today(self, book: CaseBook, address: str, kind: str, now: datetime) -> bool:
+        """Whether this is the first `kind` about `address` this (local) day; logs it."""
+        if book.logged(address, kind, self._day_start(now)):
+            return False
+        book.log_address(address, kind, now)
+        return True
 
     def _day_start(self, now: datetime) -> datetime:
         local = now.astimezone(self.config.calendar().zone)

@@ -171,21 +171,6 @@ class SqlCaseBook:
         )
         return int(count or 0)
 
-    def quarantined_from(self, address: str, reason: str, since: datetime) -> int:
-        """How many mails from `address` since `since` were kept aside for `reason`."""
-        count = self.session.scalar(
-            select(func.count(Message.id)).where(
-                Message.direction == "in",
-                Message.sender == address[:320],
-                Message.created_at >= since,
-                Message.outcome.in_(SET_ASIDE),
-                Message.reason.startswith(reason, autoescape=True),
-            )
-        )
-        return int(count or 0)
-
-    # --- which case -----------------------------------------------------------------------
-
     def case(self, case_id: int) -> Case | None:
         return self.session.get(Case, case_id)
 

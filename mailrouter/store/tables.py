@@ -169,7 +169,8 @@ BODIES = cast(Table, MessageBody.__table__)
 class AddressLog(Base):
     """What the router did about one address, and when: each automatic reply to it
     ("reply", counted against `loop_protection.max_replies_per_address_per_hour`), and
-    each time the leads were told it stopped answering it ("leads_told", once a day)."""
+    each time the leads were told about it, once a day: the router stopped answering it
+    ("leads_told"), or mail came in its name without proof ("leads_told_forged")."""
 
     __tablename__ = "address_log"
     __table_args__ = (Index("ix_address_log", "address", "kind", "at"),)

@@ -106,18 +106,6 @@ class MemoryCaseBook:
     def logged(self, address: str, kind: str, since: datetime) -> int:
         return sum(1 for a, k, at in self.address_log if a == address and k == kind and at >= since)
 
-    def quarantined_from(self, address: str, reason: str, since: datetime) -> int:
-        return sum(
-            1
-            for m in self.inbound()
-            if m.sender == address
-            and m.created_at >= since
-            and m.outcome in SET_ASIDE
-            and (m.reason or "").startswith(reason)
-        )
-
-    # --- which case ---------------------------------------------------------------------------
-
     def case(self, case_id: int) -> CaseData | None:
         return self.cases.get(case_id)
 
