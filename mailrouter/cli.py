@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
@@ -51,6 +52,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Told to stop while starting (a deploy, a fast restart): there is no work in hand yet,
+    # so stop cleanly. Once running, the daemon's own handler finishes the work in hand.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     from mailrouter.daemon import run_daemon
 
     config = _load(args)
@@ -66,6 +70,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             logging.getLogger("mailrouter").warning("%s: %s", config.path, warning)
     run_daemon(config, sender_only=args.sender_only)
     return 0
+
+
+def _stop_while_starting(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def cmd_check_connection(args: argparse.Namespace) -> int:
@@ -267,8 +275,8 @@ def _explain_with_database(config: Config, raw: bytes) -> list[OutgoingMail] | N
     try:
         if not schema_is_current(store.engine):
             print(
-                f"the database {database} is not at this version's schema: "
-                "start the daemon once (it migrates), then try again",
+                f"the database {_without_password(database)} is not at this version's schema: "
+                "run `mailrouter db upgrade` (or start the daemon), then try again",
                 file=sys.stderr,
             )
             return None
@@ -465,6 +473,38 @@ def _quarantine_show(content: HeldContent) -> None:
                 f"  {_shown(attachment.filename)} "
                 f"({_shown(attachment.content_type)}, {len(attachment.payload)} bytes)"
             )
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """`db current`: the schema revision of the configured database (exit 1 if it is behind
+    this version's); `db upgrade`: bring it to this version's (the daemon also does so at
+    start; daemons starting together take turns)."""
+    from mailrouter.store.db import SCHEMA_REVISION, schema_revision
+
+    config = _load(args)
+    store = Store(config.database_url, run_migrations=args.action == "upgrade")
+    try:
+        revision = schema_revision(store.engine)
+    finally:
+        store.close()
+    where = _without_password(config.database_url)
+    if revision == SCHEMA_REVISION:
+        print(f"{where}: schema {revision} (this version's)")
+        return 0
+    print(
+        f"{where}: schema {revision or 'none'}; this version's is {SCHEMA_REVISION}: "
+        "run `mailrouter db upgrade` (or start the daemon)"
+    )
+    return 1
+
+
+def _without_password(url: str) -> str:
+    """A database URL fit for a log or a screen."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, place = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{place}"
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -671,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     digest.add_argument("--to", metavar="ADDRESS", help="only the digest of this recipient")
     digest.add_argument("--dry-run", action="store_true", help="with --now: show, send nothing")
     digest.set_defaults(func=cmd_digest)
+    db = commands.add_parser("db", help="the database's schema: current | upgrade")
+    db.add_argument("action", choices=("current", "upgrade"))
+    db.set_defaults(func=cmd_db)
     quarantine = commands.add_parser(
         "quarantine",
         help="work the quarantined mail: list, show, release (or attach to a case), drop",

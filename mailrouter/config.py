@@ -422,6 +422,10 @@ class Settings(_Model):
     allowed_senders: list[str] = Field(min_length=1)
     outbound: OutboundSettings
     database: str = "sqlite:///var/mailrouter.db"
+    # This host's own files: on PostgreSQL, the senders' journals (`sent/`), which let a
+    # daemon restarted here finish a killed one's sends without repeating them. (On SQLite
+    # they are beside the database file.) Relative to the config file.
+    state_dir: str = "var"
     providers_dir: str = "providers"
     templates_dir: str = "templates"
     case_tag_prefix: str = Field("ESC", pattern=r"^[A-Z][A-Z0-9]{1,9}$")
@@ -621,6 +625,10 @@ class Config:
     def agent_name(self, address: str, fallback: str = "") -> str:
         member = self.settings.team.agents.get(address.lower())
         return member.name if member and member.name else fallback
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.settings.state_dir)
 
     @property
     def outbox_dir(self) -> Path:

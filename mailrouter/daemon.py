@@ -43,13 +43,15 @@ from mailrouter.httpd import HttpServer, health_routes
 from mailrouter.intake.imap import ImapIntake
 from mailrouter.intake.smtp import start_smtp_server
 from mailrouter.metrics import Metrics
-from mailrouter.model import FailedMail, ImapSource, IntakeHooks, Result
+from mailrouter.model import FailedMail, ImapSource, IntakeHooks, Result, TemporaryFailure
 from mailrouter.service import Followup, Pipeline, load_checked
 from mailrouter.store.db import Store
 
 log = logging.getLogger(__name__)
 
 SENDER_IDLE_SECONDS = 5.0
+# The longest wait between tries while the database is out of reach.
+DATABASE_RETRY_MAX_SECONDS = 30.0
 SENDER_PROCESS_STOP_SECONDS = 60.0  # a row in flight to a slow relay, finished before exit
 SENDER_PROCESS_MAX_RESTART_SECONDS = 60.0
 
@@ -67,7 +69,7 @@ class Daemon:
         self.sender_only = sender_only
         self.sender_process: asyncio.subprocess.Process | None = None
         self.clock = clock
-        self.store = Store(config.database_url)
+        self.store = Store(config.database_url, state_dir=config.state_dir)
         # Replaced whole on reload; intakes fetch it per mail, so each mail sees one config.
         self.pipeline = Pipeline(config, self.store, clock)
         self.transport = make_transport(config)
@@ -123,6 +125,10 @@ class Daemon:
             ),
             max_bytes=self.config.settings.intake.max_message_bytes,
             large_mail=self.store.large_mail,
+            claim=lambda mailbox, validity, uids: self.pipeline.claim_uids(mailbox, validity, uids),
+            release=lambda mailbox, validity, uids: self.pipeline.release_uids(
+                mailbox, validity, uids
+            ),
         )
 
     def reload(self) -> bool:
@@ -167,6 +173,11 @@ class Daemon:
         if self.sender_only:
             await self._run_sender_only()
             return
+        with self.store.one_daemon():
+            await self._run()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         in_process = not self.config.settings.outbound.sender_process
         wake = self.outbox_changed.set if in_process else self._wake_sender_process
 
@@ -179,6 +190,13 @@ class Daemon:
         self.loops["sender"] = sender_task
         scheduler = self._start_scheduler(wake_sender)
         settings = self.config.settings
+        # PostgreSQL: mail queued by another daemon (or the CLI) wakes this one's sender.
+        stop_listening = threading.Event()
+        listener = threading.Thread(
+            target=self.store.listen, args=(stop_listening, wake_sender), name="outbox-listen"
+        )
+        if self.store.postgresql:
+            listener.start()
         try:
             await self._start_http()
             if settings.intake.source in ("smtp", "lmtp"):
@@ -191,6 +209,9 @@ class Daemon:
             self.stopping.set()
             self.outbox_changed.set()
             scheduler.shutdown(wait=False)
+            stop_listening.set()
+            if listener.is_alive():
+                await asyncio.to_thread(listener.join)
             await sender_task
             self.sender.close()
             await self.transport.close()
@@ -208,6 +229,8 @@ class Daemon:
             try:
                 if await asyncio.to_thread(lambda: self.followup.remind()):
                     wake_sender()
+            except TemporaryFailure as exc:
+                log.warning("reminder run: %s; trying again at the next one", exc)
             except Exception:
                 log.exception("reminder run failed; trying again at the next one")
 
@@ -216,6 +239,8 @@ class Daemon:
                 run = await asyncio.to_thread(lambda: self.followup.scheduled_digests())
                 if run.queued:
                     wake_sender()
+            except TemporaryFailure as exc:
+                log.warning("digest run: %s; the next start or run catches up", exc)
             except Exception:
                 log.exception("digest run failed; the next start or run catches up")
 
@@ -306,15 +331,24 @@ class Daemon:
         return f"files in {self.config.outbox_dir}"
 
     async def _sender_loop(self) -> None:
+        outage = 0.0  # seconds to wait before the next try while the database is away
         while True:
             try:
                 await self.sender.deliver_due(should_stop=self.stopping.is_set)
+                if outage:
+                    log.info("outbox sender: the database is back")
+                outage = 0.0
+            except TemporaryFailure as exc:
+                if not outage:
+                    log.warning("outbox sender: %s; the outbox waits, retrying with backoff", exc)
+                outage = min(max(outage * 2, 0.5), DATABASE_RETRY_MAX_SECONDS)
             except Exception:
                 log.exception("outbox sender error; retrying shortly")
             if self.stopping.is_set():
                 return
+            wait = outage or await self._idle_seconds()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.outbox_changed.wait(), await self._idle_seconds())
+                await asyncio.wait_for(self.outbox_changed.wait(), wait)
             self.outbox_changed.clear()
 
     async def _run_sender_only(self) -> None:

@@ -66,6 +66,12 @@ def body_hash(raw: bytes) -> str:
     return hashlib.sha256(body if blank else data).hexdigest()[:32]
 
 
+class TemporaryFailure(Exception):
+    """Something the work needs is unreachable (the database restarting, say): the work is
+    not at fault; it waits and is tried again with backoff. Logged as a line, never with a
+    traceback."""
+
+
 # --- one inbound mail --------------------------------------------------------------------
 
 
@@ -177,6 +183,10 @@ class IntakeHooks:
     max_bytes: int
     # Held around a mail of the given size: the process's one turn for large mails.
     large_mail: Callable[[int], AbstractContextManager[None]]
+    # Take IMAP messages to process, (mailbox, UIDVALIDITY, UIDs) -> the UIDs now ours (the
+    # others are another daemon's); and let them go once moved out of the folder.
+    claim: Callable[[str, int, list[int]], list[int]] = lambda _box, _validity, uids: uids
+    release: Callable[[str, int, list[int]], None] = lambda _box, _validity, _uids: None
 
 
 # --- what to do with it ------------------------------------------------------------------

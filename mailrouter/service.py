@@ -17,6 +17,7 @@ show, release, attach to a case, drop; each act recorded on the mail's row.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -34,6 +35,7 @@ from mailrouter.core.checks import template_problems
 from mailrouter.core.digests import Digest, build_digests, render_digest
 from mailrouter.core.handle import Handler
 from mailrouter.core.parse import Deadline, Refused
+from mailrouter.deliver.journal import claim_is_dead, process_identity
 from mailrouter.model import (
     REMINDED_STATUSES,
     SET_ASIDE,
@@ -67,6 +69,12 @@ def load_checked(path: Path | str) -> Config:
     return config
 
 
+# Longer than a daemon takes over one fetch batch (a few seconds with large mails): a claim
+# that runs out while its mail is processed lets another daemon fetch it too, which the
+# database then refuses as a duplicate (wasted work, never a second case).
+IMAP_CLAIM_SECONDS = 60.0
+
+
 class Pipeline:
     """Holds what processing needs; `process` is safe to call from several threads."""
 
@@ -84,6 +92,7 @@ class Pipeline:
         self.stopwatch = stopwatch
         self.handler = Handler(config)
         self.handler.renderer.load_all()
+        self.identity = process_identity()  # who holds this process's IMAP claims
 
     def parse(self, raw: bytes) -> ParsedMail:
         seconds = self.config.settings.intake.mail_deadline_seconds
@@ -96,12 +105,45 @@ class Pipeline:
             known=self.known_outcomes,
             max_bytes=self.config.settings.intake.max_message_bytes,
             large_mail=self.store.large_mail,
+            claim=self.claim_uids,
+            release=self.release_uids,
         )
 
+    def claim_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> list[int]:
+        """Take IMAP messages to process (see `repo.claim_uids`): every daemon on the
+        database polls the folder, each mail is fetched and processed by one. A claim lasts
+        `IMAP_CLAIM_SECONDS`; a daemon that died on this host loses its claims at once."""
+        now = self.clock()
+        until = now + timedelta(seconds=IMAP_CLAIM_SECONDS)
+        with self.store.transaction(serial=False) as session:
+            return repo.claim_uids(
+                session, mailbox, uidvalidity, uids, self.identity, until, now, self._is_dead
+            )
+
+    def release_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> None:
+        before = self.clock() - timedelta(hours=1)
+        with self.store.transaction(serial=False) as session:
+            repo.release_uids(session, mailbox, uidvalidity, uids, before)
+
     def known_outcomes(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, Result]:
-        """The committed outcomes of a batch of IMAP messages, by UID (see `repo`)."""
+        """The committed outcomes of a batch of IMAP messages, by UID (see `repo`). One that
+        another live daemon still holds a claim on is in its hands: it moves the mail, and
+        two sessions moving one mail at once can both copy it to the processed folder."""
+        now = self.clock()
         with self.store.reading() as session:
-            return repo.known_outcomes(session, mailbox, uidvalidity, uids, self.clock())
+            known = repo.known_outcomes(session, mailbox, uidvalidity, uids, now)
+            if not known:
+                return known
+            held = repo.held_by_others(
+                session, mailbox, uidvalidity, list(known), self.identity, now, self._is_dead
+            )
+        return {
+            uid: dataclasses.replace(result, in_other_hands=True) if uid in held else result
+            for uid, result in known.items()
+        }
+
+    def _is_dead(self, owner: str) -> bool:
+        return claim_is_dead(owner, self.identity.split(":", 1)[0])
 
     def process(
         self, raw: bytes, source: ImapSource | None = None, whole_size: int | None = None

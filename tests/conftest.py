@@ -16,6 +16,7 @@ import yaml
 from aiosmtpd.controller import Controller
 
 from mailrouter.deliver.sender import Sender
+from mailrouter.testing.postgres import PostgresCluster, start_postgres
 from mailrouter.testing.servers import (
     Dovecot,
     RecordingRelay,
@@ -50,8 +51,54 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+BACKENDS = ("sqlite", "postgresql")
+TEMPLATE_DB = "mailrouter_template"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every integration and end-to-end test that uses a database runs on SQLite and on
+    PostgreSQL (`[sqlite]`, `[postgresql]` in its id), unless marked `sqlite_only`; the
+    unit tests need no database of their own."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    path = Path(str(metafunc.definition.path))
+    both = path.parent.name in ("integration", "e2e")
+    backends = BACKENDS if both else ("sqlite",)
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        backends = ("sqlite",)
+    if metafunc.definition.get_closest_marker("postgresql_only"):
+        backends = ("postgresql",)
+    metafunc.parametrize("database_url", backends, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """The session's private PostgreSQL, with a migrated database to copy for each test."""
+    try:
+        cluster = start_postgres()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        cluster.sql(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        from mailrouter.store.db import Store
+
+        Store(cluster.url(TEMPLATE_DB)).close()  # migrated once; each test gets a copy
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @pytest.fixture
-def write_config(tmp_path: Path) -> Callable[..., Path]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database for the test: an SQLite file, or a PostgreSQL database."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        return cluster.new_database(TEMPLATE_DB)
+    return f"sqlite:///{tmp_path / 'mailrouter.db'}"
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, database_url: str) -> Callable[..., Path]:
     """Write the shipped config.yaml, with overrides, into a temp dir; return its path."""
 
     def write(overrides: dict[str, Any] | None = None, name: str = "config.yaml") -> Path:
@@ -61,7 +108,7 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
             {
                 "providers_dir": str(PROJECT / "providers"),
                 "templates_dir": str(PROJECT / "templates"),
-                "database": f"sqlite:///{tmp_path / 'mailrouter.db'}",
+                "database": database_url,
                 "outbound": {"file": {"dir": str(tmp_path / "outbox")}},
                 # Not the shipped weekday mornings: a daemon started in a test would catch up
                 # on that day's digests, and a test's mail count would hang on the hour it

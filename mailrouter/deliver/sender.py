@@ -67,7 +67,7 @@ class Sender:
         self.on_failed = on_failed
         self.identity = process_identity()
         self._batches = 0
-        self.journal = SentJournal(store.beside("-sent"), self.identity)
+        self.journal = SentJournal(store.journal_dir, self.identity)
         self._swept = False
         # Rows the relay took whose "sent" is not yet in the database, queued for the
         # `_marking` task (which writes all those queued at once, in one transaction).

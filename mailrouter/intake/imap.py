@@ -21,7 +21,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from mailrouter.config import ImapSettings, tls_context
-from mailrouter.model import ImapSource, IntakeHooks, Result
+from mailrouter.model import ImapSource, IntakeHooks, Result, TemporaryFailure
 from mailrouter.oauth2 import TokenError, TokenSource
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,8 @@ class ImapIntake:
                 elif not known[uid].in_other_hands:
                     # Committed before a crash, not yet moved: finish the move only.
                     destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
+            # Another daemon on the same database may be processing some of them.
+            unknown = self.hooks.claim(self.mailbox, uidvalidity, unknown)
             for uid, result in self._process_new(client, uidvalidity, unknown):
                 if result.in_other_hands:
                     continue
@@ -163,6 +165,7 @@ class ImapIntake:
                 destinations.setdefault(self._folder_for(result), []).append(uid)
             for folder, moved in destinations.items():
                 self._move(client, moved, folder)
+            self.hooks.release(self.mailbox, uidvalidity, unknown)
         return processed
 
     def _process_new(
@@ -314,7 +317,10 @@ def _fetch_in_slices(client: IMAPClient, uid: int) -> bytes | None:
 
 
 def _is_network(exc: BaseException) -> bool:
-    return isinstance(exc, (IMAPClientError, OSError, socket.timeout, ssl.SSLError, TokenError))
+    """A server or the database out of reach: a line in the log, not a traceback."""
+    return isinstance(
+        exc, (IMAPClientError, OSError, socket.timeout, ssl.SSLError, TokenError, TemporaryFailure)
+    )
 
 
 def _is_exists(response: Iterable[Any] | Any) -> bool:

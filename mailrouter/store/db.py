@@ -16,7 +16,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from sqlalchemy.exc import TimeoutError as DBTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import Executable
 
-from mailrouter.model import is_large
+from mailrouter.model import TemporaryFailure, is_large
 from mailrouter.store.tables import (
     BODIES,
     CASES,
@@ -55,12 +55,21 @@ class Conflict(StoreError):
     """Another worker wrote the same thing first (a unique key): look again."""
 
 
-class Unavailable(StoreError):
+class Unavailable(StoreError, TemporaryFailure):
     """The database is down, locked or gone: the work is not at fault; retry it later."""
+
+
+class InUse(StoreError):
+    """An SQLite file already has its daemon: SQLite serves one."""
 
 
 # The database is down, locked or gone: the mail is not at fault, it must be retried.
 _UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, DBTimeoutError)
+
+
+# PostgreSQL's "could not serialize" and "deadlock detected": the transaction lost a race
+# to another and was rolled back; running it again sees the winner's work.
+_LOST_RACE = {"40001", "40P01"}
 
 
 @contextlib.contextmanager
@@ -70,7 +79,23 @@ def _in_store_terms() -> Iterator[None]:
     except IntegrityError as exc:
         raise Conflict(str(exc.orig or exc)) from exc
     except _UNAVAILABLE as exc:
-        raise Unavailable(str(getattr(exc, "orig", None) or exc)) from exc
+        driver_error = getattr(exc, "orig", None)
+        if getattr(driver_error, "sqlstate", None) in _LOST_RACE:
+            raise Conflict(str(driver_error)) from exc
+        raise Unavailable(_one_line(getattr(exc, "orig", None) or exc)) from exc
+
+
+def _one_line(error: object) -> str:
+    """The driver's message without its continuation lines (libpq adds hints)."""
+    return " ".join(str(error).split())
+
+
+# PostgreSQL advisory lock keys (one 64-bit space per database; "mr" in the high bytes).
+LOCK_MIGRATIONS = 0x6D72_0000_0001
+# The case decisions (what an inbound mail, a command or a reminder pass does to cases):
+# taken at the start of each such transaction, so that they run one at a time across
+# every daemon, as SQLite's one writer does. See ARCHITECTURE.md, "Several daemons".
+LOCK_DECISIONS = 0x6D72_0000_0002
 
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -179,6 +204,10 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     database_file = sqlite_path(url)
     if database_file is not None:
         database_file.parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("postgresql"):
+        # pre_ping: a connection the server dropped (a restart, a fail-over) is replaced
+        # when it is next taken from the pool, instead of failing the work given to it.
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -189,19 +218,26 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
 
 # The newest migration's revision (a test checks it is Alembic's head): a database already
 # there is opened without importing Alembic, which would stay in the daemon's memory (12 MB).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision (None: no schema yet)."""
+    with _in_store_terms(), engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    return ",".join(str(row[0]) for row in versions) or None
 
 
 def schema_is_current(engine: Engine) -> bool:
-    with engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return False
-        versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
-    return [tuple(row) for row in versions] == [(SCHEMA_REVISION,)]
+    return schema_revision(engine) == SCHEMA_REVISION
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision."""
+    """Bring the schema to the newest Alembic revision. Daemons starting together take
+    turns (SQLite's write lock; an advisory lock on PostgreSQL): the second finds the work
+    done."""
     if schema_is_current(engine):
         return
     from alembic import command
@@ -209,9 +245,17 @@ def migrate(engine: Engine) -> None:
 
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
+    with _in_store_terms(), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({LOCK_MIGRATIONS})")
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+_TAKE_DECISIONS = select(func.pg_advisory_xact_lock(LOCK_DECISIONS))
+# Said by each PostgreSQL transaction that queues outgoing mail; heard at its commit by every
+# daemon's `Store.listen` (identical notices of one transaction arrive as one).
+OUTBOX_CHANNEL = "mailrouter_outbox"
 
 
 class WriteTurn:
@@ -252,15 +296,23 @@ class WriteTurn:
 class Store:
     """The database handle passed to every step that reads or writes state."""
 
-    def __init__(self, url: str, *, run_migrations: bool = True) -> None:
+    def __init__(
+        self, url: str, *, run_migrations: bool = True, state_dir: Path | None = None
+    ) -> None:
+        """`state_dir`: this host's folder for the senders' journals when the database is
+        not a local file (see `journal_dir`)."""
         self.engine = make_engine(url)
         if run_migrations:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.database_file = sqlite_path(url)
         self._write_turn: WriteTurn | None = None
+        self.postgresql = self.engine.dialect.name == "postgresql"
         if self.engine.dialect.name == "sqlite":
             self._write_turn = WriteTurn(self.beside("-writer"))
+        # Where senders journal what the relay took (deliver.journal): beside an SQLite
+        # file, or in this host's state folder; none, and a kill may repeat one mail.
+        self.journal_dir = self.beside("-sent") or (state_dir / "sent" if state_dir else None)
         separate = self.database_file is not None
         self._read_engine = make_engine(url, read_only=True) if separate else self.engine
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
@@ -270,6 +322,29 @@ class Store:
         self.large_mail_turn = threading.Lock()
 
     @contextlib.contextmanager
+    def one_daemon(self) -> Iterator[None]:
+        """Held by a daemon for its life. On an SQLite file, a second daemon is refused
+        (its sender process and the CLI beside it are not daemons); PostgreSQL serves as
+        many as are started. The kernel drops a killed daemon's `flock`."""
+        path = self.beside("-daemon")
+        if path is None:
+            yield
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InUse(
+                    f"another mailrouter daemon is running on {self.database_file}: SQLite "
+                    "serves one daemon; to run several, use PostgreSQL (README: Running "
+                    "several daemons)"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
     def large_mail(self, size: int) -> Iterator[None]:
         """Hold the process's one turn for large mails while handling `size` bytes, if that
         is over `LARGE_MAIL_BYTES`."""
@@ -277,13 +352,18 @@ class Store:
             yield
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One unit of work: committed on success, rolled back on any exception."""
+    def transaction(self, *, serial: bool = True) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back on any exception. `serial`
+        (case decisions): one at a time across every daemon on the database. False: the
+        outbox's state changes, which lock the rows they change instead (PostgreSQL; SQLite
+        has one writer at a time whatever is asked)."""
         with (
             _in_store_terms(),
             self._write_turn or contextlib.nullcontext(),
             self._sessions.begin() as session,
         ):
+            if serial and self.postgresql:
+                session.execute(_TAKE_DECISIONS)
             yield session
 
     @contextlib.contextmanager
@@ -314,6 +394,41 @@ class Store:
             self.engine.begin() as connection,
         ):
             connection.execute(statement, params)
+
+    def listen(
+        self, stop: threading.Event, on_notice: Callable[[], None], retry_max: float = 30.0
+    ) -> None:
+        """Until `stop` is set, call `on_notice` whenever a transaction that queued outgoing
+        mail commits, on any daemon or CLI on this PostgreSQL database (LISTEN/NOTIFY), and
+        once after each (re)connection, for what was queued meanwhile. A connection of its
+        own for as long as it runs (a pooler in transaction mode would break it); lost, it
+        is made again with backoff. On SQLite there is nothing to hear: returns at once."""
+        if not self.postgresql:
+            return
+        import psycopg
+
+        args, params = self.engine.dialect.create_connect_args(self.engine.url)
+        params.pop("context", None)
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                with psycopg.connect(*args, autocommit=True, **params) as connection:
+                    connection.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    if delay > 0.5:
+                        log.info("listening for new outgoing mail again")
+                    delay = 0.5
+                    on_notice()
+                    while not stop.is_set():
+                        for _ in connection.notifies(timeout=1.0, stop_after=1):
+                            on_notice()
+            except psycopg.Error as exc:
+                if delay == 0.5:
+                    log.warning(
+                        "not hearing of new outgoing mail (%s); the senders poll meanwhile",
+                        _one_line(exc),
+                    )
+                stop.wait(delay)
+                delay = min(delay * 2, retry_max)
 
     def read_raw(self, row_id: int) -> bytes:
         """One message's bytes. On SQLite through blob I/O: a SELECT holds the value twice

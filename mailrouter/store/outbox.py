@@ -26,10 +26,14 @@ from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings
 from mailrouter.model import FailedMail, OutgoingMail
-from mailrouter.store.db import Store, add_message
-from mailrouter.store.tables import BODIES, MESSAGES, Message
+from mailrouter.store.db import OUTBOX_CHANNEL, Store, add_message
+from mailrouter.store.tables import BODIES, MESSAGES, OPEN_STATES, Message
 
 log = logging.getLogger(__name__)
+
+# Said in every query on the rows still to send, beside any narrower condition: then both
+# SQLite and PostgreSQL use the partial index on those rows (`ix_messages_outbox`).
+OPEN = MESSAGES.c.delivery.in_(OPEN_STATES)
 
 
 def queue_mail(session: Session, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
@@ -51,6 +55,8 @@ def queue_mail(session: Session, case_id: int | None, now: datetime, mail: Outgo
         attempts=0,
         next_attempt_at=now,
     )
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_WAKE_SENDERS)  # heard at commit by every daemon (Store.listen)
 
 
 def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> float:
@@ -64,6 +70,8 @@ def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> fl
 OnFailed = Callable[[Session, FailedMail], None]
 
 PRELOAD_BYTES = 64 * 1024  # mails up to this size are read with their batch
+
+_WAKE_SENDERS = select(func.pg_notify(OUTBOX_CHANNEL, ""))
 
 # Built once: composing a statement costs more than running it on this path.
 _ROWS_TO_SEND = (
@@ -118,12 +126,15 @@ class Released:
     dead_owners: set[str]
 
 
-def _due_rows(session: Session, now: datetime, limit: int) -> list[int]:
+def _due_rows(
+    session: Session, now: datetime, limit: int, available: set[int] | None = None
+) -> list[int]:
     """Ids of the pending rows due now, in order, skipping every case that has an earlier row
-    waiting for a retry or being sent."""
+    waiting for a retry or being sent. `available`: the rows this sender holds locked; any
+    other is being claimed by another sender, and blocks its case as a row being sent does."""
     rows = session.execute(
         select(Message.id, Message.case_id, Message.delivery, Message.next_attempt_at)
-        .where(Message.delivery.in_(("pending", "sending")))
+        .where(OPEN)
         .order_by(Message.id)
     ).all()
     blocked: set[int] = set()
@@ -131,7 +142,11 @@ def _due_rows(session: Session, now: datetime, limit: int) -> list[int]:
     for row_id, case_id, delivery, next_at in rows:
         if case_id is not None and case_id in blocked:
             continue
-        if delivery == "sending" or (next_at is not None and next_at > now):
+        if (
+            delivery == "sending"
+            or (next_at is not None and next_at > now)
+            or (available is not None and row_id not in available)
+        ):
             if case_id is not None:
                 blocked.add(case_id)
             continue
@@ -139,6 +154,21 @@ def _due_rows(session: Session, now: datetime, limit: int) -> list[int]:
         if len(due) >= limit:
             break
     return due
+
+
+def _lock_due(session: Session, now: datetime, limit: int) -> set[int]:
+    """PostgreSQL: lock the first pending rows due now that no other sender is claiming
+    (`FOR UPDATE SKIP LOCKED`), so that senders on several daemons never wait for each other
+    nor take the same row."""
+    return set(
+        session.scalars(
+            select(Message.id)
+            .where(OPEN, Message.delivery == "pending", Message.next_attempt_at <= now)
+            .order_by(Message.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
 class Outbox:
@@ -153,12 +183,14 @@ class Outbox:
         """pending -> sending: claim the due rows for `token`, in order, skipping every case
         that has an earlier row waiting or being sent; return (id, case id) of those claimed."""
         # A snapshot answers the usual "nothing due" without the write lock; the choice is
-        # then made again under the lock, so two senders never split one case's mails.
+        # then made again under the lock (SQLite) or on the rows locked (PostgreSQL), so two
+        # senders never split one case's mails.
         with self.store.reading() as session:
             if not _due_rows(session, now, 1):
                 return []
-        with self.store.transaction() as session:
-            due = _due_rows(session, now, limit)
+        with self.store.transaction(serial=False) as session:
+            locked = _lock_due(session, now, limit) if self.store.postgresql else None
+            due = _due_rows(session, now, limit, locked)
             if not due:
                 return []
             session.execute(
@@ -178,7 +210,7 @@ class Outbox:
         with self.store.reading() as session:
             return session.scalar(
                 select(Message.next_attempt_at)
-                .where(Message.delivery == "pending")
+                .where(OPEN, Message.delivery == "pending")
                 .order_by(Message.next_attempt_at)
                 .limit(1)
             )
@@ -210,7 +242,7 @@ class Outbox:
         """sending -> pending: rows this process claimed and did not try."""
         if not row_ids:
             return
-        with self.store.transaction() as session:
+        with self.store.transaction(serial=False) as session:
             session.execute(
                 update(Message)
                 .where(
@@ -268,7 +300,9 @@ class Outbox:
 
     def any_claimed(self) -> bool:
         with self.store.reading() as session:
-            found = session.scalar(select(Message.id).where(Message.delivery == "sending").limit(1))
+            found = session.scalar(
+                select(Message.id).where(OPEN, Message.delivery == "sending").limit(1)
+            )
         return found is not None
 
     def release_stale(
@@ -280,10 +314,10 @@ class Outbox:
         """sending -> pending for rows whose claimant died (`is_dead(owner)`) or whose lease
         ran out; sending -> sent instead for those the claimant's journal lists as accepted
         by the relay (`delivered_by(owners)`: the sender's journal, handed in)."""
-        with self.store.transaction() as session:
+        with self.store.transaction(serial=False) as session:
             claimed = session.execute(
                 select(Message.id, Message.claimed_by, Message.claimed_until).where(
-                    Message.delivery == "sending"
+                    OPEN, Message.delivery == "sending"
                 )
             ).all()
             dead = {owner for _, owner, _ in claimed if owner and is_dead(owner)}

@@ -10,11 +10,14 @@ and never changed in the session.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy import case as sql_case
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, selectinload
 
@@ -35,6 +38,7 @@ from mailrouter.store.outbox import queue_mail
 from mailrouter.store.tables import (
     CASES,
     EVENTS,
+    IMAP_CLAIMS,
     IMAP_STATE,
     AddressLog,
     Case,
@@ -437,6 +441,95 @@ def known_outcomes(
         for uid, created, outcome, reason, case_id in rows
         if uid is not None
     }
+
+
+def claim_uids(
+    session: Session,
+    mailbox: str,
+    uidvalidity: int,
+    uids: list[int],
+    owner: str,
+    until: datetime,
+    now: datetime,
+    is_dead: Callable[[str], bool],
+) -> list[int]:
+    """Claim IMAP messages for `owner` until `until`: those nobody holds, those whose claim
+    ran out, and those of a claimant that `is_dead`. Returns the UIDs now `owner`'s; the
+    others are another daemon's to process."""
+    if not uids:
+        return []
+    held = session.execute(
+        select(IMAP_CLAIMS.c.uid, IMAP_CLAIMS.c.claimed_by).where(
+            IMAP_CLAIMS.c.mailbox == mailbox,
+            IMAP_CLAIMS.c.uidvalidity == uidvalidity,
+            IMAP_CLAIMS.c.uid.in_(uids),
+            IMAP_CLAIMS.c.claimed_until >= now,
+        )
+    ).all()
+    taken = {uid for uid, claimant in held if claimant != owner and not is_dead(claimant)}
+    wanted = [uid for uid in uids if uid not in taken]
+    if not wanted:
+        return []
+    dialect = session.get_bind().dialect.name
+    insert_for = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert_for(IMAP_CLAIMS).values(
+        [
+            {"mailbox": mailbox, "uidvalidity": uidvalidity, "uid": uid}
+            | {"claimed_by": owner, "claimed_until": until}
+            for uid in wanted
+        ]
+    )
+    # Taken over only if it is still as we saw it (run out, or its claimant dead): another
+    # daemon claiming the same mail at this moment wins or loses as a whole row.
+    excluded = statement.excluded
+    stale = (IMAP_CLAIMS.c.claimed_until < now) | (IMAP_CLAIMS.c.claimed_by == owner)
+    dead = {claimant for _, claimant in held if claimant != owner and is_dead(claimant)}
+    if dead:
+        stale = stale | IMAP_CLAIMS.c.claimed_by.in_(dead)
+    claiming = statement.on_conflict_do_update(
+        index_elements=["mailbox", "uidvalidity", "uid"],
+        set_={"claimed_by": excluded.claimed_by, "claimed_until": excluded.claimed_until},
+        where=stale,
+    ).returning(IMAP_CLAIMS.c.uid)
+    return sorted(session.scalars(claiming))
+
+
+def held_by_others(
+    session: Session,
+    mailbox: str,
+    uidvalidity: int,
+    uids: list[int],
+    owner: str,
+    now: datetime,
+    is_dead: Callable[[str], bool],
+) -> set[int]:
+    """Of `uids`, those another live daemon holds a claim on (see `claim_uids`)."""
+    held = session.execute(
+        select(IMAP_CLAIMS.c.uid, IMAP_CLAIMS.c.claimed_by).where(
+            IMAP_CLAIMS.c.mailbox == mailbox,
+            IMAP_CLAIMS.c.uidvalidity == uidvalidity,
+            IMAP_CLAIMS.c.uid.in_(uids),
+            IMAP_CLAIMS.c.claimed_until >= now,
+            IMAP_CLAIMS.c.claimed_by != owner,
+        )
+    ).all()
+    return {uid for uid, claimant in held if not is_dead(claimant)}
+
+
+def release_uids(
+    session: Session, mailbox: str, uidvalidity: int, uids: list[int], before: datetime
+) -> None:
+    """Forget the claims on messages moved out of the intake folder, and any of the mailbox
+    that ran out `before` (a dead daemon's, whose mails another daemon then moved)."""
+    session.execute(
+        delete(IMAP_CLAIMS).where(
+            IMAP_CLAIMS.c.mailbox == mailbox,
+            or_(
+                (IMAP_CLAIMS.c.uidvalidity == uidvalidity) & IMAP_CLAIMS.c.uid.in_(uids),
+                IMAP_CLAIMS.c.claimed_until < before,
+            ),
+        )
+    )
 
 
 def overdue_case_ids(session: Session, statuses: tuple[str, ...], now: datetime) -> list[int]:

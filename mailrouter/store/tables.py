@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
@@ -22,28 +23,38 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeEngine
 
 from mailrouter.model import case_tag
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Aware datetimes in, aware UTC datetimes out, on every backend (SQLite drops zones)."""
+    """Aware datetimes in, aware UTC datetimes out, on every backend: `timestamptz` on
+    PostgreSQL; on SQLite, which has no zones, UTC written without one."""
 
     impl = DateTime
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(DateTime(timezone=dialect.name == "postgresql"))
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the database; pass an aware one")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        utc = value.astimezone(UTC)
+        return utc if dialect.name == "postgresql" else utc.replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return value.replace(tzinfo=UTC) if value is not None else None
+        if value is None:
+            return None
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
         """On SQLite, which stores UTC as ISO text without a zone: the text with "+00:00"
@@ -64,6 +75,17 @@ class UTCDateTime(TypeDecorator[datetime]):
             return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
         return process
+
+
+# JSON documents are `jsonb` on PostgreSQL (compact, comparable); JSON text on SQLite.
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# IMAP UIDs and UIDVALIDITY are unsigned 32-bit: over PostgreSQL's signed `integer`.
+ImapNumber = Integer().with_variant(BigInteger(), "postgresql")
+
+# The outbox's working set (rows still to send): what the sender's queries look at, kept
+# apart from the ever-growing sent rows. The queries repeat this condition (`OPEN_DELIVERY`)
+# so that both SQLite and PostgreSQL may use the partial index.
+OPEN_STATES = ("pending", "sending")
 
 
 class Base(DeclarativeBase):
@@ -90,7 +112,7 @@ class Case(Base):
     # The client normalised (case, accents, spacing): what duplicate detection compares.
     client_key: Mapped[str] = mapped_column(String(320), default="")
     subject: Mapped[str] = mapped_column(Text, default="")
-    fields: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    fields: Mapped[dict[str, str]] = mapped_column(JSONDocument, default=dict)
     follow_up_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     vendor_ticket: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     # The due time an overdue reminder (to the agent) and its escalation (to the lead) were
@@ -106,7 +128,13 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_imap", "imap_mailbox", "imap_uidvalidity", "imap_uid", unique=True),
-        Index("ix_messages_outbox", "delivery", "next_attempt_at"),
+        Index(
+            "ix_messages_outbox",
+            "delivery",
+            "next_attempt_at",
+            sqlite_where=text("delivery IN ('pending', 'sending')"),
+            postgresql_where=text("delivery IN ('pending', 'sending')"),
+        ),
         Index("ix_messages_sender_time", "sender", "created_at"),
     )
 
@@ -121,10 +149,10 @@ class Message(Base):
     dedupe_key: Mapped[str | None] = mapped_column(String(1024), nullable=True, unique=True)
     source: Mapped[str] = mapped_column(String(32), default="")
     imap_mailbox: Mapped[str | None] = mapped_column(String(512), nullable=True)
-    imap_uidvalidity: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    imap_uid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    imap_uidvalidity: Mapped[int | None] = mapped_column(ImapNumber, nullable=True)
+    imap_uid: Mapped[int | None] = mapped_column(ImapNumber, nullable=True)
     sender: Mapped[str] = mapped_column(String(320), default="")
-    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    recipients: Mapped[list[str]] = mapped_column(JSONDocument, default=list)
     # in: a digest of the sender's own words (`ParsedMail.content_digest`): a robot that
     # sends the same text again is not answered again.
     content_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -210,9 +238,24 @@ class ImapState(Base):
     __tablename__ = "imap_state"
 
     mailbox: Mapped[str] = mapped_column(String(512), primary_key=True)
-    uidvalidity: Mapped[int] = mapped_column(Integer)
-    last_uid: Mapped[int] = mapped_column(Integer, default=0)
+    uidvalidity: Mapped[int] = mapped_column(ImapNumber)
+    last_uid: Mapped[int] = mapped_column(ImapNumber, default=0)
 
 
+class ImapClaim(Base):
+    """A mail in the intake folder that one daemon has taken to process: the others leave
+    it alone until `claimed_until`, then may take it over (its claimant died). Every daemon
+    polls the folder; only the claimant fetches and processes the mail."""
+
+    __tablename__ = "imap_claims"
+
+    mailbox: Mapped[str] = mapped_column(String(512), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(ImapNumber, primary_key=True)
+    uid: Mapped[int] = mapped_column(ImapNumber, primary_key=True)
+    claimed_by: Mapped[str] = mapped_column(String(256))
+    claimed_until: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+IMAP_CLAIMS = cast(Table, ImapClaim.__table__)
 IMAP_STATE = cast(Table, ImapState.__table__)
 EVENTS = cast(Table, Event.__table__)

@@ -11,7 +11,7 @@ from mailrouter.testing.hostile import BUILDERS
 from mailrouter.testing.servers import Dovecot
 from tests.conftest import PROJECT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.sqlite_only]
 
 
 def test_bench_quick_run_produces_every_figure() -> None:

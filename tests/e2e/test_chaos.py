@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,12 +18,14 @@ from typing import Any
 
 import pytest
 from imapclient import IMAPClient
+from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError
 
 from mailrouter.testing.factory import VENDORS, escalations
 from mailrouter.testing.servers import Dovecot, RecordingRelay, wait_until
 from tests.conftest import headers_of
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.sqlite_only]
 
 FULL = os.environ.get("CHAOS_SCALE") == "full"
 REPORT: list[dict[str, Any]] = []
@@ -78,6 +79,7 @@ class Rig:
     user: str
     relay: RecordingRelay
     config: Path
+    database_url: str
     folder: str = "INBOX"
     # Every daemon made, so that those a failed scenario leaves running are killed.
     daemons: list[DaemonProcess] = field(default_factory=list)
@@ -96,8 +98,12 @@ class Rig:
         client.logout()
 
     def db(self, query: str) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.tmp / "mailrouter.db", timeout=30) as connection:
-            return connection.execute(query).fetchall()
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as connection:
+                return [tuple(row) for row in connection.exec_driver_sql(query)]
+        finally:
+            engine.dispose()
 
     def count(self, folder: str) -> int:
         client = self.mailbox()
@@ -118,7 +124,7 @@ class Rig:
                 "select count(*) from messages where direction='out' "
                 "and delivery in ('pending', 'sending')"
             )[0][0]
-        except (sqlite3.OperationalError, OSError):
+        except (DBAPIError, OSError):  # the database restarting, the mailbox busy
             return False
         return bool(cases == expected_cases and busy == 0)
 
@@ -129,7 +135,7 @@ class Rig:
 
 @pytest.fixture
 def rig_for(
-    tmp_path: Path, relay: RecordingRelay, write_config: Callable[..., Path]
+    tmp_path: Path, relay: RecordingRelay, write_config: Callable[..., Path], database_url: str
 ) -> Iterator[Callable[..., Rig]]:
     rigs: list[Rig] = []
 
@@ -164,7 +170,7 @@ def rig_for(
                 },
             }
         )
-        rigs.append(Rig(tmp_path, imap, user, relay, config, folder))
+        rigs.append(Rig(tmp_path, imap, user, relay, config, database_url, folder))
         return rigs[-1]
 
     yield make
@@ -352,6 +358,7 @@ def test_uidvalidity_change_processes_nothing_twice(
     report("UIDVALIDITY change", total, "mailbox recreated", 0, 0, drained)
 
 
+@pytest.mark.postgresql_only  # SQLite serves one daemon (test_several_daemons.py)
 def test_two_daemons_one_mailbox(dovecot: Dovecot, rig_for: Callable[..., Rig]) -> None:
     total = scale(60, 300)
     rig = rig_for(dovecot)

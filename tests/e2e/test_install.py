@@ -27,7 +27,7 @@ import pytest
 from mailrouter.cli import build_parser
 from tests.conftest import ESCALATIONS, PROJECT
 
-pytestmark = pytest.mark.install
+pytestmark = [pytest.mark.install, pytest.mark.sqlite_only]
 
 UNIT = PROJECT / "deploy" / "mailrouter.service"
 ENV_EXAMPLE = PROJECT / "deploy" / "mailrouter.env.example"

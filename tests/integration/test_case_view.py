@@ -81,6 +81,7 @@ def test_a_case_and_its_timeline(config: Path, capsys: pytest.CaptureFixture[str
     }
 
 
+@pytest.mark.sqlite_only  # the database made a folder; on PostgreSQL: test_postgres.py
 def test_errors_are_one_line(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

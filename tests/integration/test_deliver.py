@@ -332,7 +332,7 @@ from mailrouter.deliver.sender import Sender
 from mailrouter.deliver.transports import make_transport
 from mailrouter.store.db import Store
 config = load_config(sys.argv[1])
-store = Store(config.database_url)
+store = Store(config.database_url, state_dir=config.state_dir)
 transport = make_transport(config)
 send, sent = transport.send, []
 
@@ -365,7 +365,7 @@ def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_s
         }
     )
     config = load_config(path)
-    store = Store(config.database_url)
+    store = Store(config.database_url, state_dir=config.state_dir)
     Pipeline(config, store, utc_now).process(escalation("01-hibot-basic.eml"))  # 2 rows
     dying = subprocess.run(
         [sys.executable, "-c", _SEND_AND_DIE_BEFORE_RECORDING, str(path)],
@@ -377,7 +377,8 @@ def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_s
     assert dying.returncode == -signal.SIGKILL, dying.stderr
     assert len(relay.messages) == 1
     assert {m.delivery for m in store.outbound()} == {"sending"}  # both claimed, none recorded
-    journals = list(store.database_file.parent.glob("*-sent/*.ids"))  # type: ignore[union-attr]
+    assert store.journal_dir is not None
+    journals = list(store.journal_dir.glob("*.ids"))
     assert len(journals) == 1
 
     sender = Sender(store, make_transport(config), config.settings.outbound.retry, utc_now)
@@ -389,7 +390,7 @@ def test_a_mail_the_relay_took_from_a_sender_killed_before_recording_it_is_not_s
     received = [headers_of(m.data)["Message-ID"] for m in relay.messages]
     assert received == [f"<{forward.message_id}>", f"<{ack.message_id}>"]
     assert not journals[0].exists()
-    assert not list(store.database_file.parent.glob("*-sent/*.ids"))  # type: ignore[union-attr]
+    assert not list(store.journal_dir.glob("*.ids"))
 
 
 def test_a_live_sender_whose_lease_ran_out_keeps_its_journal_and_its_sent_rows(
@@ -399,7 +400,7 @@ def test_a_live_sender_whose_lease_ran_out_keeps_its_journal_and_its_sent_rows(
     the rows its journal lists are recorded as sent, not sent again, and the journal it
     is still writing is left where it is."""
     config = load_config(write_config())
-    store = Store(config.database_url)
+    store = Store(config.database_url, state_dir=config.state_dir)
     Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
     transport = FileTransport(config.outbox_dir)
     stuck = Sender(store, transport, config.settings.outbound.retry, clock)
@@ -467,7 +468,7 @@ def _database_locked(statement: Any, params: Any = None) -> None:
 def _pass_whose_marks_fail(config: Config, clock: Clock) -> tuple[Store, Sender]:
     """An escalation's mails sent by a pass whose "sent" write the database refuses (the
     pass fails); the store's write is its own again afterwards."""
-    store = Store(config.database_url)
+    store = Store(config.database_url, state_dir=config.state_dir)
     Pipeline(config, store, clock).process(escalation("01-hibot-basic.eml"))
     sender = Sender(store, FileTransport(config.outbox_dir), config.settings.outbound.retry, clock)
     store.write = _database_locked  # type: ignore[method-assign]

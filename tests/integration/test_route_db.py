@@ -3,13 +3,13 @@ read only — thread into a case, be a duplicate, open a new case — and nothin
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
 
 from mailrouter.cli import main
 from mailrouter.config import load_config
@@ -44,17 +44,20 @@ def _route(config: Path, mail: Path, capsys: pytest.CaptureFixture[str]) -> tupl
 
 
 def _database_state(config: Path) -> list[object]:
-    database = load_config(config).database_url.removeprefix("sqlite:///")
-    with sqlite3.connect(database) as connection:
-        return [
-            connection.execute(query).fetchall()
-            for query in (
-                "select id, status, priority, follow_up_due, updated_at from cases",
-                "select id, delivery from messages",
-                "select count(*) from events",
-                "select * from imap_state",
-            )
-        ]
+    engine = create_engine(load_config(config).database_url)
+    try:
+        with engine.connect() as connection:
+            return [
+                connection.exec_driver_sql(query).all()
+                for query in (
+                    "select id, status, priority, follow_up_due, updated_at from cases",
+                    "select id, delivery from messages order by id",
+                    "select count(*) from events",
+                    "select * from imap_state",
+                )
+            ]
+    finally:
+        engine.dispose()
 
 
 def test_a_duplicate_is_explained_and_nothing_is_written(
@@ -119,6 +122,7 @@ def test_a_vendor_reply_threads_into_its_case(
     assert _database_state(config) == before
 
 
+@pytest.mark.sqlite_only  # a PostgreSQL database is created by its admin, not by us
 def test_without_a_database_it_says_so(
     write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,267 @@
+"""What PostgreSQL adds: its types and indexes, `mailrouter db`, migrations raced by daemons
+starting together, outbox claims with SKIP LOCKED beside other senders, IMAP claims, and a
+database that goes away. On the session's private cluster (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select
+
+from mailrouter.cli import main
+from mailrouter.config import load_config
+from mailrouter.model import OutgoingMail
+from mailrouter.service import Pipeline
+from mailrouter.store.db import SCHEMA_REVISION, Store, Unavailable
+from mailrouter.store.outbox import Outbox, queue_mail
+from mailrouter.store.repo import claim_uids, release_uids
+from mailrouter.store.tables import IMAP_CLAIMS
+from mailrouter.testing.postgres import PostgresCluster
+from tests.conftest import PROJECT, escalation
+
+pytestmark = pytest.mark.postgresql_only
+
+NOW = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def empty_database(postgres: PostgresCluster) -> str:
+    """A database with no schema at all (not a copy of the migrated template)."""
+    return postgres.new_database()
+
+
+def _columns(url: str) -> dict[tuple[str, str], str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = 'public'"
+            ).all()
+            return {(table, column): kind for table, column, kind in rows}
+    finally:
+        engine.dispose()
+
+
+def test_the_schema_uses_postgresqls_types_and_a_partial_outbox_index(empty_database: str) -> None:
+    Store(empty_database).close()
+    columns = _columns(empty_database)
+    assert columns["cases", "follow_up_due"] == "timestamp with time zone"
+    assert columns["address_log", "at"] == "timestamp with time zone"
+    assert columns["messages", "recipients"] == "jsonb"
+    assert columns["cases", "fields"] == "jsonb"
+    assert columns["messages", "imap_uidvalidity"] == "bigint"
+    assert columns["imap_claims", "uid"] == "bigint"
+    engine = create_engine(empty_database)
+    with engine.connect() as connection:
+        (definition,) = connection.exec_driver_sql(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_messages_outbox'"
+        ).one()
+    engine.dispose()
+    assert "WHERE" in definition and "pending" in definition and "sending" in definition
+
+
+def test_times_and_big_imap_numbers_read_back_as_written(write_config: Callable[..., Path]) -> None:
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    from mailrouter.model import ImapSource
+
+    pipeline = Pipeline(config, store, lambda: NOW)
+    source = ImapSource("imap://x@y/INBOX", 3_000_000_000, 4_000_000_000)
+    result = pipeline.process(escalation("01-hibot-basic.eml"), source)
+    assert result.outcome == "routed"
+    known = pipeline.known_outcomes("imap://x@y/INBOX", 3_000_000_000, [4_000_000_000])
+    assert known[4_000_000_000].case_id == result.case_id
+    (case,) = store.cases()
+    assert case.created_at == NOW and case.created_at.tzinfo is not None
+    store.close()
+
+
+def test_db_current_and_upgrade(
+    empty_database: str, write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config({"database": empty_database})
+    assert main(["--config", str(config), "db", "current"]) == 1
+    assert f"schema none; this version's is {SCHEMA_REVISION}" in capsys.readouterr().out
+    assert main(["--config", str(config), "db", "upgrade"]) == 0
+    assert main(["--config", str(config), "db", "current"]) == 0
+    assert f"schema {SCHEMA_REVISION} (this version's)" in capsys.readouterr().out
+
+
+def test_daemons_starting_together_migrate_once(empty_database: str) -> None:
+    """Four processes upgrade one empty database at the same moment: the advisory lock makes
+    them take turns, the first migrates, the others find it done."""
+    script = "import sys; from mailrouter.store.db import Store; Store(sys.argv[1]).close()"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, empty_database],
+            cwd=PROJECT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+    engine = create_engine(empty_database)
+    with engine.connect() as connection:
+        versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    engine.dispose()
+    assert [tuple(v) for v in versions] == [(SCHEMA_REVISION,)]
+
+
+def test_a_database_that_cannot_be_reached_is_one_line(
+    postgres: PostgresCluster,
+    write_config: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = postgres.url("no_such_database")
+    config = write_config({"database": missing.replace("postgres@", "postgres:s3cret@")})
+    assert main(["--config", str(config), "cases"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mailrouter: Unavailable: ") and "no_such_database" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(["--config", str(config), "db", "current"]) == 1
+    assert "s3cret" not in capsys.readouterr().err
+    with pytest.raises(Unavailable):
+        Store(missing)
+
+
+def _mail(n: int) -> OutgoingMail:
+    return OutgoingMail(
+        "forward", f"m{n}@example.com", "router@example.com", [f"vendor{n}@example.com"],
+        f"mail {n}", b"Subject: x\r\n\r\nbody\r\n",
+    )  # fmt: skip
+
+
+def test_senders_on_several_daemons_claim_each_row_once_and_keep_a_cases_order(
+    postgres: PostgresCluster,
+) -> None:
+    """Three senders (three engines: three daemons) claim at once, over and over: no row is
+    claimed twice, and a case's rows are never held by two senders at the same time."""
+    url = postgres.new_database("mailrouter_template")
+    stores = [Store(url) for _ in range(3)]
+    with stores[0].transaction() as session:
+        from mailrouter.store.db import add_case
+        from mailrouter.store.tables import Case
+
+        for case_number in range(40):
+            case = Case(
+                created_at=NOW, updated_at=NOW, status="open", provider="hibot", route="r",
+                priority="MEDIA", agent_address="a@example.com",
+            )  # fmt: skip
+            add_case(session, case)
+            for n in range(3):
+                queue_mail(session, case.id, NOW, _mail(case_number * 3 + n))
+    claimed: dict[int, str] = {}
+    by_sender: dict[int, int] = defaultdict(int)
+    holders: dict[int, set[str]] = defaultdict(set)  # case -> senders holding its rows now
+    problems: list[str] = []
+    guard = threading.Lock()
+
+    def sender(number: int) -> None:
+        outbox = Outbox(stores[number])
+        for attempt in range(200):
+            token = f"host:{number}:0:{attempt}"
+            rows = outbox.claim_due(token, NOW, timedelta(minutes=5), limit=7)
+            if not rows:
+                if not outbox.any_claimed() and outbox.next_wakeup() is None:
+                    return
+                continue
+            with guard:
+                for row_id, case_id in rows:
+                    if row_id in claimed:
+                        problems.append(f"row {row_id} claimed twice")
+                    claimed[row_id] = token
+                    by_sender[number] += 1
+                    holders[case_id or 0].add(token)
+                    if len(holders[case_id or 0]) > 1:
+                        problems.append(f"case {case_id} held by {holders[case_id or 0]}")
+            time.sleep(0.005)  # sending; another sender may claim meanwhile, not these cases
+            with guard:  # sent: the case's rows are let go (still "sending" in the database)
+                for _, case_id in rows:
+                    holders[case_id or 0].discard(token)
+            outbox.mark_sent([(row_id, NOW) for row_id, _ in rows])
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert problems == []
+    assert len(claimed) == 120
+    assert len(by_sender) > 1, by_sender  # the work was shared
+    for store in stores:
+        store.close()
+
+
+def test_an_imap_mail_is_claimed_by_one_daemon_until_its_claim_runs_out(
+    postgres: PostgresCluster,
+) -> None:
+    store = Store(postgres.new_database("mailrouter_template"))
+    box, validity = "imap://u@h/INBOX", 7
+
+    def claim(
+        owner: str, uids: list[int], now: datetime, dead: frozenset[str] = frozenset()
+    ) -> list[int]:
+        with store.transaction(serial=False) as session:
+            until = now + timedelta(seconds=60)
+            return claim_uids(session, box, validity, uids, owner, until, now, dead.__contains__)
+
+    assert claim("a:1:1", [1, 2, 3], NOW) == [1, 2, 3]
+    assert claim("b:2:2", [1, 2, 3, 4], NOW) == [4]
+    assert claim("a:1:1", [1, 2], NOW + timedelta(seconds=10)) == [1, 2]  # its own, renewed
+    assert claim("b:2:2", [3], NOW + timedelta(seconds=61)) == [3]  # a's ran out
+    assert claim("c:3:3", [1, 2], NOW + timedelta(seconds=20), dead=frozenset({"a:1:1"})) == [1, 2]
+
+    def release(uids: list[int], before: datetime) -> list[int]:
+        with store.transaction(serial=False) as session:
+            release_uids(session, box, validity, uids, before)
+        with store.reading() as session:
+            return sorted(session.execute(select(IMAP_CLAIMS.c.uid)).scalars())
+
+    assert release([1], NOW) == [2, 3, 4]  # moved: its claim goes
+    assert release([], NOW + timedelta(hours=2)) == []  # ran out long ago: pruned
+    store.close()
+
+
+def test_a_mail_queued_on_one_daemon_wakes_the_senders_of_the_others(
+    postgres: PostgresCluster,
+) -> None:
+    """LISTEN/NOTIFY: the notice is heard at the commit, not before; and again after the
+    listener's connection is cut (a database restart), without anyone's help."""
+    url = postgres.new_database("mailrouter_template")
+    queuing, listening = Store(url), Store(url)
+    heard = threading.Semaphore(0)
+    stop = threading.Event()
+    listener = threading.Thread(target=listening.listen, args=(stop, heard.release, 1.0))
+    listener.start()
+    try:
+        assert heard.acquire(timeout=10)  # once on connecting: whatever was queued meanwhile
+        with queuing.transaction() as session:
+            queue_mail(session, None, NOW, _mail(1))
+            assert not heard.acquire(timeout=0.5)  # not committed yet
+        assert heard.acquire(timeout=5)
+        postgres.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+        )
+        assert heard.acquire(timeout=10)  # reconnected
+        with queuing.transaction() as session:
+            queue_mail(session, None, NOW, _mail(2))
+        assert heard.acquire(timeout=5)
+    finally:
+        stop.set()
+        listener.join(10)
+        queuing.close()
+        listening.close()
+    assert not listener.is_alive()
