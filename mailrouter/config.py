@@ -408,6 +408,30 @@ class HttpSettings(_Model):
         return host.strip("[]"), int(port)
 
 
+NotifyEvent = Literal["urgent", "overdue", "undeliverable", "vendor_reply"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("urgent", "overdue", "undeliverable", "vendor_reply")
+
+
+class NotifyTarget(_Model):
+    """A chat channel or a webhook told of what needs someone: its posts leave through the
+    outbox, as mails do (retried with backoff, never twice for one event)."""
+
+    kind: Literal["slack", "teams", "webhook"]
+    # The incoming-webhook URL: a secret (it is all it takes to post), so ${ENV_VAR}.
+    url: str = Field(min_length=1)
+    events: list[NotifyEvent] = list(NOTIFY_EVENTS)
+    # How the outbox names the target (the URL is not stored); default "<kind>-<n>".
+    name: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+    timeout: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("not an http(s):// URL")
+        return value
+
+
 class LoggingSettings(_Model):
     """How the daemon writes its log (standard error; journald keeps it under systemd)."""
 
@@ -457,6 +481,7 @@ class Settings(_Model):
     digest: DigestSettings = DigestSettings()
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
+    notify: list[NotifyTarget] = []
 
     @field_validator("sla_hours")
     @classmethod
@@ -500,6 +525,17 @@ class Settings(_Model):
                     "outbound.smtp.oauth2.same_as: imap, but intake.imap has no oauth2"
                 )
             self.outbound.smtp = smtp.model_copy(update={"oauth2": self.intake.imap.oauth2})
+        return self
+
+    @model_validator(mode="after")
+    def _notify_names(self) -> Settings:
+        for index, target in enumerate(self.notify):
+            if not target.name:
+                target.name = f"{target.kind}-{index + 1}"
+        names = [target.name for target in self.notify]
+        doubled = sorted({name for name in names if names.count(name) > 1})
+        if doubled:
+            raise ValueError(f"notify: two targets named {', '.join(doubled)}")
         return self
 
     @model_validator(mode="after")
@@ -735,7 +771,10 @@ def _validate(
         return None, problems
 
 
-_SECRET_KEY = re.compile(r"(?i)(password|secret|token)$")
+# Keys whose value is a secret; `url`: a webhook's URL is all it takes to post to it.
+_SECRET_KEY = re.compile(r"(?i)(password|secret|token|^url)$")
+# A database URL with a password in it (user:password@host).
+_URL_PASSWORD = re.compile(r"://[^/@:]*:[^/@]+@")
 
 
 def literal_secrets(path: Path) -> list[Problem]:
@@ -747,7 +786,10 @@ def literal_secrets(path: Path) -> list[Problem]:
     def walk(value: Any, loc: tuple[int | str, ...]) -> None:
         if isinstance(value, dict):
             for key, item in value.items():
-                if isinstance(item, str) and item and _SECRET_KEY.search(str(key)):
+                secret = _SECRET_KEY.search(str(key)) or (
+                    key == "database" and isinstance(item, str) and _URL_PASSWORD.search(item)
+                )
+                if isinstance(item, str) and item and secret:
                     if not _ENV_REF.search(item):
                         where = (*loc, key)
                         found.append(

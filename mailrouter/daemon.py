@@ -39,6 +39,7 @@ from mailrouter import __version__
 from mailrouter.config import Config, ConfigError
 from mailrouter.deliver.sender import Sender
 from mailrouter.deliver.transports import make_transport, outbound_lanes
+from mailrouter.deliver.webhooks import WebhookTransport
 from mailrouter.httpd import HttpServer, health_routes
 from mailrouter.intake.imap import ImapIntake
 from mailrouter.intake.smtp import start_smtp_server
@@ -88,6 +89,7 @@ class Daemon:
             on_failed=self._delivery_failed,
             lanes=outbound_lanes(config),
             on_try=self.metrics.sent,
+            posts=WebhookTransport(lambda: self.config.settings.notify),
         )
         self.followup = Followup(config, self.store, clock)
         self.stopping = asyncio.Event()
@@ -215,6 +217,8 @@ class Daemon:
             await sender_task
             self.sender.close()
             await self.transport.close()
+            if self.sender.posts is not None:
+                await self.sender.posts.close()
             self.store.close()
             log.info("mailrouter stopped")
 
@@ -377,6 +381,8 @@ class Daemon:
             loop.remove_reader(wakes)
             self.sender.close()
             await self.transport.close()
+            if self.sender.posts is not None:
+                await self.sender.posts.close()
             self.store.close()
 
     def _sender_command(self) -> list[str]:

@@ -17,9 +17,10 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from mailrouter.config import PRIORITIES, Config, Provider
+from mailrouter.config import PRIORITIES, Config, NotifyEvent, Provider
 from mailrouter.core.authn import authenticate
 from mailrouter.core.digests import age_text
+from mailrouter.core.notify import notifications
 from mailrouter.core.parse import (
     Deadline,
     agent_part,
@@ -322,6 +323,7 @@ class Handler:
             case.status = "vendor_replied"
             case.follow_up_due = self._due(now, case.priority)
         book.event(case.id, now, "vendor_reply", mail.subject)
+        self._notify(book, case, "vendor_reply", now)
         if self._relay_allowed(book, case, now):
             self._to_agent(
                 book,
@@ -628,6 +630,7 @@ class Handler:
         case.status, case.updated_at = "undeliverable", now
         book.event(case.id, now, "undeliverable", error)
         book.cancel_pending_acks(case.id, "the forward was refused")
+        self._notify(book, case, "undeliverable", now, error)
         provider = self.config.providers.get(case.provider)
         if provider is not None:
             self._to_agent(
@@ -798,6 +801,7 @@ class Handler:
         self, book: CaseBook, case: CaseRecord, provider: Provider, now: datetime
     ) -> None:
         """An URGENTE case: the team lead(s) hear of it at once."""
+        self._notify(book, case, "urgent", now)
         leads = self.config.settings.team.leads
         if not leads:
             log.warning(
@@ -818,6 +822,19 @@ class Handler:
         )
         book.queue(case.id, now, alert)
         book.event(case.id, now, "lead_alerted", ", ".join(leads))
+
+    def _notify(
+        self, book: CaseBook, case: CaseRecord, event: NotifyEvent, now: datetime, detail: str = ""
+    ) -> None:
+        """Post `event` to the chat channels and webhooks that want it (`notify:`). Queued
+        apart from the case's mails (no case on the row): a chat that is down never holds
+        up a forward; the case's history says who was told."""
+        posts = notifications(self.config, event, case, now, detail)
+        for post in posts:
+            book.queue(None, now, post)
+        if posts:
+            names = ", ".join(post.recipients[0] for post in posts)
+            book.event(case.id, now, "notified", f"{event}: {names}")
 
     def _relay_allowed(self, book: CaseBook, case: CaseRecord, now: datetime) -> bool:
         """The last brake on a loop no header revealed: a case relays at most N mails an hour."""
@@ -855,6 +872,7 @@ class Handler:
         if remind:
             self._remind(book, case, now, "reminder", context, [case.agent_address])
             case.reminded_due = case.follow_up_due
+            self._notify(book, case, "overdue", now)
             queued += 1
         if escalate:
             if settings.team.leads:

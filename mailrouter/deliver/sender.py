@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 from mailrouter.config import RetrySettings
+from mailrouter.core.notify import NOTIFY_KIND
 from mailrouter.deliver.journal import SentJournal, claim_is_dead, listed, process_identity
 from mailrouter.deliver.transports import PermanentFailure, TemporaryFailure, Transport
 from mailrouter.model import is_large
@@ -52,12 +53,15 @@ class Sender:
         on_failed: OnFailed | None = None,
         lanes: int = 1,
         on_try: Callable[[str, str], None] = lambda kind, result: None,
+        posts: Transport | None = None,
     ) -> None:
         """`on_failed(session, failed)` runs in the transaction that marks a row failed;
         `lanes` is how many mails may be in flight at once; `on_try(kind, result)` is told
         of each mail the relay took ("sent") or deferred ("deferred"), as it answers."""
         self.lanes = lanes
         self.on_try = on_try
+        # Where the rows of kind "notify" go (chat channels, webhooks); none: they fail.
+        self.posts = posts
         self.store = store
         self.outbox = Outbox(store)
         self.transport = transport
@@ -201,8 +205,11 @@ class Sender:
             self._large_mail_turn() if large else contextlib.nullcontext(),
         ):
             raw = row.raw if row.raw is not None else self.store.read_raw(row_id)
+            transport = self.posts if row.kind == NOTIFY_KIND else self.transport
             try:
-                await self.transport.send(
+                if transport is None:
+                    raise PermanentFailure("no notify targets configured (notify:)")
+                await transport.send(
                     row.sender, list(row.recipients), raw, file_name(row_id, row.kind)
                 )
                 # Before anything else: from here a kill no longer repeats the mail.

@@ -19,14 +19,17 @@ from typing import Protocol
 import aiosmtplib
 
 from mailrouter.config import Config, SmtpSettings, tls_context
-from mailrouter.model import is_large
+
+# Try again later (4xx, connection refused, timeout): the model's, which the daemon's
+# loops also know (the database away is one too).
+from mailrouter.model import TemporaryFailure, is_large
 from mailrouter.oauth2 import TokenError, TokenSource
 
 log = logging.getLogger(__name__)
 
-
-class TemporaryFailure(Exception):
-    """Try again later (4xx, connection refused, timeout)."""
+# TemporaryFailure, "try again later" (4xx, connection refused, timeout), is the model's:
+# the daemon's loops know it too (the database away is one).
+__all__ = ["PermanentFailure", "TemporaryFailure", "Transport"]
 
 
 class PermanentFailure(Exception):

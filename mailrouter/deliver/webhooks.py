@@ -1,0 +1,55 @@
+"""Posts to chat channels and webhooks (`notify:`): the transport of the outbox rows of kind
+`notify`. A row names its target; the URL is read from the configuration of the moment,
+never stored, never logged (a Slack or Teams webhook URL is all it takes to post).
+
+A connection error, a timeout, 429 or a 5xx answer is `TemporaryFailure` (retried with the
+outbox's backoff); any other answer outside 2xx is `PermanentFailure`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import requests
+
+from mailrouter.config import NotifyTarget
+from mailrouter.deliver.transports import PermanentFailure, TemporaryFailure
+
+
+class WebhookTransport:
+    def __init__(self, targets: Callable[[], Sequence[NotifyTarget]]) -> None:
+        """`targets`: the configured ones, asked at each post (a reload may change them)."""
+        self.targets = targets
+        self._session = requests.Session()
+
+    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+        (target_name,) = recipients
+        target = next((t for t in self.targets() if t.name == target_name), None)
+        if target is None:
+            raise PermanentFailure(f"no notify target named {target_name!r} in the configuration")
+        await asyncio.to_thread(self._post, target, data)
+
+    def _post(self, target: NotifyTarget, data: bytes) -> None:
+        where = f"{target.kind} target {target.name!r}"
+        try:
+            answer = self._session.post(
+                target.url,
+                data=data,
+                headers={"Content-Type": "application/json; charset=utf-8"},
+                timeout=target.timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            # The exception's text may hold the URL: only its kind is told.
+            raise TemporaryFailure(f"{where}: {type(exc).__name__}") from None
+        if 200 <= answer.status_code < 300:
+            return
+        said = " ".join(answer.text.split())[:200]
+        failure = f"{where}: HTTP {answer.status_code} {said}".rstrip()
+        if answer.status_code == 429 or answer.status_code >= 500:
+            raise TemporaryFailure(failure)
+        raise PermanentFailure(failure)
+
+    async def close(self) -> None:
+        self._session.close()
