@@ -18,7 +18,8 @@ run: $(STAMP)
 	$(BIN)/mailrouter --config config.yaml run
 
 ## The real servers the integration tests talk to (Dovecot for IMAP, PostgreSQL: the suite
-## starts a private cluster of its own, the package's service is not used), and systemd-analyze
+## starts a private cluster of its own, the package's service is not used), chromium (the
+## digest is rendered in it), and systemd-analyze
 ## (tests/e2e/test_install.py verifies deploy/mailrouter.service with it).
 system-deps:
 	@missing=""; \
@@ -26,6 +27,7 @@ system-deps:
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 \
 	  || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -1,9 +1,10 @@
 """`make bench`: throughput, latency and memory of the real path, against the machine's own
 ceiling and a peer (django-helpdesk, bench/peer.py) measured in the same run. Real servers on
 loopback only, started here: a private Dovecot as the intake mailbox, an aiosmtpd relay in
-its own process, SQLite as the store.
+its own process, SQLite as the store; for the workers row (bench/workers.py), a private
+PostgreSQL cluster too, with 1, 2 and 3 daemons on one database.
 
-    python -m bench.run [--n 2000] [--runs 3] [--quick] [--only hostile]
+    python -m bench.run [--n 2000] [--runs 3] [--quick] [--only hostile|workers|...]
 
 Prints a table and writes var/bench/results.json. Not a test: nothing here asserts a time.
 """
@@ -38,6 +39,7 @@ from typing import Any
 import yaml
 from imapclient import IMAPClient
 
+from bench import workers as several
 from bench.hostile import (
     CLEAN_SUBJECT,
     HOSTILE_EVERY,
@@ -47,7 +49,9 @@ from bench.hostile import (
     throughput,
     with_hostile,
 )
+from bench.workers import Row
 from mailrouter.testing.factory import AGENTS, VENDORS, escalations
+from mailrouter.testing.postgres import PostgresCluster
 from mailrouter.testing.servers import (
     Dovecot,
     children_of,
@@ -200,7 +204,10 @@ def write_config(
     source: str = "imap",
     listen_port: int = 0,
     sender_process: bool = False,
+    database_url: str = "",
 ) -> Path:
+    """The shipped config.yaml pointed at these servers; `database_url`: the store (default:
+    an SQLite file in `folder`)."""
     data = yaml.safe_load((PROJECT / "config.yaml").read_text(encoding="utf-8"))
     data["intake"]["source"] = source
     data["intake"]["listen"] = {"host": "127.0.0.1", "port": listen_port or free_port()}
@@ -212,7 +219,7 @@ def write_config(
         "smtp": {"host": "127.0.0.1", "port": relay.port, "security": "none"},
         "sender_process": sender_process,
     }
-    data["database"] = f"sqlite:///{folder / 'bench.db'}"
+    data["database"] = database_url or f"sqlite:///{folder / 'bench.db'}"
     data["providers_dir"] = str(PROJECT / "providers")
     data["templates_dir"] = str(PROJECT / "templates")
     # A burst of thousands from a few agents is the point here, not a loop.
@@ -240,7 +247,8 @@ def _profile(daemon: subprocess.Popen[bytes]) -> None:
         subprocess.Popen([str(spy), *command, "--pid", str(daemon.pid)])
 
 
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(config: Path, log: Path, profile: bool = True) -> subprocess.Popen[bytes]:
+    """`profile`: BENCH_PROFILE records this one (with several daemons, the first)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROUTER_")}
     with open(log, "ab") as out:
         daemon = subprocess.Popen(
@@ -259,7 +267,8 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             cwd=PROJECT,
         )
-    _profile(daemon)
+    if profile:
+        _profile(daemon)
     return daemon
 
 
@@ -356,14 +365,27 @@ def burst(
     existing: int = 0,
     sender_process: bool = False,
     hostile_every: int = 0,
+    database: str = "sqlite",
+    daemons: int = 1,
+    server: PostgresCluster | None = None,
 ) -> dict[str, float]:
     """The daemon's peak RSS and CPU are its own plus, with `sender_process`, its sender's:
     the RSS as the sum of the two peaks (an upper bound: they need not peak together).
     `hostile_every`: every so many mails, a hostile one instead (bench/hostile.py); done
-    when the clean ones are delivered and every mail is in Processed or Quarantine."""
+    when the clean ones are delivered and every mail is in Processed or Quarantine.
+
+    `database`: "sqlite" (a file of the run's own) or the URL of an empty database, which
+    `daemons` daemons share, one config, each its own log (SQLite refuses a second daemon
+    on a file). Their CPU and peak RSS are summed, children included. `server`: the
+    PostgreSQL cluster of `database`, whose processes' CPU is reported too."""
+    if database == "sqlite" and daemons != 1:
+        raise ValueError("SQLite takes one daemon a file")
     user = dovecot.new_user()
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    config = write_config(run_dir, dovecot, user, relay, sender_process=sender_process)
+    url = "" if database == "sqlite" else database
+    config = write_config(
+        run_dir, dovecot, user, relay, sender_process=sender_process, database_url=url
+    )
     if existing:
         seed_cases(run_dir / "bench.db", existing)
     mails = [raw for _, raw in escalations(n, seed=hash(user) % 1000)]
@@ -373,8 +395,10 @@ def burst(
     folders = ("Processed", "Quarantine") if hostile_every else ("Processed",)
     relay.reset(counted=CLEAN_SUBJECT if hostile_every else "")
     relay_cpu = cpu_seconds(relay.pid)
+    server_cpu = several.server_cpu_seconds(server) if server else 0.0
+    logs = [run_dir / ("daemon.log" if daemons == 1 else f"daemon-{i}.log") for i in range(daemons)]
     started = time.monotonic()
-    daemon = start_daemon(config, run_dir / "daemon.log")
+    running = [start_daemon(config, log, profile=i == 0) for i, log in enumerate(logs)]
     if os.environ.get("BENCH_PROGRESS"):
         threading.Thread(
             target=_progress, args=(dovecot, user, relay, n, started), daemon=True
@@ -383,21 +407,29 @@ def burst(
         lambda: sum(folder_count(dovecot, user, f) for f in folders) == n, timeout=60, step=0.2
     )
     elapsed = time.monotonic() - started
-    processes = with_children(daemon.pid)
+    processes = [pid for daemon in running for pid in with_children(daemon.pid)]
     rss = sum(peak_rss_mb(pid) for pid in processes)
     cpu = sum(cpu_seconds(pid) for pid in processes)
     relay_cpu = cpu_seconds(relay.pid) - relay_cpu
-    daemon.send_signal(signal.SIGTERM)
-    daemon.wait(60)
+    if server:
+        server_cpu = several.server_cpu_seconds(server) - server_cpu
+    for daemon in running:
+        daemon.send_signal(signal.SIGTERM)
+    for daemon in running:
+        daemon.wait(60)
     if not done:
-        raise RuntimeError(f"burst did not finish: {(run_dir / 'daemon.log').read_text()[-2000:]}")
-    return {
+        tails = "\n".join(f"{log.name}: {log.read_text()[-2000:]}" for log in logs)
+        raise RuntimeError(f"burst did not finish: {tails}")
+    measured = {
         "msg_per_s": n / elapsed,
         "seconds": elapsed,
         "peak_rss_mb": rss,
         "daemon_cpu_ms_per_msg": 1000 * cpu / n,
         "relay_cpu_ms_per_msg": 1000 * relay_cpu / n,
     }
+    if server:
+        measured["postgres_cpu_ms_per_msg"] = 1000 * server_cpu / n
+    return measured
 
 
 def _progress(dovecot: Dovecot, user: str, relay: Relay, n: int, started: float) -> None:
@@ -731,6 +763,59 @@ def latencies(dovecot: Dovecot, relay: Relay, work: Path, quick: bool) -> dict[s
     }
 
 
+def workers(
+    dovecot: Dovecot,
+    relay: Relay,
+    work: Path,
+    n: int,
+    runs: int,
+    cluster: PostgresCluster | None,
+    why_not: str = "",
+) -> dict[str, Any]:
+    """Issue 21: bursts on SQLite (1 daemon) and on PostgreSQL with 1, 2 and 3 daemons, in
+    turns, each PostgreSQL burst on a fresh database of `cluster` (bench/workers.py)."""
+    if cluster is None:
+        return {"skipped": why_not or "PostgreSQL not installed", "cores": os.cpu_count()}
+
+    def run_burst(database: str, daemons: int) -> dict[str, float]:
+        if database == "sqlite":
+            return burst(dovecot, relay, work, n)
+        url = cluster.new_database()
+        return burst(dovecot, relay, work, n, database=url, daemons=daemons, server=cluster)
+
+    measured = several.measure(run_burst, runs)
+    # Each daemon's start-up is in its CPU: with 3 daemons, 3 start-ups in one burst.
+    measured["startup_cpu_s"] = {
+        "sqlite": startup_cpu(dovecot, relay, work, ""),
+        "postgresql": startup_cpu(dovecot, relay, work, cluster.new_database()),
+    }
+    return measured
+
+
+def startup_cpu(dovecot: Dovecot, relay: Relay, work: Path, database_url: str) -> float:
+    """A daemon's CPU from its start until it waits for mail: an empty mailbox and an empty
+    database (SQLite's file when `database_url` is empty), the migrations included."""
+    user = dovecot.new_user()
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    config = write_config(run_dir, dovecot, user, relay, database_url=database_url)
+    daemon = start_daemon(config, run_dir / "daemon.log", profile=False)
+    try:
+        if not wait_for(lambda: _has_folder(dovecot, user, "Processed"), timeout=60, step=0.2):
+            raise RuntimeError(f"no start: {(run_dir / 'daemon.log').read_text()[-2000:]}")
+        # Then until it is idle: less than 10 ms of CPU in half a second, twice running
+        # (or 30 s have passed).
+        last, quiet, deadline = cpu_seconds(daemon.pid), 0, time.monotonic() + 30
+        while quiet < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = cpu_seconds(daemon.pid)
+            quiet = quiet + 1 if now - last < 0.01 else 0
+            last = now
+        return sum(cpu_seconds(pid) for pid in with_children(daemon.pid))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench")
     parser.add_argument("--n", type=int, default=2000, help="escalations per burst")
@@ -738,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     parser.add_argument(
         "--only",
-        choices=("burst", "growth", "memory", "latency", "peer", "hostile"),
+        choices=("burst", "growth", "memory", "latency", "peer", "hostile", "workers"),
         help="one measurement alone, printed as JSON (to profile it)",
     )
     parser.add_argument(
@@ -757,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     dovecot, started = start_dovecot(dovecot_binary() or "dovecot")
     assert started.returncode == 0
     relay = Relay(work)
+    cluster: PostgresCluster | None = None
+    why_not = ""
     results: dict[str, Any] = {
         "n": n,
         "runs": runs,
@@ -764,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
+        if args.only in (None, "workers"):
+            cluster, why_not = several.start_cluster()
         if args.only:
             measure: dict[str, Callable[[], Any]] = {
                 "burst": lambda: burst(dovecot, relay, work, n, sender_process=args.sender_process),
@@ -772,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
                 "latency": lambda: latencies(dovecot, relay, work, quick),
                 "peer": lambda: peer(dovecot, work, n),
                 "hostile": lambda: hostile_mail(dovecot, relay, work, n, runs, quick),
+                "workers": lambda: workers(dovecot, relay, work, n, runs, cluster, why_not),
             }
             print(json.dumps(measure[args.only](), indent=2))
             return 0
@@ -809,7 +899,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         # The smoke run does not build the peer's virtualenv (it needs PyPI and a minute).
         results["peer"] = {"skipped": "--quick"} if quick else peer(dovecot, work, n)
+        results["workers"] = workers(dovecot, relay, work, n, runs, cluster, why_not)
     finally:
+        if cluster is not None:
+            cluster.remove()
         relay.stop()
         stop_dovecot(dovecot)
         shutil.rmtree(dovecot.base, ignore_errors=True)
@@ -833,8 +926,8 @@ def summarise(bursts: list[dict[str, float]], ceiling_msg_per_s: float) -> dict[
 
 
 def targets(r: dict[str, Any]) -> dict[str, bool | None]:
-    """Each of issues 7 and 18's targets, met or not by this run's figures (None: not
-    measured)."""
+    """Each of issues 7, 18 and 21's targets, met or not by this run's figures (None: not
+    measured, or not judged on this machine)."""
     b, bp, g, lat = r["burst"], r["burst_sender_process"], r["cost_growth"], r["latency"]
     worst, mixed = r["hostile"]["route"]["worst"]["ratio"], r["hostile"]["burst"]["ratio"]
     floor = lat["idle_floor"].get("p50_s")
@@ -862,11 +955,7 @@ def targets(r: dict[str, Any]) -> dict[str, bool | None]:
         "hostile_route_3x": worst <= 3,
         "hostile_route_6x": worst <= 6,
         "hostile_throughput_90": mixed >= 0.9,
-    }
-
-
-# measure, value, detail, target, and the key of its verdict in `targets` (None: no target)
-Row = tuple[str, str, str, str, str | None]
+    } | (several.targets(r["workers"]) if "workers" in r else {})
 
 
 def hostile_rows(h: dict[str, Any]) -> list[Row]:
@@ -1027,14 +1116,19 @@ def report(r: dict[str, Any]) -> str:
                 )
             )
     rows += hostile_rows(r["hostile"])
+    notes: dict[str, str] = {}
+    if "workers" in r:
+        rows += several.rows(r["workers"])
+        notes = several.verdict_notes(r["workers"])
     met = r["targets"]
     verdict = {True: "met", False: "NOT MET", None: ""}
+
+    def judged(k: str | None) -> str:
+        return "" if k is None else notes.get(k) or verdict[met.get(k)]
+
     width = max(len(row[0]) for row in rows)
     lines = [f"{'measure':<{width}}  {'value':>8}  {'detail':<32} {'target':<30} verdict"]
-    lines += [
-        f"{a:<{width}}  {v:>8}  {d:<32} {t:<30} {verdict[met.get(k) if k else None]}"
-        for a, v, d, t, k in rows
-    ]
+    lines += [f"{a:<{width}}  {v:>8}  {d:<32} {t:<30} {judged(k)}" for a, v, d, t, k in rows]
     return "\n".join(lines)
 
 

@@ -297,7 +297,8 @@ class Followup:
     def digests_now(self) -> list[Digest]:
         with self.store.engine_for_reading().connect() as connection:
             cases = repo.digest_rows(connection)
-        return build_digests(cases, self.config, self.clock())
+            last_sent = repo.last_digests(connection)
+        return build_digests(cases, self.config, self.clock(), last_sent)
 
     def render_digest(self, digest: Digest) -> OutgoingMail:
         return render_digest(self.handler.renderer, digest, self.config, self.clock())

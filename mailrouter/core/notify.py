@@ -14,9 +14,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 from mailrouter.config import Config, NotifyEvent, NotifyTarget
+from mailrouter.core.digests import reply_link, reply_subject
 from mailrouter.core.render import local_time
 from mailrouter.core.threads import bare_subject
 from mailrouter.model import CaseRecord, OutgoingMail, case_tag
@@ -57,19 +57,13 @@ class Notice:
     detail: str = ""
 
 
-def reply_link(config: Config, tag: str, subject: str) -> str:
-    """A `mailto:` (RFC 6068) that writes to the router on the case's thread: its tag in the
-    subject threads the reply when its sender is one of the case's people."""
-    address = config.settings.intake.address
-    return f"mailto:{quote(address, safe='@')}?subject={quote(f'Re: [{tag}] {subject}')}"
-
-
 def notice(
     config: Config, event: NotifyEvent, case: CaseRecord, now: datetime, detail: str = ""
 ) -> Notice:
-    tag = case_tag(config.settings.case_tag_prefix, case.id)
+    prefix = config.settings.case_tag_prefix
+    tag = case_tag(prefix, case.id)
     provider = config.providers.get(case.provider)
-    subject = bare_subject(case.subject, config.settings.case_tag_prefix) or "(sin asunto)"
+    subject = bare_subject(case.subject, prefix, case.vendor_ticket) or "(sin asunto)"
     due = case.follow_up_due
     return Notice(
         event=event,
@@ -83,7 +77,10 @@ def notice(
         due=due.isoformat() if due else None,
         due_text=local_time(due, config) if due else "",
         at=now.isoformat(),
-        link=reply_link(config, tag, subject),
+        link=reply_link(
+            config.settings.intake.address,
+            reply_subject(tag, case.subject, prefix, case.vendor_ticket),
+        ),
         detail=detail[:500],
     )
 

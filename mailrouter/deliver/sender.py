@@ -16,6 +16,7 @@ import logging
 import random
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
@@ -28,6 +29,8 @@ from mailrouter.store.db import Store
 from mailrouter.store.outbox import OnFailed, Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
+
+RELEASE_EVERY_SECONDS = 5.0
 
 
 def file_name(row_id: int, kind: str) -> str:
@@ -73,6 +76,7 @@ class Sender:
         self._batches = 0
         self.journal = SentJournal(store.journal_dir, self.identity)
         self._swept = False
+        self._next_release = 0.0  # monotonic time of the next look for stale claims
         # Rows the relay took whose "sent" is not yet in the database, queued for the
         # `_marking` task (which writes all those queued at once, in one transaction).
         self._unmarked: list[tuple[int, datetime]] = []
@@ -98,6 +102,11 @@ class Sender:
         """Put back rows claimed by a sender that died before sending them; record as sent
         those its journal lists (the relay had accepted them)."""
         here = socket.gethostname()
+        # Each pass asks, but a claim goes stale only when its sender dies: with several
+        # daemons (whose live claims are always there) looking every few seconds is enough.
+        if time.monotonic() < self._next_release:
+            return 0
+        self._next_release = time.monotonic() + RELEASE_EVERY_SECONDS
         if not self.outbox.any_claimed():
             if not self._swept:  # once: journals of dead senders whose rows are all settled
                 for path in self.journal.dead_files():

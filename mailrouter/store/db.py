@@ -205,9 +205,10 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     if database_file is not None:
         database_file.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("postgresql"):
-        # pre_ping: a connection the server dropped (a restart, a fail-over) is replaced
-        # when it is next taken from the pool, instead of failing the work given to it.
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        # No pre-ping (a round trip per transaction): after a restart or a fail-over, the
+        # first use of a dropped connection fails as `Unavailable`, which the work already
+        # waits out and retries, and SQLAlchemy then replaces the whole pool.
+        return create_engine(url, pool_size=5, max_overflow=10)
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)

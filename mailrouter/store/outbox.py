@@ -55,8 +55,10 @@ def queue_mail(session: Session, case_id: int | None, now: datetime, mail: Outgo
         attempts=0,
         next_attempt_at=now,
     )
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(_WAKE_SENDERS)  # heard at commit by every daemon (Store.listen)
+    # Heard at the commit by every daemon (Store.listen); once a transaction is enough.
+    if not session.info.get("senders_woken") and session.get_bind().dialect.name == "postgresql":
+        session.execute(_WAKE_SENDERS)
+        session.info["senders_woken"] = True
 
 
 def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> float:

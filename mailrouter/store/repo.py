@@ -557,6 +557,21 @@ def digest_rows(connection: Connection) -> list[DigestCase]:
     return list(rows)  # type: ignore[arg-type]
 
 
+def last_digests(connection: Connection) -> dict[str, datetime]:
+    """When each recipient (lower case) last got a digest: what is new to them since."""
+    last: dict[str, datetime] = {}
+    rows = connection.execute(
+        select(DigestRecord.recipient, func.max(DigestRecord.created_at)).group_by(
+            DigestRecord.recipient
+        )
+    )
+    # Grouped by the address as written; two spellings of one address count as one.
+    for recipient, sent in rows:
+        key = recipient.lower()
+        last[key] = max(sent, last.get(key, sent))
+    return last
+
+
 def cases(
     session: Session,
     limit: int,

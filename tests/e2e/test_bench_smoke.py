@@ -32,6 +32,10 @@ def test_bench_quick_run_produces_every_figure() -> None:
     assert all(shape["ratio"] > 0 for shape in shapes.values())
     assert all(shape["baseline_outcome"] == "routed" for shape in shapes.values())
     assert results["hostile"]["burst"]["mixed_msg_per_s"] > 0
+    # The workers row: SQLite and PostgreSQL with 1, 2 and 3 daemons, judged.
+    workers = results["workers"]
+    assert workers["cores"] >= 1 and "skipped" not in workers, workers
+    assert set(results["targets"]) >= {"workers_pg_cpu_15", "workers_3_daemons_2_5x"}
     assert set(results["targets"]) >= {
         "hostile_route_3x",
         "hostile_route_6x",

@@ -130,11 +130,20 @@ def test_digests_list_overdue_first_and_flag_missing_vendor_ack(
     digests = {d.recipient: d for d in followup.digests_now()}
     lead = digests[LEAD]
     assert lead.subject == "Escalaciones: 2 vencidas, 3 abiertas"
-    assert [group.name for group in lead.groups] == ["HIBOT", "PANDA", "Tech"]
+    # By urgency across destinations: the URGENTE 04 before the ALTA 01; 02 is due Wednesday.
+    assert [(g.name, [x.tag for x in g.lines]) for g in lead.groups] == [
+        ("Vencidas", ["ESC-000003", "ESC-000001"]),
+        ("Más adelante", ["ESC-000002"]),
+    ]
+    assert {(p.name, p.open, p.overdue) for p in lead.providers} == {
+        ("HIBOT", 1, 1),
+        ("PANDA", 1, 0),
+        ("Tech", 1, 1),
+    }
     laura = digests["laura.gomez@example.com"]
     (line,) = laura.groups[0].lines
     assert line.overdue and line.no_vendor_ack  # HIBOT opens tickets and sent none in 2 h
-    andres = digests["andres.perez@example.com"].groups[0].lines
+    andres = [x for group in digests["andres.perez@example.com"].groups for x in group.lines]
     assert [x.tag for x in andres] == ["ESC-000003", "ESC-000002"]  # overdue 04 first
     assert not andres[1].no_vendor_ack  # Panda never sends tickets
 
@@ -158,7 +167,16 @@ def test_digest_sent_once_per_period_across_restart(
     assert again.queued == [] and sorted(again.already_sent) == sorted(first.queued)
     assert len(sent(Store(config.database_url), "digest")) == 2
     clock.now += timedelta(days=2)  # Thursday 08:30: a new period, new digests
-    assert len(Followup(config, Store(config.database_url), clock).scheduled_digests().queued) == 2
+    Pipeline(config, Store(config.database_url), clock).process(escalation("02-panda-basic.eml"))
+    followup = Followup(config, Store(config.database_url), clock)
+    # New to each recipient: what was opened since their last digest (Tuesday's).
+    news = {d.recipient: (d.new, d.open, bool(d.since)) for d in followup.digests_now()}
+    assert news == {
+        LEAD: (1, 2, True),
+        "laura.gomez@example.com": (0, 1, True),
+        "andres.perez@example.com": (1, 1, False),  # his first digest: all of it is new
+    }
+    assert len(followup.scheduled_digests().queued) == 3
 
 
 def test_digest_end_to_end_to_the_relay(
@@ -271,13 +289,19 @@ def test_long_digests_list_the_most_urgent_cases_and_count_the_rest(
         pipeline.process(raw)
     overdue = {c.id for c in store.cases() if c.follow_up_due and c.follow_up_due < clock.now}
     digests = {d.recipient: d for d in followup.digests_now()}
-    (tech,) = digests[LEAD].groups
-    assert (tech.total, len(tech.lines), tech.more) == (6, 2, 4)
-    assert all(line.overdue for line in tech.lines)
-    assert {int(line.tag.split("-")[1]) for line in tech.lines} <= overdue
+    groups = digests[LEAD].groups
+    lines = [line for group in groups for line in group.lines]
+    # The digest's two most pressing cases are lines; every section counts the rest.
+    assert (sum(g.total for g in groups), len(lines), sum(g.more for g in groups)) == (6, 2, 4)
+    assert all(line.overdue for line in lines)
+    assert {int(line.tag.split("-")[1]) for line in lines} <= overdue
     assert digests[LEAD].subject == f"Escalaciones: {len(overdue)} vencidas, 6 abiertas"
-    text = followup.render_digest(digests[LEAD]).data.decode()
-    assert "y 4 casos m=C3=A1s" in text  # quoted-printable "más"
+    mail = email.message_from_bytes(
+        followup.render_digest(digests[LEAD]).data, policy=email.policy.default
+    )
+    text = str(mail.get_body(preferencelist=("plain",)).get_content())  # type: ignore[union-attr]
+    for group in groups:
+        assert f"y {group.more} {'caso' if group.more == 1 else 'casos'} más" in text
 
 
 def test_digest_preview_writes_only_inside_its_folder(
