@@ -46,7 +46,7 @@ from mailrouter.intake.smtp import start_smtp_server
 from mailrouter.metrics import Metrics
 from mailrouter.model import FailedMail, ImapSource, IntakeHooks, Result, TemporaryFailure
 from mailrouter.service import Followup, Pipeline, load_checked
-from mailrouter.store.db import Store
+from mailrouter.store.db import Conflict, Store
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class Daemon:
             try:
                 if await asyncio.to_thread(lambda: self.followup.remind()):
                     wake_sender()
-            except TemporaryFailure as exc:
+            except (TemporaryFailure, Conflict) as exc:
                 log.warning("reminder run: %s; trying again at the next one", exc)
             except Exception:
                 log.exception("reminder run failed; trying again at the next one")
@@ -243,7 +243,7 @@ class Daemon:
                 run = await asyncio.to_thread(lambda: self.followup.scheduled_digests())
                 if run.queued:
                     wake_sender()
-            except TemporaryFailure as exc:
+            except (TemporaryFailure, Conflict) as exc:
                 log.warning("digest run: %s; the next start or run catches up", exc)
             except Exception:
                 log.exception("digest run failed; the next start or run catches up")

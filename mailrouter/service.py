@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import re
 import time
 import traceback
@@ -73,6 +74,8 @@ def load_checked(path: Path | str) -> Config:
 # that runs out while its mail is processed lets another daemon fetch it too, which the
 # database then refuses as a duplicate (wasted work, never a second case).
 IMAP_CLAIM_SECONDS = 60.0
+# Tries at committing one mail's outcome when another worker's commit got in the way.
+COMMIT_ATTEMPTS = 5
 
 
 class Pipeline:
@@ -115,14 +118,14 @@ class Pipeline:
         `IMAP_CLAIM_SECONDS`; a daemon that died on this host loses its claims at once."""
         now = self.clock()
         until = now + timedelta(seconds=IMAP_CLAIM_SECONDS)
-        with self.store.transaction(serial=False) as session:
+        with self.store.transaction() as session:
             return repo.claim_uids(
                 session, mailbox, uidvalidity, uids, self.identity, until, now, self._is_dead
             )
 
     def release_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> None:
         before = self.clock() - timedelta(hours=1)
-        with self.store.transaction(serial=False) as session:
+        with self.store.transaction() as session:
             repo.release_uids(session, mailbox, uidvalidity, uids, before)
 
     def known_outcomes(self, mailbox: str, uidvalidity: int, uids: list[int]) -> dict[int, Result]:
@@ -165,7 +168,7 @@ class Pipeline:
             mail, failure = None, f"parse error: {_summary(exc)}"
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
         arrival = Arrival(raw, key, source, now, mail, whole_size or len(raw))
-        for attempt in range(3):
+        for attempt in range(COMMIT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
                     book = SqlCaseBook(session)
@@ -178,9 +181,11 @@ class Pipeline:
                     return self.handler.handle(book, arrival, mail)
             except Conflict:
                 # Another worker committed this mail, or the same mailbox's state, between
-                # our lookup and our insert: look again.
-                if attempt == 2:
+                # our lookup and our insert; or, on PostgreSQL, two daemons' decisions
+                # locked each other (a deadlock, which the server breaks): look again.
+                if attempt == COMMIT_ATTEMPTS - 1:
                     raise
+                time.sleep(random.uniform(0.0, 0.05) * (attempt + 1))
             except Unavailable:
                 raise
             except Exception as exc:

@@ -90,12 +90,10 @@ def _one_line(error: object) -> str:
     return " ".join(str(error).split())
 
 
-# PostgreSQL advisory lock keys (one 64-bit space per database; "mr" in the high bytes).
+# PostgreSQL advisory lock keys: "mr" in the high half; the migrations' is one key, and
+# the decisions' keys (`repo.SqlCaseBook._hold`) are (LOCK_KEYS, a hash of what is decided on).
 LOCK_MIGRATIONS = 0x6D72_0000_0001
-# The case decisions (what an inbound mail, a command or a reminder pass does to cases):
-# taken at the start of each such transaction, so that they run one at a time across
-# every daemon, as SQLite's one writer does. See ARCHITECTURE.md, "Several daemons".
-LOCK_DECISIONS = 0x6D72_0000_0002
+LOCK_KEYS = 0x6D72
 
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -253,7 +251,6 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-_TAKE_DECISIONS = select(func.pg_advisory_xact_lock(LOCK_DECISIONS))
 # Said by each PostgreSQL transaction that queues outgoing mail; heard at its commit by every
 # daemon's `Store.listen` (identical notices of one transaction arrive as one).
 OUTBOX_CHANNEL = "mailrouter_outbox"
@@ -353,18 +350,15 @@ class Store:
             yield
 
     @contextlib.contextmanager
-    def transaction(self, *, serial: bool = True) -> Iterator[Session]:
-        """One unit of work: committed on success, rolled back on any exception. `serial`
-        (case decisions): one at a time across every daemon on the database. False: the
-        outbox's state changes, which lock the rows they change instead (PostgreSQL; SQLite
-        has one writer at a time whatever is asked)."""
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back on any exception. On SQLite
+        one at a time (its one writer); on PostgreSQL side by side, the decisions meeting
+        on the locks `repo.SqlCaseBook` takes (see ARCHITECTURE.md, "Several daemons")."""
         with (
             _in_store_terms(),
             self._write_turn or contextlib.nullcontext(),
             self._sessions.begin() as session,
         ):
-            if serial and self.postgresql:
-                session.execute(_TAKE_DECISIONS)
             yield session
 
     @contextlib.contextmanager

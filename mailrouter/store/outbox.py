@@ -190,7 +190,7 @@ class Outbox:
         with self.store.reading() as session:
             if not _due_rows(session, now, 1):
                 return []
-        with self.store.transaction(serial=False) as session:
+        with self.store.transaction() as session:
             locked = _lock_due(session, now, limit) if self.store.postgresql else None
             due = _due_rows(session, now, limit, locked)
             if not due:
@@ -244,7 +244,7 @@ class Outbox:
         """sending -> pending: rows this process claimed and did not try."""
         if not row_ids:
             return
-        with self.store.transaction(serial=False) as session:
+        with self.store.transaction() as session:
             session.execute(
                 update(Message)
                 .where(
@@ -316,7 +316,7 @@ class Outbox:
         """sending -> pending for rows whose claimant died (`is_dead(owner)`) or whose lease
         ran out; sending -> sent instead for those the claimant's journal lists as accepted
         by the relay (`delivered_by(owners)`: the sender's journal, handed in)."""
-        with self.store.transaction(serial=False) as session:
+        with self.store.transaction() as session:
             claimed = session.execute(
                 select(Message.id, Message.claimed_by, Message.claimed_until).where(
                     OPEN, Message.delivery == "sending"

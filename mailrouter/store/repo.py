@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Select, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy import case as sql_case
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -33,7 +33,7 @@ from mailrouter.model import (
     OutgoingMail,
     Result,
 )
-from mailrouter.store.db import add_message
+from mailrouter.store.db import LOCK_KEYS, add_message
 from mailrouter.store.outbox import queue_mail
 from mailrouter.store.tables import (
     CASES,
@@ -98,6 +98,9 @@ _CASES_OF_CLIENT = select(Case).where(*_OF_CLIENT).order_by(Case.id)
 # Most escalations are of a client with no case in progress: a plain lookup says so in
 # about half the time loading case objects takes (the ORM around the same query).
 _ANY_CASE_OF_CLIENT = select(Case.id).where(*_OF_CLIENT).limit(1)
+_CASES_OF_CLIENT_LOCKED = _CASES_OF_CLIENT.with_for_update(of=Case)
+# What a decision is about, locked to the commit (see SqlCaseBook): hashtext is PostgreSQL's.
+_HOLD = select(func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("key"))))
 _INSERT_CASE = insert(CASES).returning(CASES.c.id)
 _INSERT_EVENT = insert(EVENTS)
 
@@ -109,10 +112,31 @@ def result_of(
 
 
 class SqlCaseBook:
-    """The `CaseBook` of one transaction: what the decision paths ask and write."""
+    """The `CaseBook` of one transaction: what the decision paths ask and write.
+
+    On PostgreSQL, where several daemons decide side by side, a question whose answer a
+    decision rests on first takes the lock of what it is about, held to the commit: an
+    address (the replies counted to it, the text it sent before, the leads told about it),
+    a client at a destination (is there a case already?), a case (its row, FOR UPDATE).
+    Two mails about different people and cases go on at once; two about the same take
+    turns, and the second sees what the first committed. SQLite has one writer at a time
+    and needs none of it."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._locking = session.get_bind().dialect.name == "postgresql"
+
+    def _hold(self, *about: str) -> None:
+        if self._locking:
+            self.session.execute(_HOLD, {"key": "\x1f".join(about)})
+
+    def _address(self, address: str) -> None:
+        self._hold("address", address.lower())
+
+    def _one_case(self, query: Select[Case]) -> Case | None:
+        if self._locking:
+            query = query.with_for_update(of=Case)
+        return self.session.scalars(query).first()
 
     def _connection(self) -> Connection:
         return self.session.connection()
@@ -150,6 +174,7 @@ class SqlCaseBook:
     def repeated(self, address: str, digest: str, since: datetime, other_than: str) -> bool:
         """Whether `address` sent this same text (`digest`) since `since`, in a mail other
         than the one keyed `other_than` (this one), that was not kept aside."""
+        self._address(address)
         found = self.session.scalar(
             select(Message.id)
             .where(
@@ -166,6 +191,7 @@ class SqlCaseBook:
 
     def logged(self, address: str, kind: str, since: datetime) -> int:
         """How many times `kind` was logged for `address` since `since` (see AddressLog)."""
+        self._address(address)
         count = self.session.scalar(
             select(func.count(AddressLog.id)).where(
                 AddressLog.address == address[:320],
@@ -176,31 +202,35 @@ class SqlCaseBook:
         return int(count or 0)
 
     def case(self, case_id: int) -> Case | None:
-        return self.session.get(Case, case_id)
+        if not self._locking:
+            return self.session.get(Case, case_id)
+        return self._one_case(select(Case).where(Case.id == case_id))
 
     def case_by_thread(self, message_ids: list[str]) -> Case | None:
         """The case of the newest of our stored mails among `message_ids`."""
         if not message_ids:
             return None
         case_id = self.session.scalar(_CASE_OF_MESSAGE_IDS, {"ids": message_ids})
-        return self.session.get(Case, case_id) if case_id is not None else None
+        return self.case(case_id) if case_id is not None else None
 
     def case_by_ticket(self, provider: str, ticket: str) -> Case | None:
         """The newest case of `provider` that carries the vendor's ticket number `ticket`."""
-        return self.session.scalars(
+        return self._one_case(
             select(Case)
             .where(Case.provider == provider, Case.vendor_ticket == ticket)
             .order_by(Case.id.desc())
             .limit(1)
-        ).first()
+        )
 
     def cases_of_client(self, provider: str, client_key: str) -> list[Case]:
         """The cases in progress (open or waiting for fields) of one client at one
         destination, oldest first."""
+        self._hold("client", provider, client_key)  # a second escalation waits to see ours
         keys = {"provider": provider, "client": client_key}
         if self._connection().execute(_ANY_CASE_OF_CLIENT, keys).first() is None:
             return []
-        return list(self.session.scalars(_CASES_OF_CLIENT, keys).all())
+        query = _CASES_OF_CLIENT_LOCKED if self._locking else _CASES_OF_CLIENT
+        return list(self.session.scalars(query, keys).all())
 
     def case_of_bounced(self, message_ids: list[str]) -> Case | None:
         """The case of the first of our mails to a vendor among `message_ids`."""
@@ -213,7 +243,7 @@ class SqlCaseBook:
         ).first()
         if bounced is None or bounced.case_id is None:
             return None
-        return self.session.get(Case, bounced.case_id)
+        return self.case(bounced.case_id)
 
     # --- what a case holds ----------------------------------------------------------------
 
@@ -328,6 +358,7 @@ class SqlCaseBook:
         self.remember_uid(source)
 
     def log_address(self, address: str, kind: str, at: datetime) -> None:
+        self._address(address)
         self.session.add(AddressLog(address=address[:320], kind=kind, at=at))
 
     def remember_uid(self, source: ImapSource | None) -> None:
@@ -542,7 +573,12 @@ def overdue_case_ids(session: Session, statuses: tuple[str, ...], now: datetime)
 
 
 def cases_by_id(session: Session, ids: list[int]) -> list[Case]:
-    return list(session.scalars(select(Case).where(Case.id.in_(ids))))
+    """The cases numbered `ids`; on PostgreSQL locked to the commit (FOR UPDATE), as the
+    book locks a case it hands out, so that a reminder pass and a mail take turns on one."""
+    query = select(Case).where(Case.id.in_(ids)).order_by(Case.id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(of=Case)
+    return list(session.scalars(query))
 
 
 DIGEST_COLUMNS = [CASES.c[name] for name in DigestCase.__annotations__]

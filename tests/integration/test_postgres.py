@@ -24,6 +24,7 @@ from mailrouter.store.db import SCHEMA_REVISION, Store, Unavailable
 from mailrouter.store.outbox import Outbox, queue_mail
 from mailrouter.store.repo import claim_uids, release_uids
 from mailrouter.store.tables import IMAP_CLAIMS
+from mailrouter.testing.factory import reply
 from mailrouter.testing.postgres import PostgresCluster
 from tests.conftest import PROJECT, escalation
 
@@ -213,7 +214,7 @@ def test_an_imap_mail_is_claimed_by_one_daemon_until_its_claim_runs_out(
     def claim(
         owner: str, uids: list[int], now: datetime, dead: frozenset[str] = frozenset()
     ) -> list[int]:
-        with store.transaction(serial=False) as session:
+        with store.transaction() as session:
             until = now + timedelta(seconds=60)
             return claim_uids(session, box, validity, uids, owner, until, now, dead.__contains__)
 
@@ -224,7 +225,7 @@ def test_an_imap_mail_is_claimed_by_one_daemon_until_its_claim_runs_out(
     assert claim("c:3:3", [1, 2], NOW + timedelta(seconds=20), dead=frozenset({"a:1:1"})) == [1, 2]
 
     def release(uids: list[int], before: datetime) -> list[int]:
-        with store.transaction(serial=False) as session:
+        with store.transaction() as session:
             release_uids(session, box, validity, uids, before)
         with store.reading() as session:
             return sorted(session.execute(select(IMAP_CLAIMS.c.uid)).scalars())
@@ -265,3 +266,39 @@ def test_a_mail_queued_on_one_daemon_wakes_the_senders_of_the_others(
         queuing.close()
         listening.close()
     assert not listener.is_alive()
+
+
+def test_daemons_deciding_at_once_about_one_client_open_one_case(
+    write_config: Callable[..., Path],
+) -> None:
+    """Four daemons take four agents' escalations of one client to one destination at the
+    same moment: the client's lock makes them take turns, so one case is opened and the
+    others are told it is a duplicate, as one writer would have decided."""
+    config = load_config(write_config())
+    pipelines = [Pipeline(config, Store(config.database_url), lambda: NOW) for _ in range(4)]
+    mails = [
+        reply(
+            f"Agente {n} <agente{n}@example.com>",
+            "Proveedor: HIBOT\nCliente: Clínica Sol\nUsuario que tiene el problema: u1\n"
+            "Correo asociado al usuario: u1@cliente.example\nPrioridad: MEDIA\n"
+            f"Descripción del problema: no puede ingresar ({n})\n",
+            subject="Escalamiento HIBOT - Clínica Sol",
+        )
+        for n in range(4)
+    ]
+    start = threading.Barrier(4)
+    results: list[str] = []
+
+    def decide(n: int) -> None:
+        start.wait()
+        results.append(pipelines[n].process(mails[n]).outcome)
+
+    threads = [threading.Thread(target=decide, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(pipelines[0].store.cases()) == 1, results
+    assert sorted(results).count("routed") == 1, results
+    for pipeline in pipelines:
+        pipeline.store.close()
