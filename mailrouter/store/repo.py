@@ -489,14 +489,7 @@ def claim_uids(
     others are another daemon's to process."""
     if not uids:
         return []
-    held = session.execute(
-        select(IMAP_CLAIMS.c.uid, IMAP_CLAIMS.c.claimed_by).where(
-            IMAP_CLAIMS.c.mailbox == mailbox,
-            IMAP_CLAIMS.c.uidvalidity == uidvalidity,
-            IMAP_CLAIMS.c.uid.in_(uids),
-            IMAP_CLAIMS.c.claimed_until >= now,
-        )
-    ).all()
+    held = _live_claims(session, mailbox, uidvalidity, uids, now)
     taken = {uid for uid, claimant in held if claimant != owner and not is_dead(claimant)}
     wanted = [uid for uid in uids if uid not in taken]
     if not wanted:
@@ -535,16 +528,23 @@ def held_by_others(
     is_dead: Callable[[str], bool],
 ) -> set[int]:
     """Of `uids`, those another live daemon holds a claim on (see `claim_uids`)."""
-    held = session.execute(
+    held = _live_claims(session, mailbox, uidvalidity, uids, now)
+    return {uid for uid, claimant in held if claimant != owner and not is_dead(claimant)}
+
+
+def _live_claims(
+    session: Session, mailbox: str, uidvalidity: int, uids: list[int], now: datetime
+) -> list[tuple[int, str]]:
+    """(UID, claimant) of the claims on `uids` that have not run out."""
+    rows = session.execute(
         select(IMAP_CLAIMS.c.uid, IMAP_CLAIMS.c.claimed_by).where(
             IMAP_CLAIMS.c.mailbox == mailbox,
             IMAP_CLAIMS.c.uidvalidity == uidvalidity,
             IMAP_CLAIMS.c.uid.in_(uids),
             IMAP_CLAIMS.c.claimed_until >= now,
-            IMAP_CLAIMS.c.claimed_by != owner,
         )
-    ).all()
-    return {uid for uid, claimant in held if not is_dead(claimant)}
+    )
+    return [(int(uid), str(claimant)) for uid, claimant in rows]
 
 
 def release_uids(
