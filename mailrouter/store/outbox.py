@@ -57,7 +57,7 @@ def queue_mail(session: Session, case_id: int | None, now: datetime, mail: Outgo
     )
     # Heard at the commit by every daemon (Store.listen); once a transaction is enough.
     if not session.info.get("senders_woken") and session.get_bind().dialect.name == "postgresql":
-        session.execute(_WAKE_SENDERS)
+        session.connection().execute(_WAKE_SENDERS)
         session.info["senders_woken"] = True
 
 

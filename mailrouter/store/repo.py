@@ -99,6 +99,24 @@ _CASES_OF_CLIENT = select(Case).where(*_OF_CLIENT).order_by(Case.id)
 # about half the time loading case objects takes (the ORM around the same query).
 _ANY_CASE_OF_CLIENT = select(Case.id).where(*_OF_CLIENT).limit(1)
 _CASES_OF_CLIENT_LOCKED = _CASES_OF_CLIENT.with_for_update(of=Case)
+_LOGGED = select(func.count(AddressLog.id)).where(
+    AddressLog.address == bindparam("address"),
+    AddressLog.kind == bindparam("kind"),
+    AddressLog.at >= bindparam("since"),
+)
+_LOG_ADDRESS = insert(AddressLog)
+_REPEATED = (
+    select(Message.id)
+    .where(
+        Message.direction == "in",
+        Message.sender == bindparam("sender"),
+        Message.created_at >= bindparam("since"),
+        Message.content_digest == bindparam("digest"),
+        Message.dedupe_key != bindparam("key"),
+        Message.outcome.not_in(SET_ASIDE),
+    )
+    .limit(1)
+)
 # What a decision is about, locked to the commit (see SqlCaseBook): hashtext is PostgreSQL's.
 _HOLD = select(func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("key"))))
 _INSERT_CASE = insert(CASES).returning(CASES.c.id)
@@ -125,10 +143,13 @@ class SqlCaseBook:
     def __init__(self, session: Session) -> None:
         self.session = session
         self._locking = session.get_bind().dialect.name == "postgresql"
+        self._held: set[str] = set()
 
     def _hold(self, *about: str) -> None:
-        if self._locking:
-            self.session.execute(_HOLD, {"key": "\x1f".join(about)})
+        key = "\x1f".join(about)
+        if self._locking and key not in self._held:  # held to the commit: once is enough
+            self._connection().execute(_HOLD, {"key": key})
+            self._held.add(key)
 
     def _address(self, address: str) -> None:
         self._hold("address", address.lower())
@@ -175,31 +196,19 @@ class SqlCaseBook:
         """Whether `address` sent this same text (`digest`) since `since`, in a mail other
         than the one keyed `other_than` (this one), that was not kept aside."""
         self._address(address)
-        found = self.session.scalar(
-            select(Message.id)
-            .where(
-                Message.direction == "in",
-                Message.sender == address[:320],
-                Message.created_at >= since,
-                Message.content_digest == digest,
-                Message.dedupe_key != other_than[:1024],
-                Message.outcome.not_in(SET_ASIDE),
-            )
-            .limit(1)
-        )
-        return found is not None
+        params = {
+            "sender": address[:320],
+            "since": since,
+            "digest": digest,
+            "key": other_than[:1024],
+        }
+        return self._connection().execute(_REPEATED, params).first() is not None
 
     def logged(self, address: str, kind: str, since: datetime) -> int:
         """How many times `kind` was logged for `address` since `since` (see AddressLog)."""
         self._address(address)
-        count = self.session.scalar(
-            select(func.count(AddressLog.id)).where(
-                AddressLog.address == address[:320],
-                AddressLog.kind == kind,
-                AddressLog.at >= since,
-            )
-        )
-        return int(count or 0)
+        params = {"address": address[:320], "kind": kind, "since": since}
+        return int(self._connection().execute(_LOGGED, params).scalar() or 0)
 
     def case(self, case_id: int) -> Case | None:
         if not self._locking:
@@ -359,7 +368,7 @@ class SqlCaseBook:
 
     def log_address(self, address: str, kind: str, at: datetime) -> None:
         self._address(address)
-        self.session.add(AddressLog(address=address[:320], kind=kind, at=at))
+        self._connection().execute(_LOG_ADDRESS, {"address": address[:320], "kind": kind, "at": at})
 
     def remember_uid(self, source: ImapSource | None) -> None:
         """Record the highest UID of the mailbox whose outcome is committed (one statement)."""
