@@ -184,28 +184,27 @@ class Outbox:
     ) -> list[tuple[int, int | None]]:
         """pending -> sending: claim the due rows for `token`, in order, skipping every case
         that has an earlier row waiting or being sent; return (id, case id) of those claimed."""
-        # A snapshot answers the usual "nothing due" without the write lock; the choice is
-        # then made again under the lock (SQLite) or on the rows locked (PostgreSQL), so two
-        # senders never split one case's mails.
-        with self.store.reading() as session:
-            if not _due_rows(session, now, 1):
-                return []
+        if not self.store.postgresql:
+            # A snapshot answers the usual "nothing due" without SQLite's write lock; the
+            # choice is then made again under the lock, so two senders never split one
+            # case's mails. (On PostgreSQL, locking the due rows answers it as cheaply.)
+            with self.store.reading() as session:
+                if not _due_rows(session, now, 1):
+                    return []
         with self.store.transaction() as session:
             locked = _lock_due(session, now, limit) if self.store.postgresql else None
+            if locked is not None and not locked:
+                return []
             due = _due_rows(session, now, limit, locked)
             if not due:
                 return []
-            session.execute(
+            mine = session.execute(
                 update(Message)
                 .where(Message.id.in_(due), Message.delivery == "pending")
                 .values(delivery="sending", claimed_by=token, claimed_until=now + lease)
-            )
-            mine = session.execute(
-                select(Message.id, Message.case_id)
-                .where(Message.claimed_by == token, Message.delivery == "sending")
-                .order_by(Message.id)
+                .returning(Message.id, Message.case_id)
             ).all()
-        return [(row_id, case_id) for row_id, case_id in mine]
+        return sorted((row_id, case_id) for row_id, case_id in mine)
 
     def next_wakeup(self) -> datetime | None:
         """When the earliest pending row is due."""
