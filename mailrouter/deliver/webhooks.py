@@ -16,6 +16,8 @@ import requests
 from mailrouter.config import NotifyTarget
 from mailrouter.deliver.transports import PermanentFailure, TemporaryFailure
 
+ANSWER_BYTES = 4096  # of a refusal's body, kept for the row's last_error
+
 
 class WebhookTransport:
     def __init__(self, targets: Callable[[], Sequence[NotifyTarget]]) -> None:
@@ -33,21 +35,26 @@ class WebhookTransport:
     def _post(self, target: NotifyTarget, data: bytes) -> None:
         where = f"{target.kind} target {target.name!r}"
         try:
-            answer = self._session.post(
+            # Streamed: of the answer's body only its first ANSWER_BYTES are read (an
+            # endpoint is a stranger's server as far as its answers go).
+            with self._session.post(
                 target.url,
                 data=data,
                 headers={"Content-Type": "application/json; charset=utf-8"},
                 timeout=target.timeout,
                 allow_redirects=False,
-            )
+                stream=True,
+            ) as answer:
+                status = answer.status_code
+                body = b"" if 200 <= status < 300 else answer.raw.read(ANSWER_BYTES)
         except requests.RequestException as exc:
             # The exception's text may hold the URL: only its kind is told.
             raise TemporaryFailure(f"{where}: {type(exc).__name__}") from None
-        if 200 <= answer.status_code < 300:
+        if 200 <= status < 300:
             return
-        said = " ".join(answer.text.split())[:200]
-        failure = f"{where}: HTTP {answer.status_code} {said}".rstrip()
-        if answer.status_code == 429 or answer.status_code >= 500:
+        said = " ".join(body.decode("utf-8", "replace").split())[:200]
+        failure = f"{where}: HTTP {status} {said}".rstrip()
+        if status == 429 or status >= 500:
             raise TemporaryFailure(failure)
         raise PermanentFailure(failure)
 

@@ -128,6 +128,12 @@ def add_case(session: Session, case: Case) -> int:
     return case.id
 
 
+def on_postgresql(session: Session) -> bool:
+    """Whether `session` talks to PostgreSQL (several daemons: locks, NOTIFY, one-statement
+    inserts) rather than SQLite (one writer)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def add_message(session: Session, raw: bytes, **columns: Any) -> int:
     """Insert a message (`columns` of the messages table) and its bytes in the session's
     transaction; return its id."""

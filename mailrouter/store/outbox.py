@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings
 from mailrouter.model import FailedMail, OutgoingMail
-from mailrouter.store.db import OUTBOX_CHANNEL, Store, add_message
+from mailrouter.store.db import OUTBOX_CHANNEL, Store, add_message, on_postgresql
 from mailrouter.store.tables import BODIES, MESSAGES, OPEN_STATES, Message
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def queue_mail(session: Session, case_id: int | None, now: datetime, mail: Outgo
         next_attempt_at=now,
     )
     # Heard at the commit by every daemon (Store.listen); once a transaction is enough.
-    if not session.info.get("senders_woken") and session.get_bind().dialect.name == "postgresql":
+    if not session.info.get("senders_woken") and on_postgresql(session):
         session.connection().execute(_WAKE_SENDERS)
         session.info["senders_woken"] = True
 

@@ -33,7 +33,7 @@ from mailrouter.model import (
     OutgoingMail,
     Result,
 )
-from mailrouter.store.db import LOCK_KEYS, add_message
+from mailrouter.store.db import LOCK_KEYS, add_message, on_postgresql
 from mailrouter.store.outbox import queue_mail
 from mailrouter.store.tables import (
     CASES,
@@ -142,7 +142,7 @@ class SqlCaseBook:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self._locking = session.get_bind().dialect.name == "postgresql"
+        self._locking = on_postgresql(session)
         self._held: set[str] = set()
 
     def _hold(self, *about: str) -> None:
@@ -503,8 +503,7 @@ def claim_uids(
     wanted = [uid for uid in uids if uid not in taken]
     if not wanted:
         return []
-    dialect = session.get_bind().dialect.name
-    insert_for = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    insert_for = postgresql_insert if on_postgresql(session) else sqlite_insert
     statement = insert_for(IMAP_CLAIMS).values(
         [
             {"mailbox": mailbox, "uidvalidity": uidvalidity, "uid": uid}
@@ -585,7 +584,7 @@ def cases_by_id(session: Session, ids: list[int]) -> list[Case]:
     """The cases numbered `ids`; on PostgreSQL locked to the commit (FOR UPDATE), as the
     book locks a case it hands out, so that a reminder pass and a mail take turns on one."""
     query = select(Case).where(Case.id.in_(ids)).order_by(Case.id)
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         query = query.with_for_update(of=Case)
     return list(session.scalars(query))
 

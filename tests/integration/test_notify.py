@@ -37,6 +37,8 @@ class Hook:
         self.port = port
         self.posts: list[tuple[str, dict[str, Any]]] = []
         self.answers: list[int] = []
+        self.refusal = b"no such hook"  # the body of an answer other than 200
+        self.refusals_read_whole = 0  # refusals whose body the client took to its end
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -54,7 +56,13 @@ class Hook:
                     hook.posts.append((self.headers["Content-Type"], json.loads(body)))
                 self.send_response(code)
                 self.end_headers()
-                self.wfile.write(b"ok" if code == 200 else b"no such hook")
+                try:
+                    self.wfile.write(b"ok" if code == 200 else hook.refusal)
+                    self.wfile.flush()
+                except OSError:  # the client hung up before the end
+                    return
+                if code != 200:
+                    hook.refusals_read_whole += 1
 
             def log_message(self, *args: Any) -> None:
                 return None
@@ -162,6 +170,22 @@ def test_a_server_error_is_retried_and_a_refusal_fails_the_post_alone(
     assert "HTTP 404 no such hook" in (posts[1].last_error or "")
     # A post that failed is not a mail that failed: the case goes on as it was.
     assert {case.status for case in pipeline.store.cases()} == {"open"}
+
+
+def test_a_huge_answer_is_read_only_as_far_as_its_first_bytes(
+    write_config: Callable[..., Path], hook: Hook
+) -> None:
+    clock = Clock()
+    pipeline, sender, _ = setup(write_config, hook, clock)
+    hook.start()
+    hook.answers, hook.refusal = [400], b"x" * (64 * 1024 * 1024)  # never read to its end
+    pipeline.process(urgent())
+    deliver(sender)
+    (post,) = [m for m in pipeline.store.outbound() if m.kind == NOTIFY_KIND]
+    assert post.delivery == "failed"
+    assert (post.last_error or "").startswith("webhook target 'tablero': HTTP 400 xxx")
+    assert len(post.last_error or "") < 300
+    assert hook.refusals_read_whole == 0
 
 
 def test_the_daemon_posts_what_it_decides(
