@@ -23,15 +23,16 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailrouter import __version__
-from mailrouter.config import Config, ConfigError, literal_secrets
+from mailrouter.config import Config, ConfigError, label_name, literal_secrets
 from mailrouter.core.parse import Deadline, Refused, field_aliases, parse_message
 from mailrouter.core.render import Renderer
 from mailrouter.core.route import decide, sender_allowed
+from mailrouter.core.team import case_labels
 from mailrouter.model import (
     CaseInfo,
     IntakeHooks,
@@ -314,20 +315,39 @@ def cmd_cases(args: argparse.Namespace) -> int:
     store = Store(config.database_url)
     prefix = config.settings.case_tag_prefix
     since = datetime.combine(args.since, datetime.min.time(), UTC) if args.since else None
+    now = datetime.now(UTC)
+    label = None
+    if args.label is not None:
+        label = label_name(args.label)
+        if label is None:
+            store.close()
+            print(f"{args.label!r} is not a label", file=sys.stderr)
+            return 2
     filters = {"status": args.status, "provider": args.provider, "agent": args.agent}
-    rows = store.cases(limit=args.limit, since=since, now=datetime.now(UTC), **filters)
+    rows = store.cases(
+        limit=args.limit,
+        since=since,
+        now=now,
+        owner=args.owner,
+        label=label,
+        ack_providers=[p.id for p in config.providers.values() if p.ticket_number],
+        ack_before=now - timedelta(hours=config.settings.vendor_ack_hours),
+        **filters,
+    )
     store.close()
     if args.json:
-        print(json.dumps([_case_json(case, prefix) for case in rows], indent=1))
+        print(json.dumps([_case_json(case, prefix, config, now) for case in rows], indent=1))
         return 0
     print(
         f"{'case':<11} {'created (UTC)':<17} {'agent':<30} {'destination':<12} "
-        f"{'priority':<8} status"
+        f"{'priority':<8} {'status':<15} {'owner':<30} labels"
     )
     for case in rows:
         print(
             f"{case.tag(prefix):<11} {case.created_at:%Y-%m-%d %H:%M} "
-            f"{case.agent_address[:30]:<30} {case.provider:<12} {case.priority:<8} {case.status}"
+            f"{case.agent_address[:30]:<30} {case.provider:<12} {case.priority:<8} "
+            f"{case.status:<15} {(case.owner or '-')[:30]:<30} "
+            f"{', '.join(case_labels(case, config, now)) or '-'}"
         )
     if not rows:
         print("(no cases)")
@@ -353,11 +373,14 @@ def cmd_case(args: argparse.Namespace) -> int:
     case, timeline = found
     if args.json:
         entries = [{"at": at.isoformat(), "what": what, "detail": d} for at, what, d in timeline]
-        print(json.dumps({**_case_json(case, prefix), "timeline": entries}, indent=1))
+        now = datetime.now(UTC)
+        print(json.dumps({**_case_json(case, prefix, config, now), "timeline": entries}, indent=1))
         return 0
     due = case.follow_up_due.strftime("%Y-%m-%d %H:%M UTC") if case.follow_up_due else "-"
     print(f"{case.tag(prefix)}  {case.status}  {case.priority}  to {case.provider}")
     print(f"agent:     {case.agent_name} <{case.agent_address}>")
+    print(f"owner:     {case.owner or '-'}")
+    print(f"labels:    {', '.join(case_labels(case, config, datetime.now(UTC))) or '-'}")
     print(f"subject:   {case.subject}")
     print(f"follow-up: {due}")
     print(f"ticket:    {case.vendor_ticket or '-'}")
@@ -369,7 +392,7 @@ def cmd_case(args: argparse.Namespace) -> int:
     return 0
 
 
-def _case_json(case: Any, prefix: str) -> dict[str, Any]:
+def _case_json(case: Any, prefix: str, config: Config, now: datetime) -> dict[str, Any]:
     def moment(value: datetime | None) -> str | None:
         return value.isoformat() if value else None
 
@@ -380,6 +403,8 @@ def _case_json(case: Any, prefix: str) -> dict[str, Any]:
         "provider": case.provider,
         "priority": case.priority,
         "agent": case.agent_address,
+        "owner": case.owner,
+        "labels": case_labels(case, config, now),
         "client": case.client,
         "subject": case.subject,
         "follow_up_due": moment(case.follow_up_due),
@@ -698,6 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cases.add_argument("--provider", help="a destination's id (providers/<id>.yaml)")
     cases.add_argument("--agent", help="the agent's address")
+    cases.add_argument("--owner", help="the owner's address (team.escalation)")
+    cases.add_argument(
+        "--label", help="a label: stored (route, #etiqueta) or urgente, sin-acuse, undeliverable"
+    )
     cases.add_argument("--since", type=date.fromisoformat, help="created on or after (YYYY-MM-DD)")
     cases.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     cases.set_defaults(func=cmd_cases)

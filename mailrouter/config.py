@@ -84,6 +84,25 @@ PRIORITIES = ("BAJA", "MEDIA", "ALTA", "URGENTE")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def email_address(value: str) -> str:
+    """`value` if it is an email address (as a config or a command writes one)."""
+    if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
+        raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
+# A label: a word of letters, digits, "-", "_" or "." (accents welcome), as people write
+# them in commands and mail rules filter on them (X-Mailrouter-Labels).
+LABEL_MAX = 40
+_LABEL = re.compile(r"[^\W_][\w.-]*")
+
+
+def label_name(text: str) -> str | None:
+    """`text` as a label (lower case, spaces as "-"), or None if it cannot be one."""
+    name = "-".join(text.strip().lower().split())
+    return name if len(name) <= LABEL_MAX and _LABEL.fullmatch(name) else None
+
+
 class _Model(BaseModel):
     # A typo in a key must be an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -173,9 +192,7 @@ class IntakeSettings(_Model):
     @field_validator("address")
     @classmethod
     def _is_address(cls, value: str) -> str:
-        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
-            raise ValueError(f"{value!r} is not an email address")
-        return value.lower()
+        return email_address(value).lower()
 
     @property
     def domain(self) -> str:
@@ -249,6 +266,23 @@ class Route(_Model):
     name: str
     when: Condition | None = None
     to: str
+    # Given to every case this route opens (the product, the client's segment...).
+    labels: list[str] = []
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str]) -> list[str]:
+        return [_label(text) for text in value]
+
+
+def _label(text: str) -> str:
+    name = label_name(text)
+    if name is None:
+        raise ValueError(
+            f"{text!r} is not a label: letters, digits, '-', '_' or '.', "
+            f"at most {LABEL_MAX} characters"
+        )
+    return name
 
 
 class FieldSpec(_Model):
@@ -328,9 +362,84 @@ class TeamMember(_Model):
     name: str = ""
 
 
+class EscalationMember(_Model):
+    """One of the escalation team: written as an address, or with the settings below."""
+
+    address: str
+    name: str = ""
+    # What `#asignar` may call them instead of the address (e.g. "pedro").
+    short: str = ""
+    # Skipped by the assignment until this day is over (in `timezone`): back the day after.
+    away_until: date | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _is_address(cls, value: str) -> str:
+        return email_address(value).lower()
+
+    @field_validator("short")
+    @classmethod
+    def _short(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and not re.fullmatch(r"[^\s@#]+", value):
+            raise ValueError(f"{value!r}: a short name is one word, without '@' or '#'")
+        return value
+
+    def away(self, today: date) -> bool:
+        return self.away_until is not None and today <= self.away_until
+
+
+class EscalationTeam(_Model):
+    """Who owns the follow-up of each case, and how a new case gets its owner."""
+
+    members: list[EscalationMember] = []
+    # round_robin: each member in turn; least_open: the member with the fewest cases in
+    # progress; none: cases have no owner.
+    assign: Literal["round_robin", "least_open", "none"] = "none"
+    # When every member is away: the first team lead owns the case (lead), or nobody (none).
+    fallback: Literal["lead", "none"] = "lead"
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _bare_addresses(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"address": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _members_once(self) -> EscalationTeam:
+        addresses = [member.address for member in self.members]
+        doubled = sorted({a for a in addresses if addresses.count(a) > 1})
+        if doubled:
+            raise ValueError(f"members: {', '.join(doubled)} listed twice")
+        shorts = [member.short for member in self.members if member.short]
+        doubled = sorted({s for s in shorts if shorts.count(s) > 1})
+        if doubled:
+            raise ValueError(f"members: the short name {', '.join(doubled)} is given twice")
+        if self.assign != "none" and not self.members:
+            raise ValueError(f"assign: {self.assign} needs at least one member")
+        return self
+
+    def member(self, name: str) -> EscalationMember | None:
+        """The member `name` is the address or the short name of."""
+        name = name.strip().lower()
+        return next((m for m in self.members if name in (m.address, m.short)), None)
+
+
 class TeamSettings(_Model):
     leads: list[str] = []
     agents: dict[str, TeamMember] = {}
+    escalation: EscalationTeam = EscalationTeam()
+
+    @model_validator(mode="after")
+    def _someone_to_fall_back_on(self) -> TeamSettings:
+        escalation = self.escalation
+        if escalation.assign != "none" and escalation.fallback == "lead" and not self.leads:
+            raise ValueError(
+                "escalation.fallback: lead, but team.leads is empty (add a lead, or say "
+                "fallback: none)"
+            )
+        return self
 
 
 class DigestSettings(_Model):
@@ -580,9 +689,7 @@ class Provider(_Model):
     @field_validator("address")
     @classmethod
     def _is_address(cls, value: str) -> str:
-        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
-            raise ValueError(f"{value!r} is not an email address")
-        return value
+        return email_address(value)
 
 
 def _country_holidays(holidays_setting: list[date] | HolidaySettings) -> Any:

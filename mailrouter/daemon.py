@@ -235,6 +235,8 @@ class Daemon:
                     wake_sender()
             except (TemporaryFailure, Conflict) as exc:
                 log.warning("reminder run: %s; trying again at the next one", exc)
+            except asyncio.CancelledError:
+                return  # the daemon is stopping: its run commits or not, whole, in its thread
             except Exception:
                 log.exception("reminder run failed; trying again at the next one")
 
@@ -245,6 +247,8 @@ class Daemon:
                     wake_sender()
             except (TemporaryFailure, Conflict) as exc:
                 log.warning("digest run: %s; the next start or run catches up", exc)
+            except asyncio.CancelledError:
+                return  # as above: a stop is not a failure, and not a traceback in the log
             except Exception:
                 log.exception("digest run failed; the next start or run catches up")
 
@@ -350,6 +354,9 @@ class Daemon:
                 log.exception("outbox sender error; retrying shortly")
             if self.stopping.is_set():
                 return
+            if self.outbox_changed.is_set() and not outage:
+                self.outbox_changed.clear()  # queued while we sent: no need to ask when
+                continue
             wait = outage or await self._idle_seconds()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.outbox_changed.wait(), wait)
@@ -460,7 +467,23 @@ class Daemon:
 
 def run_daemon(config: Config, *, sender_only: bool = False) -> None:
     return_large_buffers_to_the_system()
-    asyncio.run(Daemon(config, sender_only=sender_only).run())
+    asyncio.run(daemon_once_the_database_answers(config, sender_only).run())
+
+
+def daemon_once_the_database_answers(
+    config: Config, sender_only: bool = False, sleep: Callable[[float], None] = time.sleep
+) -> Daemon:
+    """The daemon, made as soon as its database answers: one started while the database is
+    down or restarting (a host booting, a fail-over) waits for it with backoff, a line each
+    time, instead of exiting. (A SIGTERM meanwhile stops it: `cli.cmd_run`.)"""
+    wait = 0.5
+    while True:
+        try:
+            return Daemon(config, sender_only=sender_only)
+        except TemporaryFailure as exc:
+            log.warning("mailrouter cannot start yet: %s; trying again in %.1f s", exc, wait)
+            sleep(wait)
+            wait = min(wait * 2, DATABASE_RETRY_MAX_SECONDS)
 
 
 def return_large_buffers_to_the_system() -> None:

@@ -77,6 +77,10 @@ def quarantine_category(reason: str) -> str:
     return OTHER
 
 
+# Labels are free words (#etiqueta): the gauge shows the most used, not every one.
+LABELS_SHOWN = 50
+
+
 @dataclass(frozen=True)
 class Readiness:
     """The checks /readyz makes: each name with None (passed) or what is wrong."""
@@ -237,6 +241,8 @@ class _StoreGauges(Collector):
                 pending, oldest = repo.outbox_backlog(session)
                 open_cases = repo.case_counts(session, OPEN_STATUSES)
                 overdue = repo.overdue_counts(session, REMINDED_STATUSES, metrics.clock())
+                by_label = repo.open_by_label(session, LABELS_SHOWN)
+                by_owner = repo.open_by_owner(session)
         except Exception:
             log.warning("metrics: the database cannot be read; its gauges are left out")
             return
@@ -270,4 +276,21 @@ class _StoreGauges(Collector):
         )
         for provider, count in sorted(late.items()):
             family.add_metric([provider], count)
+        yield family
+        family = GaugeMetricFamily(
+            "mailrouter_cases_by_label",
+            f"Cases not closed, by stored label (route, #etiqueta; the {LABELS_SHOWN} most "
+            "used). The automatic ones are in the other gauges: urgente is priority URGENTE",
+            labels=["label"],
+        )
+        for label, count in by_label:
+            family.add_metric([label], count)
+        yield family
+        family = GaugeMetricFamily(
+            "mailrouter_cases_by_owner",
+            "Cases not closed, by owner on the escalation team",
+            labels=["owner"],
+        )
+        for owner, count in sorted(by_owner):
+            family.add_metric([owner], count)
         yield family

@@ -224,6 +224,12 @@ class Commands:
     priority: str | None = None
     notes: list[str] = field(default_factory=list)
     followups: list[str] = field(default_factory=list)
+    # #asignar WHO (an address or a member's short name, as written); #tomar
+    assign: str | None = None
+    take: bool = False
+    # #etiqueta NAME / #quitar-etiqueta NAME, as written (checked when applied)
+    label: list[str] = field(default_factory=list)
+    unlabel: list[str] = field(default_factory=list)
     text: str = ""
 
 
@@ -259,6 +265,9 @@ class CaseRecord(Protocol):
     # sent for: one of each per overdue period.
     reminded_due: datetime | None
     escalated_due: datetime | None
+    # Who on the escalation team follows it up (None: nobody), and its stored labels.
+    owner: str | None
+    labels: list[str]
 
 
 @dataclass
@@ -281,6 +290,8 @@ class CaseData:
     vendor_ticket: str | None = None
     reminded_due: datetime | None = None
     escalated_due: datetime | None = None
+    owner: str | None = None
+    labels: list[str] = field(default_factory=list)
     id: int = 0  # 0 until the book has stored it
 
 
@@ -298,6 +309,8 @@ class DigestCase(Protocol):
     subject: str
     follow_up_due: datetime | None
     vendor_ticket: str | None
+    owner: str | None
+    labels: list[str]
 
 
 @dataclass(frozen=True)
@@ -309,6 +322,8 @@ class CaseInfo:
     status: str
     follow_up_due: str
     ticket: str = ""
+    owner: str = ""  # "Name <address>", or "" when nobody owns it
+    labels: str = ""  # every label, stored and automatic, comma separated
 
 
 # --- what leaves -------------------------------------------------------------------------

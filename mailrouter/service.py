@@ -174,7 +174,6 @@ class Pipeline:
                     book = SqlCaseBook(session)
                     earlier = book.earlier_outcome(key, source)
                     if earlier is not None:
-                        book.remember_uid(source)
                         return earlier
                     if mail is None:
                         return self.handler.quarantine(book, arrival, failure)

@@ -8,6 +8,7 @@ import email
 import email.policy
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,14 +213,14 @@ def dovecot(dovecot_server: Dovecot) -> Iterator[Dovecot]:
 class DaemonThread:
     """The real daemon on its own asyncio loop in a background thread."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, clock: Callable[[], datetime] | None = None) -> None:
         import threading
 
         from mailrouter.config import load_config
         from mailrouter.daemon import Daemon
 
         self.config = load_config(config_path)
-        self.daemon = Daemon(self.config)
+        self.daemon = Daemon(self.config, clock) if clock else Daemon(self.config)
         self.loop = asyncio.new_event_loop()
         self.error: BaseException | None = None
 
@@ -254,11 +255,12 @@ class DaemonThread:
 
 
 @pytest.fixture
-def run_daemon() -> Iterator[Callable[[Path], DaemonThread]]:
+def run_daemon() -> Iterator[Callable[..., DaemonThread]]:
+    """Start the daemon of a config (with `clock=`, on that clock instead of the real one)."""
     started: list[DaemonThread] = []
 
-    def start(config_path: Path) -> DaemonThread:
-        daemon = DaemonThread(config_path)
+    def start(config_path: Path, clock: Callable[[], datetime] | None = None) -> DaemonThread:
+        daemon = DaemonThread(config_path, clock)
         started.append(daemon)  # stopped at teardown even if it did not come up in time
         return daemon.__enter__()
 

@@ -52,6 +52,13 @@ CASE_EXTRAS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Needed once the config names an escalation team (an install from before it has not got
+# them: `mailrouter init` adds the missing files, never touching the others).
+TEAM_EXTRAS: dict[str, dict[str, Any]] = {
+    "assigned.j2": {},
+    "reassigned.j2": {"previous": "Pedro Ruiz <pedro@example.com>", "by": "lider@example.com"},
+}
+
 
 def _standalone(config: Config) -> dict[str, dict[str, Any]]:
     """Templates that are not about one case, with the data they get."""
@@ -103,9 +110,10 @@ def template_problems(config: Config) -> list[Problem]:
     errors, unknown variables and missing files, as `file:line: template: problem`."""
     renderer = Renderer(config)
     problems: list[Problem] = []
+    extras = {**CASE_EXTRAS, **(TEAM_EXTRAS if config.settings.team.escalation.members else {})}
     for provider in sorted(config.providers.values(), key=lambda p: p.id):
         case_data = _case_data(renderer, config, provider.id)
-        for name, extra in {**CASE_EXTRAS, provider.template: {}}.items():
+        for name, extra in {**extras, provider.template: {}}.items():
             problem = _try(renderer, config, name, {**case_data, **extra})
             if problem is not None and problem not in problems:
                 problems.append(problem)
@@ -118,7 +126,15 @@ def template_problems(config: Config) -> list[Problem]:
 
 def _case_data(renderer: Renderer, config: Config, provider_id: str) -> dict[str, Any]:
     provider = config.providers[provider_id]
-    case = CaseInfo("ESC-000123", "ALTA", "open", "2026-01-06 10:00 (-05)", "4567")
+    case = CaseInfo(
+        "ESC-000123",
+        "ALTA",
+        "open",
+        "2026-01-06 10:00 (-05)",
+        "4567",
+        owner="Ana Torres <ana@example.com>",
+        labels="inbound, urgente",
+    )
     fields = {name: f"ejemplo {name}" for name in config.settings.fields}
     data = renderer.case_context(
         case, provider, fields, "Agente", "agente@example.com", "Asunto original"

@@ -14,13 +14,14 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from urllib.parse import quote
 
 from mailrouter.config import Config
 from mailrouter.core.render import Renderer, local_time
+from mailrouter.core.team import awaits_vendor_ack, case_labels
 from mailrouter.core.threads import bare_subject
 from mailrouter.model import (
     DigestCase,
@@ -96,6 +97,8 @@ class DigestLine:
     undeliverable: bool = False
     new: bool = False  # opened since the recipient's last digest (never in a first one)
     reply: str = ""  # mailto: into the case's thread
+    owner: str = ""  # its owner's name (or address); "" when nobody owns it
+    labels: str = ""  # every label, stored and automatic
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ class DigestGroup:
     name: str
     lines: list[DigestLine]
     total: int
-    kind: str = ""  # overdue | today | later
+    kind: str = ""  # overdue | today | later | owner (a lead's digest, by owner)
+    overdue: int = 0  # of an owner's group: how many of its cases are overdue
 
     @property
     def more(self) -> int:
@@ -115,6 +119,8 @@ class DigestGroup:
 
 @dataclass(frozen=True)
 class ProviderCount:
+    """Open and overdue cases of a destination (or of an owner)."""
+
     name: str
     open: int
     overdue: int
@@ -132,6 +138,10 @@ class Digest:
     new: int = 0
     since: str = ""  # when the recipient's last digest went, as the team reads it; "" if never
     providers: tuple[ProviderCount, ...] = ()
+    # A lead's digest when the team has owners: its groups are the owners' (most overdue
+    # first, each in urgency order), and these their counts.
+    by_owner: bool = False
+    owners: tuple[ProviderCount, ...] = ()
 
     @property
     def subject(self) -> str:
@@ -173,9 +183,7 @@ def _line(
 ) -> DigestLine:
     settings = config.settings
     now = today.now
-    provider = config.providers.get(case.provider)
     zone = config.calendar().zone
-    awaits_ticket = provider is not None and provider.ticket_number is not None
     icon, color = PRIORITY_LOOK.get(case.priority, ("", "#5f6368"))
     tag = case_tag(settings.case_tag_prefix, case.id)
     due = case.follow_up_due
@@ -192,10 +200,7 @@ def _line(
         overdue=section == OVERDUE,
         age=age_text(case.created_at, now),
         ticket=case.vendor_ticket or "",
-        no_vendor_ack=awaits_ticket
-        and not case.vendor_ticket
-        and case.status not in ("needs_info", "undeliverable")
-        and now - case.created_at > timedelta(hours=settings.vendor_ack_hours),
+        no_vendor_ack=awaits_vendor_ack(case, config, now),
         agent=config.agent_name(case.agent_address, case.agent_name) or case.agent_address,
         subject=case.subject,
         due_today=section == DUE_TODAY,
@@ -204,7 +209,18 @@ def _line(
         # In a first digest every case is new: a mark on every line would mark nothing.
         new=since is not None and case.created_at > since,
         reply=reply_link(settings.intake.address, subject),
+        owner=_owner_name(case.owner, config) if case.owner else "",
+        labels=", ".join(case_labels(case, config, now)),
     )
+
+
+def _owner_name(owner: str, config: Config) -> str:
+    member = config.settings.team.escalation.member(owner)
+    return (member.name if member else "") or config.agent_name(owner) or owner
+
+
+# The group of a lead's digest by owner that holds the cases nobody owns.
+NO_OWNER = ""
 
 
 _Key = tuple[int, int, datetime, int]
@@ -230,25 +246,25 @@ class _Pile:
     sections: Counter[int]
     providers: tuple[ProviderCount, ...]
     opened_at: list[datetime]  # of every case, for what is new to each recipient
+    owners: tuple[ProviderCount, ...] = ()  # by owner address (NO_OWNER: nobody), when asked
 
     @classmethod
-    def of(cls, keyed: list[_Keyed], config: Config) -> _Pile:
+    def of(cls, keyed: list[_Keyed], config: Config, by_owner: bool = False) -> _Pile:
         # Only the first `digest.max_cases` become lines: a list of thousands is read by
         # nobody, and sorting all of them would cost what a heap of 50 does not.
         first = heapq.nsmallest(config.settings.digest.max_cases, keyed, key=lambda kc: kc[0])
         # One pass, counted in C by (section, provider id); destinations named once each.
         pairs = Counter((key[0], case.provider) for key, case in keyed)
         sections: Counter[int] = Counter()
-        counts: dict[str, ProviderCount] = {}
-        for (section, provider), count in pairs.items():
+        for (section, _), count in pairs.items():
             sections[section] += count
-            name = _provider_name(provider, config)
-            was = counts.get(name, ProviderCount(name, 0, 0))
-            late = count if section == OVERDUE else 0
-            counts[name] = ProviderCount(name, was.open + count, was.overdue + late)
-        # The destinations with the most overdue first: where the lead looks first.
-        providers = sorted(counts.values(), key=lambda p: (-p.overdue, -p.open, p.name))
-        return cls(first, sections, tuple(providers), [case.created_at for _, case in keyed])
+        providers = _counts(pairs, lambda provider: _provider_name(provider, config))
+        owners: tuple[ProviderCount, ...] = ()
+        if by_owner:
+            owned = Counter((key[0], case.owner or NO_OWNER) for key, case in keyed)
+            owners = _counts(owned, lambda owner: owner)
+        opened = [case.created_at for _, case in keyed]
+        return cls(first, sections, providers, opened, owners)
 
     def digest(
         self,
@@ -258,16 +274,36 @@ class _Pile:
         today: _Today,
         since: datetime | None,
     ) -> Digest:
-        groups = [
-            DigestGroup(
-                SECTIONS[section][0],
-                [_line(c, section, config, today, since) for k, c in self.first if k[0] == section],
-                self.sections[section],
-                SECTIONS[section][1],
-            )
-            for section in (OVERDUE, DUE_TODAY, LATER)
-            if self.sections[section]
-        ]
+        if self.owners:
+            groups = [
+                DigestGroup(
+                    _owner_name(owner.name, config) if owner.name else "Sin responsable",
+                    [
+                        _line(c, k[0], config, today, since)
+                        for k, c in self.first
+                        if (c.owner or NO_OWNER) == owner.name
+                    ],
+                    owner.open,
+                    "owner",
+                    owner.overdue,
+                )
+                for owner in self.owners
+            ]
+        else:
+            groups = [
+                DigestGroup(
+                    SECTIONS[section][0],
+                    [
+                        _line(c, section, config, today, since)
+                        for k, c in self.first
+                        if k[0] == section
+                    ],
+                    self.sections[section],
+                    SECTIONS[section][1],
+                )
+                for section in (OVERDUE, DUE_TODAY, LATER)
+                if self.sections[section]
+            ]
         return Digest(
             recipient=recipient,
             name=config.agent_name(recipient),
@@ -280,7 +316,27 @@ class _Pile:
             new=sum(1 for at in self.opened_at if at > since) if since else len(self.opened_at),
             since=local_time(since, config) if since else "",
             providers=self.providers,
+            by_owner=bool(self.owners),
+            owners=tuple(
+                ProviderCount(_owner_name(o.name, config) if o.name else "Sin responsable", *n)
+                for o in self.owners
+                for n in [(o.open, o.overdue)]
+            ),
         )
+
+
+def _counts(
+    pairs: Counter[tuple[int, str]], name_of: Callable[[str], str]
+) -> tuple[ProviderCount, ...]:
+    """Open and overdue counts by what `pairs` counts (section, what), named by `name_of`:
+    the most overdue first (where a lead looks first)."""
+    counts: dict[str, ProviderCount] = {}
+    for (section, what), count in pairs.items():
+        name = name_of(what)
+        was = counts.get(name, ProviderCount(name, 0, 0))
+        late = count if section == OVERDUE else 0
+        counts[name] = ProviderCount(name, was.open + count, was.overdue + late)
+    return tuple(sorted(counts.values(), key=lambda p: (-p.overdue, -p.open, p.name)))
 
 
 def build_digests(
@@ -294,25 +350,31 @@ def build_digests(
     them. Empty digests are included only when `digest.send_empty` is set."""
     today = _Today.of(now, config)
     last = last_sent or {}
-    by_agent: dict[str, list[_Keyed]] = {}
-    for case in cases:
-        by_agent.setdefault(case.agent_address, []).append(_keyed(case, today))
+    every = [_keyed(case, today) for case in cases]
+    # Each case in its agent's digest and in its owner's (one digest to one who is both).
+    mine: dict[str, list[_Keyed]] = {}
+    for keyed in every:
+        case = keyed[1]
+        mine.setdefault(case.agent_address, []).append(keyed)
+        if case.owner and case.owner != case.agent_address:
+            mine.setdefault(case.owner, []).append(keyed)
 
     def digest_of(pile: _Pile, recipient: str, for_lead: bool) -> Digest:
         return pile.digest(recipient, for_lead, config, today, last.get(recipient.lower()))
 
     digests = [
-        digest_of(_Pile.of(mine, config), agent, False) for agent, mine in sorted(by_agent.items())
+        digest_of(_Pile.of(cases, config), person, False) for person, cases in sorted(mine.items())
     ]
+    team = config.settings.team
     if config.settings.digest.send_empty:
         empty = _Pile.of([], config)
-        for agent in config.settings.team.agents:
-            if agent not in by_agent:
-                digests.append(digest_of(empty, agent, False))
-    every = [keyed for mine in by_agent.values() for keyed in mine]
+        everyone = [*team.agents, *(member.address for member in team.escalation.members)]
+        for person in dict.fromkeys(everyone):
+            if person not in mine:
+                digests.append(digest_of(empty, person, False))
     if every or config.settings.digest.send_empty:
-        team = _Pile.of(every, config)
-        digests += [digest_of(team, lead, True) for lead in config.settings.team.leads]
+        whole = _Pile.of(every, config, by_owner=bool(team.escalation.members))
+        digests += [digest_of(whole, lead, True) for lead in team.leads]
     return digests
 
 

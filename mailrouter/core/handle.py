@@ -17,7 +17,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from mailrouter.config import PRIORITIES, Config, NotifyEvent, Provider
+from mailrouter.config import LABEL_MAX, PRIORITIES, Config, NotifyEvent, Provider, label_name
 from mailrouter.core.authn import authenticate
 from mailrouter.core.digests import age_text
 from mailrouter.core.notify import notifications
@@ -31,6 +31,17 @@ from mailrouter.core.parse import (
 from mailrouter.core.render import Renderer, case_info, local_time
 from mailrouter.core.route import decide, sender_allowed
 from mailrouter.core.sla import due_after, windows_overdue
+from mailrouter.core.team import (
+    AUTOMATIC_LABELS,
+    MAX_LABELS,
+    Choice,
+    available,
+    choose_owner,
+    is_member,
+    member_for,
+    person,
+    with_labels,
+)
 from mailrouter.core.threads import (
     bare_subject,
     is_vendor,
@@ -101,11 +112,15 @@ class CaseBook(Protocol):
     def record_inbound(
         self, arrival: Arrival, outcome: str, reason: str, kind: str, case_id: int | None
     ) -> None: ...
-    def remember_uid(self, source: ImapSource | None) -> None: ...
     def log_address(self, address: str, kind: str, at: datetime) -> None: ...
     def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None: ...
     def queue(self, case_id: int | None, now: datetime, mail: OutgoingMail) -> None: ...
     def cancel_pending_acks(self, case_id: int, reason: str) -> None: ...
+
+    # the escalation team: the round robin's next turn (counted in the book, so that
+    # restarts and daemons side by side continue one rotation); cases in progress by owner
+    def next_turn(self) -> int: ...
+    def open_counts(self, owners: Sequence[str]) -> dict[str, int]: ...
 
 
 class Handler:
@@ -224,8 +239,8 @@ class Handler:
         """The case's agent, a lead, its vendor, or someone who already wrote on it."""
         provider = self.config.providers.get(case.provider)
         return (
-            address == case.agent_address
-            or address in self._leads()
+            self._may_command(case, address)
+            or is_member(self.config, address)
             or (provider is not None and is_vendor(address, provider))
             or book.has_written(case.id, address)
         )
@@ -312,6 +327,7 @@ class Handler:
                     "vendor_ticket",
                     "vendor_ticket.j2",
                     now,
+                    also=self._owner_copy(case),
                     text=text,
                     original_subject=mail.subject,
                 )
@@ -332,6 +348,7 @@ class Handler:
                 "relay_to_agent",
                 "relay_to_agent.j2",
                 now,
+                also=self._owner_copy(case),
                 text=text,
                 original_subject=mail.subject,
                 attachments=mail.attachments,
@@ -347,9 +364,7 @@ class Handler:
         commands = parse_commands(agent_part(mail.body, sign_offs=False))
         self._inbound(book, arrival, "threaded", f"agent reply on {tag}", "agent_reply", case)
         case.updated_at = now
-        if _asked(commands) and not self._may_command(case, mail.from_address):
-            self._refuse_commands(book, arrival, case, mail, commands)
-            commands = Commands(text=commands.text)
+        commands = self._permitted(book, arrival, case, mail, commands)
         done: list[str] = []  # what the commands did, for the sender's confirmation
         for note in commands.notes:
             book.event(case.id, now, "note", f"{mail.from_address}: {note}")
@@ -385,14 +400,105 @@ class Handler:
             case.status, case.follow_up_due = "closed", None
             book.event(case.id, now, "closed", f"closed by {mail.from_address}")
             done.append("#resuelto: el caso quedó cerrado")
+        done += self._team_commands(book, case, mail.from_address, commands, now)
         if done:
             self._answer_sender(book, arrival, mail, case, "commands_done", done=done)
         log.info("%s: agent reply from %s (%s)", tag, mail.from_address, case.status)
         return Result("threaded", f"agent reply on {tag}", case.id)
 
+    def _permitted(
+        self,
+        book: CaseBook,
+        arrival: Arrival,
+        case: CaseRecord,
+        mail: ParsedMail,
+        commands: Commands,
+    ) -> Commands:
+        """The commands of `mail` its sender may give; the others are refused, with an
+        answer. A member of the escalation team who is not on the case may #tomar it."""
+        sender = mail.from_address
+        if not _asked(commands) or self._may_command(case, sender):
+            return commands
+        take = commands.take and is_member(self.config, sender)
+        refused = replace(commands, take=False) if take else commands
+        if _asked(refused):
+            self._refuse_commands(book, arrival, case, mail, refused)
+        return Commands(text=commands.text, take=take)
+
+    def _team_commands(
+        self, book: CaseBook, case: CaseRecord, sender: str, commands: Commands, now: datetime
+    ) -> list[str]:
+        """#tomar, #asignar, #etiqueta and #quitar-etiqueta; what each did, for the sender."""
+        done = []
+        if commands.take:
+            done.append(self._reassign(book, case, sender, sender, now, "#tomar"))
+        if commands.assign is not None:
+            target = member_for(self.config, commands.assign)
+            if target is None:
+                done.append(
+                    f"#asignar: {commands.assign[:80]} no es del equipo de escalamiento ni "
+                    "líder; el caso no cambió de responsable"
+                )
+            else:
+                done.append(self._reassign(book, case, target, sender, now, "#asignar"))
+        for text, adding in [
+            *((t, True) for t in commands.label),
+            *((t, False) for t in commands.unlabel),
+        ]:
+            done.append(self._relabel(book, case, sender, text, adding, now))
+        return done
+
+    def _reassign(
+        self, book: CaseBook, case: CaseRecord, owner: str, by: str, now: datetime, command: str
+    ) -> str:
+        """Make `owner` the case's owner, at `by`'s word; both owners are told."""
+        previous = case.owner
+        if owner == previous:
+            return f"{command}: {person(self.config, owner)} ya era responsable del caso"
+        case.owner = owner
+        book.event(case.id, now, "reassigned", f"{previous or 'nobody'} -> {owner} by {by}")
+        provider = self.config.providers[case.provider]
+        context = self._case_context(case, provider, now)
+        context.update(
+            previous=person(self.config, previous) if previous else "",
+            by=person(self.config, by),
+        )
+        to = [owner, *([previous] if previous else [])]
+        mail = self.renderer.compose(
+            "assignment", "reassigned.j2", context, to, now=now, to_agent=True
+        )
+        book.queue(case.id, now, mail)
+        return f"{command}: ahora el responsable es {person(self.config, owner)}"
+
+    def _relabel(
+        self, book: CaseBook, case: CaseRecord, by: str, text: str, adding: bool, now: datetime
+    ) -> str:
+        command = "#etiqueta" if adding else "#quitar-etiqueta"
+        name = label_name(text)
+        if name is None:
+            return (
+                f"{command}: {text[:80]!r} no es una etiqueta (letras, números, '-', '_' o '.', "
+                f"hasta {LABEL_MAX} caracteres)"
+            )
+        if name in AUTOMATIC_LABELS:
+            return f"{command}: {name} es automática: sigue el estado del caso"
+        if adding and name in case.labels:
+            return f"{command}: el caso ya tenía {name}"
+        if not adding and name not in case.labels:
+            return f"{command}: el caso no tenía {name}"
+        if adding:
+            labels = with_labels(case.labels, [name])
+            if name not in labels:
+                return f"{command}: el caso ya tiene {MAX_LABELS} etiquetas; quita alguna antes"
+            case.labels = labels
+        else:
+            case.labels = [label for label in case.labels if label != name]
+        book.event(case.id, now, "labelled" if adding else "unlabelled", f"{name} by {by}")
+        return f"{command}: {name} {'agregada' if adding else 'quitada'}"
+
     def _may_command(self, case: CaseRecord, address: str) -> bool:
-        """A case's commands are its agent's and the leads' alone."""
-        return address == case.agent_address or address in self._leads()
+        """A case's commands are its agent's, its owner's and the leads' alone."""
+        return address in (case.agent_address, case.owner) or address in self._leads()
 
     def _refuse_commands(
         self,
@@ -526,14 +632,21 @@ class Handler:
         case.client_key = normalize(case.client)
         case.fields = dict(mail.fields)
         case.follow_up_due = None if needs_info else self._due(now, decision.priority)
+        case.labels = with_labels(case.labels, route.labels)
+        # An owner once the case is escalated (not while it waits for fields).
+        choice = None if needs_info or case.owner else self._choose_owner(book, now)
+        if choice is not None:
+            case.owner = choice.owner
         if case.id == 0:
             book.open_case(case)  # its id is the case tag, needed by the templates below
         self._inbound(book, arrival, outcome, decision.reason, case=case)
         for outgoing in self.renderer.decision_mails(
-            case_info(case, self.config), mail, decision, now
+            case_info(case, self.config, now), mail, decision, now
         ):
             if outgoing.kind not in REPLY_KINDS or self._may_answer(book, arrival, mail, case):
                 book.queue(case.id, now, outgoing)
+        if choice is not None:
+            self._assigned(book, case, now, choice.how)
         detail = f"{decision.reason}; forwarded to {provider.name} <{provider.address}>"
         book.event(
             case.id,
@@ -552,6 +665,49 @@ class Handler:
             decision.priority,
         )
         return Result(outcome, decision.reason, case.id)
+
+    def _choose_owner(self, book: CaseBook, now: datetime) -> Choice | None:
+        """The owner of a case now escalated (None: the team does not assign owners)."""
+        team = self.config.settings.team.escalation
+        if team.assign == "none":
+            return None
+        today = self._day_start(now).date()
+        counts = book.open_counts(available(team, today)) if team.assign == "least_open" else None
+        return choose_owner(self.config, today, book.next_turn(), counts)
+
+    def _assigned(self, book: CaseBook, case: CaseRecord, now: datetime, how: str) -> None:
+        """Record who owns the new case, and tell the owner (not when it is the agent, who
+        has the acknowledgement)."""
+        if case.owner is None:
+            log.warning("%s: no owner (%s)", self._tag(case), how)
+            book.event(case.id, now, "unassigned", how)
+            return
+        book.event(case.id, now, "assigned", f"{case.owner} ({how})")
+        if case.owner == case.agent_address:
+            return
+        provider = self.config.providers[case.provider]
+        context = self._case_context(case, provider, now)
+        mail = self.renderer.compose(
+            "assignment", "assigned.j2", context, [case.owner], now=now, to_agent=True
+        )
+        book.queue(case.id, now, mail)
+
+    def _case_context(
+        self, case: CaseRecord, provider: Provider, now: datetime, agent_name: str | None = None
+    ) -> dict[str, Any]:
+        """What every template about `case` gets (`Renderer.case_context`), as of `now`."""
+        return self.renderer.case_context(
+            case_info(case, self.config, now),
+            provider,
+            case.fields,
+            case.agent_name if agent_name is None else agent_name,
+            case.agent_address,
+            case.subject,
+        )
+
+    def _owner_copy(self, case: CaseRecord) -> list[str]:
+        """The owner, copied on what the vendor says and does (the agent has it anyway)."""
+        return [case.owner] if case.owner and case.owner != case.agent_address else []
 
     def _complete(
         self, book: CaseBook, arrival: Arrival, mail: ParsedMail, case: CaseRecord
@@ -640,7 +796,7 @@ class Handler:
                 "undeliverable",
                 "undeliverable.j2",
                 now,
-                also=sorted(self._leads() - {case.agent_address}),
+                also=[*self._owner_copy(case), *sorted(self._leads() - {case.agent_address})],
                 error=error,
                 original_subject=case.subject,
             )
@@ -661,14 +817,7 @@ class Handler:
     ) -> None:
         """Queue a mail about a case to its agent (and `also` to these), in the conversation
         the agent started."""
-        context = self.renderer.case_context(
-            case_info(case, self.config),
-            provider,
-            case.fields,
-            case.agent_name,
-            case.agent_address,
-            case.subject,
-        )
+        context = self._case_context(case, provider, now)
         context.update(extra)
         context["original_subject"] = bare_subject(
             context["original_subject"], self.config.settings.case_tag_prefix, case.vendor_ticket
@@ -683,7 +832,7 @@ class Handler:
             kind,
             template,
             context,
-            [to, *also],
+            list(dict.fromkeys([to, *also])),
             now=now,
             to_agent=True,
             attachments=extra.get("attachments", ()),
@@ -707,7 +856,7 @@ class Handler:
         # The vendor's thread: our forward, then every mail the vendor sent on the case.
         thread = thread_headers(book.thread_ids(case.id, ours="forward", theirs="vendor"))
         forward_subject = book.forward_subject(case.id) or case.subject
-        info = case_info(case, self.config)
+        info = case_info(case, self.config, now)
         if case.vendor_ticket and provider.ticket_subject:
             bare = forward_subject.replace(f"[{info.tag}]", "").strip()
             subject = provider.ticket_subject.format(
@@ -809,14 +958,7 @@ class Handler:
                 self._tag(case),
             )
             return
-        context = self.renderer.case_context(
-            case_info(case, self.config),
-            provider,
-            case.fields,
-            case.agent_name,
-            case.agent_address,
-            case.subject,
-        )
+        context = self._case_context(case, provider, now)
         alert = self.renderer.compose(
             "urgent_alert", "urgent_alert.j2", context, list(leads), now=now, to_agent=True
         )
@@ -870,7 +1012,10 @@ class Handler:
         queued = 0
         context = self._reminder_context(book, case, provider, now)
         if remind:
-            self._remind(book, case, now, "reminder", context, [case.agent_address])
+            # The owner first, when the case has one: theirs is the next move; the agent,
+            # who speaks to the client, in copy.
+            to = list(dict.fromkeys([*([case.owner] if case.owner else []), case.agent_address]))
+            self._remind(book, case, now, "reminder", context, to)
             case.reminded_due = case.follow_up_due
             self._notify(book, case, "overdue", now)
             queued += 1
@@ -884,13 +1029,8 @@ class Handler:
     def _reminder_context(
         self, book: CaseBook, case: CaseRecord, provider: Provider, now: datetime
     ) -> dict[str, Any]:
-        context = self.renderer.case_context(
-            case_info(case, self.config),
-            provider,
-            case.fields,
-            self.config.agent_name(case.agent_address, case.agent_name),
-            case.agent_address,
-            case.subject,
+        context = self._case_context(
+            case, provider, now, self.config.agent_name(case.agent_address, case.agent_name)
         )
         last = book.last_vendor_mail(case.id)
         excerpt = ""
@@ -956,7 +1096,16 @@ class Handler:
 
 
 def _asked(commands: Commands) -> bool:
-    return bool(commands.close or commands.priority or commands.notes or commands.followups)
+    return bool(
+        commands.close
+        or commands.priority
+        or commands.notes
+        or commands.followups
+        or commands.assign is not None
+        or commands.take
+        or commands.label
+        or commands.unlabel
+    )
 
 
 def _command_lines(commands: Commands) -> list[str]:
@@ -965,4 +1114,8 @@ def _command_lines(commands: Commands) -> list[str]:
     lines += [f"#prioridad {commands.priority}"] if commands.priority else []
     lines += [f"#nota {note}"[:200] for note in commands.notes]
     lines += [f"#seguimiento {text}"[:200] for text in commands.followups]
+    lines += [f"#asignar {commands.assign}"[:200]] if commands.assign is not None else []
+    lines += ["#tomar"] if commands.take else []
+    lines += [f"#etiqueta {text}"[:200] for text in commands.label]
+    lines += [f"#quitar-etiqueta {text}"[:200] for text in commands.unlabel]
     return lines

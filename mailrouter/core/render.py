@@ -33,6 +33,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from mailrouter.config import Config, Provider
 from mailrouter.core.parse import LOOP_HEADER, clean_header
+from mailrouter.core.team import case_labels, person
 from mailrouter.core.threads import bare_subject
 from mailrouter.model import (
     Attachment,
@@ -44,9 +45,12 @@ from mailrouter.model import (
     case_tag,
 )
 
+LABELS_HEADER = "X-Mailrouter-Labels"
 
-def case_info(case: CaseRecord, config: Config) -> CaseInfo:
-    """What templates show of a case: its tag, and its due time in the team's zone."""
+
+def case_info(case: CaseRecord, config: Config, now: datetime | None = None) -> CaseInfo:
+    """What templates show of a case: its tag, its due time in the team's zone, its owner
+    and its labels (the time-bound ones only when `now` is given)."""
     due = case.follow_up_due
     return CaseInfo(
         tag=case_tag(config.settings.case_tag_prefix, case.id),
@@ -54,6 +58,8 @@ def case_info(case: CaseRecord, config: Config) -> CaseInfo:
         status=case.status,
         follow_up_due=local_time(due, config) if due else "",
         ticket=case.vendor_ticket or "",
+        owner=person(config, case.owner) if case.owner else "",
+        labels=", ".join(case_labels(case, config, now)),
     )
 
 
@@ -283,6 +289,10 @@ class Renderer:
         if to_agent:
             # Keeps agents' out-of-office replies from answering us (RFC 3834).
             msg["Auto-Submitted"] = "auto-generated"
+            # For the team's mail rules. Never to a vendor: labels are our own triage.
+            case = context.get("case")
+            if isinstance(case, CaseInfo) and case.labels:
+                msg[LABELS_HEADER] = subject_header(case.labels)  # type: ignore[assignment]
         if in_reply_to:
             msg["In-Reply-To"] = f"<{in_reply_to}>"
         refs = [*references, *([in_reply_to] if in_reply_to else [])]

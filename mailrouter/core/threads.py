@@ -82,12 +82,20 @@ def ticket_in(mail: ParsedMail, provider: Provider) -> str | None:
     return None
 
 
-_COMMAND = re.compile(r"^\s*#(resuelto|cerrar|prioridad|nota|seguimiento)\b[:\s]*(.*)$", re.I)
+_COMMAND = re.compile(
+    r"^\s*#(resuelto|cerrar|prioridad|nota|seguimiento|asignar|tomar|etiqueta|quitar-etiqueta)"
+    r"(?![\w-])[:\s]*(.*)$",
+    re.I,
+)
+
+
+_ADDRESS = re.compile(r"[^\s<>,;:\"']+@[^\s<>,;:\"']+")
 
 
 def parse_commands(text: str) -> Commands:
     """`#resuelto`/`#cerrar`, `#prioridad ALTA`, `#nota …`, `#seguimiento …` (the client was
-    contacted) on lines of their own; every other line is the text to relay."""
+    contacted), `#asignar WHO`, `#tomar`, `#etiqueta NAME`, `#quitar-etiqueta NAME` on lines
+    of their own; every other line is the text to relay."""
     found = Commands()
     kept: list[str] = []
     for line in text.splitlines():
@@ -102,6 +110,17 @@ def parse_commands(text: str) -> Commands:
             found.priority = normalize_priority(argument)
         elif command == "seguimiento":
             found.followups.append(argument or "cliente contactado")
+        elif command == "asignar":
+            # An address anywhere on the line ("Pedro Ruiz <pedro@…>"), else its first word.
+            address = _ADDRESS.search(argument)
+            words = argument.split()
+            found.assign = address.group(0) if address else (words[0] if words else "")
+        elif command == "tomar":
+            found.take = True
+        elif command == "etiqueta":
+            found.label.append(argument)
+        elif command == "quitar-etiqueta":
+            found.unlabel.append(argument)
         elif argument:
             found.notes.append(argument)
     found.text = "\n".join(kept).strip()

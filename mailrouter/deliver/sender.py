@@ -31,6 +31,7 @@ from mailrouter.store.outbox import OnFailed, Outbox, OutboxRow
 log = logging.getLogger(__name__)
 
 RELEASE_EVERY_SECONDS = 5.0
+MARK_GATHER_SECONDS = 0.02
 
 
 def file_name(row_id: int, kind: str) -> str:
@@ -137,9 +138,13 @@ class Sender:
     def claim_due(self, limit: int = 100) -> list[tuple[int, int | None]]:
         """Claim the due pending rows, in order, skipping every case that has an earlier row
         waiting or being sent; return (id, case id) of the rows now ours."""
+        return self._claim(limit)[0]
+
+    def _claim(self, limit: int = 100) -> tuple[list[tuple[int, int | None]], dict[int, OutboxRow]]:
+        """`claim_due`, with the rows to send (small mails with their bytes)."""
         self._batches += 1
         token = f"{self.identity}:{self._batches}"
-        return self.outbox.claim_due(token, self.clock(), self.LEASE, limit)
+        return self.outbox.claim_and_read(token, self.clock(), self.LEASE, limit)
 
     def next_wakeup(self) -> datetime | None:
         return self.outbox.next_wakeup()
@@ -149,7 +154,8 @@ class Sender:
         A case's mails go down one lane in order, and stop at the first that fails."""
         await self._marks_committed()  # any left by a failed write of the last pass
         await asyncio.to_thread(self.release_stale_claims)
-        claimed = await asyncio.to_thread(self.claim_due)
+        # One read for the batch (small mails with their bytes) instead of one per mail.
+        claimed, rows = await asyncio.to_thread(self._claim)
         by_case: dict[object, list[int]] = {}
         for row_id, case_id in claimed:
             by_case.setdefault(case_id if case_id is not None else ("row", row_id), []).append(
@@ -158,8 +164,6 @@ class Sender:
         queue = list(by_case.values())
         sent = 0
         one_large_mail = asyncio.Lock()
-        # One read for the batch (small mails with their bytes) instead of one per mail.
-        rows = self.outbox.read_rows([row_id for row_id, _ in claimed])
 
         settled: set[int] = set()  # rows whose outcome is recorded: nothing to hand back
 
@@ -253,6 +257,9 @@ class Sender:
         each mail queueing for the database's writer turn with the intake. Returns the
         error of a write that failed (its marks go back in the queue, still journaled)."""
         while self._unmarked:
+            # A moment for the other lanes' marks to join: one transaction for several
+            # mails (each is in the journal already; a pass ends at most this much later).
+            await asyncio.sleep(MARK_GATHER_SECONDS)
             batch, self._unmarked = self._unmarked, []
             try:
                 await asyncio.to_thread(self._mark_sent, batch)

@@ -146,14 +146,15 @@ class ImapIntake:
                 break
             batch = uids[start : start + FETCH_BATCH]
             destinations: dict[str, list[int]] = {}
-            unknown: list[int] = []
             known = self.hooks.known(self.mailbox, uidvalidity, batch)
-            for uid in batch:
-                if uid not in known:
-                    unknown.append(uid)
-                elif not known[uid].in_other_hands:
-                    # Committed before a crash, not yet moved: finish the move only.
-                    destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
+            unknown = [uid for uid in batch if uid not in known]
+            # Committed before a crash, not yet moved: finish the move only. Claimed first,
+            # as new mail is: when a daemon dies, every other daemon sees its mails left
+            # behind, and two moving one mail at once can both copy it.
+            left = [uid for uid in batch if uid in known and not known[uid].in_other_hands]
+            left = self._still_here(client, self.hooks.claim(self.mailbox, uidvalidity, left))
+            for uid in left:
+                destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
             # Another daemon on the same database may be processing some of them.
             unknown = self.hooks.claim(self.mailbox, uidvalidity, unknown)
             for uid, result in self._process_new(client, uidvalidity, unknown):
@@ -165,8 +166,18 @@ class ImapIntake:
                 destinations.setdefault(self._folder_for(result), []).append(uid)
             for folder, moved in destinations.items():
                 self._move(client, moved, folder)
-            self.hooks.release(self.mailbox, uidvalidity, unknown)
+            self.hooks.release(self.mailbox, uidvalidity, [*unknown, *left])
         return processed
+
+    def _still_here(self, client: IMAPClient, uids: list[int]) -> list[int]:
+        """Those of `uids` still in the folder as the server has it now: another session may
+        have moved them since our SEARCH (a daemon that died mid-MOVE, whose claims we
+        took over), and this session hears of that only at its next NOOP."""
+        if not uids:
+            return []
+        client.noop()
+        present = set(client.search(["UID", ",".join(str(uid) for uid in uids)]))
+        return [uid for uid in uids if uid in present]
 
     def _process_new(
         self, client: IMAPClient, uidvalidity: int, uids: list[int]

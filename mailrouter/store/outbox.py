@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, case, func, null, select, update
+from sqlalchemy import Connection, bindparam, case, func, null, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings
@@ -158,6 +158,18 @@ def _due_rows(
     return due
 
 
+def _read_rows(connection: Connection, row_ids: list[int]) -> dict[int, OutboxRow]:
+    if not row_ids:
+        return {}
+    found = connection.execute(_ROWS_TO_SEND, {"ids": row_ids, "small": PRELOAD_BYTES})
+    return {
+        row.id: OutboxRow(
+            row.id, row.kind, row.sender, list(row.recipients), row.delivery, row.size, row.raw
+        )
+        for row in found
+    }
+
+
 def _lock_due(session: Session, now: datetime, limit: int) -> set[int]:
     """PostgreSQL: lock the first pending rows due now that no other sender is claiming
     (`FOR UPDATE SKIP LOCKED`), so that senders on several daemons never wait for each other
@@ -184,27 +196,35 @@ class Outbox:
     ) -> list[tuple[int, int | None]]:
         """pending -> sending: claim the due rows for `token`, in order, skipping every case
         that has an earlier row waiting or being sent; return (id, case id) of those claimed."""
+        return self.claim_and_read(token, now, lease, limit)[0]
+
+    def claim_and_read(
+        self, token: str, now: datetime, lease: timedelta, limit: int = 100
+    ) -> tuple[list[tuple[int, int | None]], dict[int, OutboxRow]]:
+        """`claim_due`, and the claimed rows as the sender needs them (`read_rows`), read in
+        the claim's transaction: one round of BEGIN and COMMIT a batch instead of two."""
         if not self.store.postgresql:
             # A snapshot answers the usual "nothing due" without SQLite's write lock; the
             # choice is then made again under the lock, so two senders never split one
             # case's mails. (On PostgreSQL, locking the due rows answers it as cheaply.)
             with self.store.reading() as session:
                 if not _due_rows(session, now, 1):
-                    return []
+                    return [], {}
         with self.store.transaction() as session:
             locked = _lock_due(session, now, limit) if self.store.postgresql else None
             if locked is not None and not locked:
-                return []
+                return [], {}
             due = _due_rows(session, now, limit, locked)
             if not due:
-                return []
+                return [], {}
             mine = session.execute(
                 update(Message)
                 .where(Message.id.in_(due), Message.delivery == "pending")
                 .values(delivery="sending", claimed_by=token, claimed_until=now + lease)
                 .returning(Message.id, Message.case_id)
             ).all()
-        return sorted((row_id, case_id) for row_id, case_id in mine)
+            claimed = sorted((row_id, case_id) for row_id, case_id in mine)
+            return claimed, _read_rows(session.connection(), [row_id for row_id, _ in claimed])
 
     def next_wakeup(self) -> datetime | None:
         """When the earliest pending row is due."""
@@ -220,20 +240,11 @@ class Outbox:
         """The rows to send, with their bytes when small (the others are read when sent)."""
         if not row_ids:
             return {}
-        with self.store.engine_for_reading().connect() as connection:
-            found = connection.execute(_ROWS_TO_SEND, {"ids": row_ids, "small": PRELOAD_BYTES})
-            return {
-                row.id: OutboxRow(
-                    row.id,
-                    row.kind,
-                    row.sender,
-                    list(row.recipients),
-                    row.delivery,
-                    row.size,
-                    row.raw,
-                )
-                for row in found
-            }
+        # Ended by a commit, not a rollback: psycopg forgets its prepared statements at
+        # every rollback (and sends DEALLOCATE ALL), which would cost each statement of
+        # the hot path its next five runs unprepared.
+        with self.store.engine_for_reading().begin() as connection:
+            return _read_rows(connection, row_ids)
 
     def mark_sent(self, marks: list[tuple[int, datetime]]) -> None:
         """sending -> sent, for every (row id, when) given, in one transaction."""

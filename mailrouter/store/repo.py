@@ -10,11 +10,23 @@ and never changed in the session.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Select, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy import case as sql_case
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -40,6 +52,7 @@ from mailrouter.store.tables import (
     EVENTS,
     IMAP_CLAIMS,
     IMAP_STATE,
+    ROTATIONS,
     AddressLog,
     Case,
     DigestRecord,
@@ -120,6 +133,21 @@ _REPEATED = (
 # What a decision is about, locked to the commit (see SqlCaseBook): hashtext is PostgreSQL's.
 _HOLD = select(func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("key"))))
 _INSERT_CASE = insert(CASES).returning(CASES.c.id)
+_NEXT_TURN_PG = select(func.nextval("escalation_turns"))
+_NEXT_TURN = (
+    update(ROTATIONS)
+    .where(ROTATIONS.c.name == "escalation")
+    .values(turns=ROTATIONS.c.turns + 1)
+    .returning(ROTATIONS.c.turns)
+)
+_OPEN_BY_OWNER = (
+    select(CASES.c.owner, func.count())
+    .where(
+        CASES.c.owner.in_(bindparam("owners", expanding=True)),
+        CASES.c.status.in_(LISTED_STATUSES),
+    )
+    .group_by(CASES.c.owner)
+)
 _INSERT_EVENT = insert(EVENTS)
 
 
@@ -364,27 +392,10 @@ class SqlCaseBook:
             reason=reason,
             attempts=0,
         )
-        self.remember_uid(source)
 
     def log_address(self, address: str, kind: str, at: datetime) -> None:
         self._address(address)
         self._connection().execute(_LOG_ADDRESS, {"address": address[:320], "kind": kind, "at": at})
-
-    def remember_uid(self, source: ImapSource | None) -> None:
-        """Record the highest UID of the mailbox whose outcome is committed (one statement)."""
-        if source is None:
-            return
-        connection = self._connection()
-        params = {"box": source.mailbox, "validity": source.uidvalidity, "uid": source.uid}
-        if connection.execute(_ADVANCE_LAST_UID, params).rowcount == 0:
-            connection.execute(
-                insert(IMAP_STATE),
-                {
-                    "mailbox": source.mailbox,
-                    "uidvalidity": source.uidvalidity,
-                    "last_uid": source.uid,
-                },
-            )
 
     def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None:
         """One line of a case's history."""
@@ -408,6 +419,21 @@ class SqlCaseBook:
         for ack in pending:
             ack.delivery, ack.last_error = "cancelled", reason
             ack.claimed_by = ack.claimed_until = None
+
+    def next_turn(self) -> int:
+        """The escalation team's next turn: on PostgreSQL a sequence, never locked (a row
+        updated by each new case would make every decision of every daemon wait for the
+        one before to commit); on SQLite, with its one writer, a row."""
+        if self._locking:
+            return int(self._connection().execute(_NEXT_TURN_PG).scalar_one())
+        return int(self._connection().execute(_NEXT_TURN).scalar_one()) - 1
+
+    def open_counts(self, owners: Sequence[str]) -> dict[str, int]:
+        """How many cases in progress (not closed) each of `owners` has."""
+        if not owners:
+            return {}
+        rows = self._connection().execute(_OPEN_BY_OWNER, {"owners": list(owners)})
+        return {owner: int(count) for owner, count in rows}
 
     def record_digest(self, recipient: str, period: str, now: datetime, message_id: str) -> None:
         """Note a digest as sent to `recipient` for `period`; raises (`Conflict`, at commit
@@ -440,14 +466,23 @@ class RecordingBook(SqlCaseBook):
     ) -> None:
         self.inbound.append((outcome, reason, kind, case_id))
 
-    def remember_uid(self, source: ImapSource | None) -> None:
-        return None
-
     def log_address(self, address: str, kind: str, at: datetime) -> None:
         return None
 
     def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None:
         self.events.append((case_id, kind, detail))
+
+    def next_turn(self) -> int:
+        """The turn the next case would get, the count left as it is."""
+        if self._locking:
+            last, called = self.session.execute(
+                text("SELECT last_value, is_called FROM escalation_turns")
+            ).one()
+            return int(last) + 1 if called else int(last)
+        return int(
+            self.session.scalar(select(ROTATIONS.c.turns).where(ROTATIONS.c.name == "escalation"))
+            or 0
+        )
 
     def queue(self, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
         self.queued.append((case_id, mail))
@@ -555,11 +590,24 @@ def _live_claims(
     return [(int(uid), str(claimant)) for uid, claimant in rows]
 
 
+def _advance_last_uid(session: Session, mailbox: str, uidvalidity: int, uid: int) -> None:
+    connection = session.connection()
+    params = {"box": mailbox, "validity": uidvalidity, "uid": uid}
+    if connection.execute(_ADVANCE_LAST_UID, params).rowcount == 0:
+        connection.execute(
+            insert(IMAP_STATE), {"mailbox": mailbox, "uidvalidity": uidvalidity, "last_uid": uid}
+        )
+
+
 def release_uids(
     session: Session, mailbox: str, uidvalidity: int, uids: list[int], before: datetime
 ) -> None:
     """Forget the claims on messages moved out of the intake folder, and any of the mailbox
-    that ran out `before` (a dead daemon's, whose mails another daemon then moved)."""
+    that ran out `before` (a dead daemon's, whose mails another daemon then moved); and
+    record the highest of `uids` as the mailbox's last UID handled (`imap_state`, for the
+    admin: once a batch, not once a mail)."""
+    if uids:
+        _advance_last_uid(session, mailbox, uidvalidity, max(uids))
     session.execute(
         delete(IMAP_CLAIMS).where(
             IMAP_CLAIMS.c.mailbox == mailbox,
@@ -625,10 +673,31 @@ def cases(
     agent: str | None = None,
     since: datetime | None = None,
     now: datetime | None = None,
+    owner: str | None = None,
+    label: str | None = None,
+    ack_providers: Sequence[str] = (),
+    ack_before: datetime | None = None,
 ) -> list[Case]:
     """The newest `limit` cases, filtered: `status` is a case status, or `open` (being
-    worked on) or `overdue` (being worked on, follow-up past due at `now`)."""
+    worked on) or `overdue` (being worked on, follow-up past due at `now`); `label` a
+    stored label or an automatic one (`core.team`: for `sin-acuse`, the destinations that
+    send ticket numbers and the time before which a case should have had one)."""
     query = select(Case)
+    if owner is not None:
+        query = query.where(Case.owner == owner.lower())
+    if label == "urgente":
+        query = query.where(Case.priority == "URGENTE", Case.status != "closed")
+    elif label == "undeliverable":
+        query = query.where(Case.status == "undeliverable")
+    elif label == "sin-acuse":
+        query = query.where(
+            Case.provider.in_(list(ack_providers)),
+            Case.vendor_ticket.is_(None),
+            Case.status.not_in(("needs_info", "undeliverable", "closed")),
+            Case.created_at < (ack_before or datetime.min.replace(tzinfo=UTC)),
+        )
+    elif label is not None:
+        query = query.where(_has_label(session, label))
     if status == "open":
         query = query.where(Case.status.in_(OPEN_STATUSES))
     elif status == "overdue":
@@ -642,6 +711,39 @@ def cases(
     if since is not None:
         query = query.where(Case.created_at >= since)
     return list(session.scalars(query.order_by(Case.id.desc()).limit(limit)))
+
+
+def _has_label(session: Session, label: str) -> ColumnElement[bool]:
+    """The case's stored labels hold `label` (a JSON array: jsonb or SQLite's JSON text)."""
+    elements = func.jsonb_array_elements_text if on_postgresql(session) else func.json_each
+    each = elements(Case.labels).table_valued("value")
+    return select(each.c.value).where(each.c.value == label).exists()
+
+
+def open_by_label(session: Session, limit: int) -> list[tuple[str, int]]:
+    """Cases not closed, by stored label: the `limit` most used labels."""
+    elements = func.jsonb_array_elements_text if on_postgresql(session) else func.json_each
+    each = elements(Case.labels).table_valued("value")
+    count = func.count()
+    rows = session.execute(
+        select(each.c.value, count)
+        .select_from(CASES.join(each, true()))
+        .where(CASES.c.status.in_(LISTED_STATUSES))
+        .group_by(each.c.value)
+        .order_by(count.desc(), each.c.value)
+        .limit(limit)
+    )
+    return [(str(label), int(n)) for label, n in rows]
+
+
+def open_by_owner(session: Session) -> list[tuple[str, int]]:
+    """Cases not closed, by owner."""
+    rows = session.execute(
+        select(CASES.c.owner, func.count())
+        .where(CASES.c.status.in_(LISTED_STATUSES), CASES.c.owner.is_not(None))
+        .group_by(CASES.c.owner)
+    )
+    return [(str(owner), int(n)) for owner, n in rows]
 
 
 def case_timeline(session: Session, case_id: int) -> list[tuple[datetime, str, str]]:

@@ -119,6 +119,13 @@ class Case(Base):
     # sent for: one of each per overdue period, whatever the scheduler does.
     reminded_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     escalated_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Who on the escalation team follows the case up (team.escalation), if anyone.
+    owner: Mapped[str | None] = mapped_column(String(320), nullable=True, index=True)
+    # Given by the route and by the case's people (#etiqueta); the automatic ones (urgente,
+    # sin-acuse, undeliverable) are not stored: they follow the case's state.
+    labels: Mapped[list[str]] = mapped_column(
+        JSONDocument, default=list, server_default=text("'[]'")
+    )
 
     def tag(self, prefix: str) -> str:
         return case_tag(prefix, self.id)
@@ -232,6 +239,17 @@ class DigestRecord(Base):
     message_id: Mapped[str] = mapped_column(String(998))
 
 
+class Rotation(Base):
+    """How many turns a round robin has given (the escalation team's: "escalation"). On
+    PostgreSQL the sequence `escalation_turns` counts instead: a row updated by every new
+    case would make all decisions of all daemons wait for each other's commits."""
+
+    __tablename__ = "rotations"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    turns: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class ImapState(Base):
     """Per mailbox: the UIDVALIDITY we know and the highest UID whose outcome is committed."""
 
@@ -259,3 +277,4 @@ class ImapClaim(Base):
 IMAP_CLAIMS = cast(Table, ImapClaim.__table__)
 IMAP_STATE = cast(Table, ImapState.__table__)
 EVENTS = cast(Table, Event.__table__)
+ROTATIONS = cast(Table, Rotation.__table__)

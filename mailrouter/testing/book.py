@@ -11,11 +11,14 @@ of the new case as it is then.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from mailrouter.core.handle import Handler
 from mailrouter.model import (
+    LISTED_STATUSES,
     OPEN_STATUSES,
     SET_ASIDE,
     Arrival,
@@ -63,8 +66,8 @@ class MemoryCaseBook:
     cases: dict[int, CaseData] = field(default_factory=dict)
     messages: list[StoredMail] = field(default_factory=list)
     events: list[StoredEvent] = field(default_factory=list)
-    last_uids: dict[str, tuple[int, int]] = field(default_factory=dict)
     address_log: list[tuple[str, str, datetime]] = field(default_factory=list)
+    turns: int = 0  # of the escalation team's round robin
 
     # --- what tests read --------------------------------------------------------------------
 
@@ -209,17 +212,9 @@ class MemoryCaseBook:
                 content_digest=mail.content_digest if mail else None,
             )
         )
-        self.remember_uid(arrival.source)
 
     def log_address(self, address: str, kind: str, at: datetime) -> None:
         self.address_log.append((address, kind, at))
-
-    def remember_uid(self, source: ImapSource | None) -> None:
-        if source is None:
-            return
-        known = self.last_uids.get(source.mailbox)
-        if known is None or known[0] != source.uidvalidity or known[1] < source.uid:
-            self.last_uids[source.mailbox] = (source.uidvalidity, source.uid)
 
     def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None:
         self.events.append(StoredEvent(case_id, at, kind, detail))
@@ -245,6 +240,16 @@ class MemoryCaseBook:
         for mail in self.outbox("acknowledgement"):
             if mail.case_id == case_id and mail.delivery in ("pending", "sending"):
                 mail.delivery, mail.last_error = "cancelled", reason
+
+    def next_turn(self) -> int:
+        self.turns += 1
+        return self.turns - 1
+
+    def open_counts(self, owners: Sequence[str]) -> dict[str, int]:
+        counts = Counter(
+            c.owner for c in self.cases.values() if c.owner and c.status in LISTED_STATUSES
+        )
+        return {owner: counts[owner] for owner in owners if counts[owner]}
 
 
 def arrive(

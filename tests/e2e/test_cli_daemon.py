@@ -98,7 +98,8 @@ def test_run_with_shipped_defaults(tmp_path: Path) -> None:
     assert listing.returncode == 0, listing.stderr
     row = listing.stdout.splitlines()[1].split()
     assert row[0] == "ESC-000001"
-    assert row[3:] == ["laura.gomez@example.com", "hibot", "ALTA", "open"]
+    # ... priority, status, owner and labels (none: the shipped config has no team).
+    assert row[3:] == ["laura.gomez@example.com", "hibot", "ALTA", "open", "-", "-"]
 
     kept = mailrouter("quarantine", env=env)
     assert kept.returncode == 0, kept.stderr

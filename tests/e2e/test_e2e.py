@@ -180,6 +180,71 @@ def test_imap_crash_between_commit_and_move(
     assert len(store.outbound()) == 2
 
 
+def test_mails_a_dead_daemon_left_behind_are_moved_once(
+    dovecot: Dovecot, write_config: Callable[..., Path]
+) -> None:
+    """A daemon committed three mails and died before moving them: the survivors both see
+    them left behind. One that finds them claimed by the other leaves them alone; one whose
+    view is older than the other's move does not move them again (a mail moved by two
+    sessions at once lands in Processed twice)."""
+    from dataclasses import replace
+
+    from mailrouter.intake.imap import ImapIntake
+    from mailrouter.model import ImapSource
+    from mailrouter.store.repo import MOVE_GRACE_SECONDS
+
+    now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    mailbox.create_folder("Processed")
+    for _, raw in escalations(3, seed=5):
+        mailbox.append("INBOX", raw)
+    config = load_config(
+        write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
+    )
+    one = Pipeline(config, Store(config.database_url), lambda: now[0])
+    other = Pipeline(config, Store(config.database_url), lambda: now[0])
+    other.identity = "another-host:4242:1"  # a live daemon elsewhere
+    settings = config.settings.intake.imap
+    box = ImapIntake(settings, one.intake_hooks()).mailbox  # as the intake names it
+    validity = int(mailbox.select_folder("INBOX")[b"UIDVALIDITY"])
+    uids = mailbox.search("ALL")
+    for uid, data in mailbox.fetch(uids, ["BODY.PEEK[]"]).items():
+        assert one.process(data[b"BODY[]"], ImapSource(box, validity, uid)).outcome
+    now[0] += timedelta(seconds=2 * MOVE_GRACE_SECONDS)  # long enough: left behind
+
+    def held_by_the_other(name: str, validity: int, wanted: list[int]) -> list[int]:
+        other.claim_uids(name, validity, wanted)  # the other daemon got there first
+        return one.claim_uids(name, validity, wanted)
+
+    first = ImapIntake(settings, replace(one.intake_hooks(), claim=held_by_the_other))
+    first_client = first.connect()
+    assert first.run_pass(first_client) == 0
+    first_client.logout()
+    mailbox.select_folder("INBOX")
+    assert mailbox.search("ALL") == uids  # not moved: the other holds them
+    other.release_uids(box, validity, uids)
+
+    survivor = ImapIntake(settings, other.intake_hooks())
+    survivor_client = survivor.connect()
+    late = ImapIntake(settings, one.intake_hooks())
+
+    def known_after_the_others_move(name: str, validity: int, batch: list[int]) -> Any:
+        assert survivor.run_pass(survivor_client) == 0  # moves them and lets them go
+        return one.known_outcomes(name, validity, batch)
+
+    late.hooks = replace(late.hooks, known=known_after_the_others_move)
+    late_client = late.connect()
+    assert late.run_pass(late_client) == 0  # searched before the move, claims after it
+    for client in (late_client, survivor_client):
+        client.logout()
+    for pipeline in (one, other):
+        pipeline.store.close()
+    assert mailbox.folder_status("Processed", ["MESSAGES"])[b"MESSAGES"] == 3
+    mailbox.select_folder("INBOX")
+    assert mailbox.search("ALL") == []
+
+
 def test_smtp_listener_end_to_end(
     relay: RecordingRelay,
     write_config: Callable[..., Path],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mailrouter.testing.factory import escalations
-from mailrouter.testing.postgres import PostgresCluster, wait_for_postgres
+from mailrouter.testing.postgres import PostgresCluster, start_postgres, wait_for_postgres
 from mailrouter.testing.servers import Dovecot, RecordingRelay, free_port, wait_until
 from tests.conftest import PROJECT, headers_of
 from tests.e2e.test_chaos import DaemonProcess, Rig, check_exactly_once, report, scale
@@ -54,6 +54,35 @@ def test_a_second_daemon_on_one_sqlite_file_is_refused(
         assert wait_until(lambda: "listening on" in (tmp_path / "again.log").read_text(), 30)
     finally:
         assert again.terminate() == 0
+
+
+@pytest.mark.postgresql_only
+def test_a_daemon_started_while_the_database_is_down_waits_for_it(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cluster = start_postgres()  # its own: stopped and started by this test
+    try:
+        url = cluster.new_database()
+        cluster.stop()
+        port = free_port()
+        config = write_config(
+            {
+                "database": url,
+                "intake": {"source": "smtp", "listen": {"host": "127.0.0.1", "port": port}},
+            }
+        )
+        log = tmp_path / "daemon.log"
+        daemon = DaemonProcess(config, log).start()
+        try:
+            assert wait_until(lambda: "cannot start yet" in log.read_text(), 30), log.read_text()
+            assert daemon.alive()
+            cluster.start()
+            assert wait_until(lambda: "listening on" in log.read_text(), 60), log.read_text()
+            assert "Traceback" not in log.read_text()
+        finally:
+            assert daemon.terminate() == 0
+    finally:
+        cluster.remove()
 
 
 def _claimant_pids(rig: Rig) -> set[int]:

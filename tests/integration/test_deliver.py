@@ -436,7 +436,8 @@ def test_the_sent_marks_of_mails_sent_meanwhile_are_written_together(
     write_config: Callable[..., Path], clock: Clock
 ) -> None:
     """The lane does not wait for each "sent" to reach the database: while one write
-    waits for its turn, the mails sent meanwhile queue and go in the next write, whole."""
+    waits for its turn, the mails sent meanwhile queue and go in the next write, whole
+    (the first write may already gather several: it waits MARK_GATHER_SECONDS)."""
     config = load_config(write_config())
     store = Store(config.database_url)
     pipeline = Pipeline(config, store, clock)
@@ -456,7 +457,7 @@ def test_the_sent_marks_of_mails_sent_meanwhile_are_written_together(
 
     store.write = slow_first_write  # type: ignore[method-assign]
     assert asyncio.run(sender.deliver_due()) == rows
-    assert writes == [1, rows - 1]
+    assert sum(writes) == rows and len(writes) <= 2 and writes[-1] > 1
     assert {m.delivery for m in store.outbound()} == {"sent"}
     assert {m.sent_at for m in store.outbound()} == {clock.now}
 
