@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings
 from mailrouter.model import FailedMail, OutgoingMail
-from mailrouter.store.db import OUTBOX_CHANNEL, Store, add_message, on_postgresql
+from mailrouter.store.db import Store, add_message, on_postgresql
 from mailrouter.store.tables import BODIES, MESSAGES, OPEN_STATES, Message
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,12 @@ OPEN = MESSAGES.c.delivery.in_(OPEN_STATES)
 def queue_mail(session: Session, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
     """Put one mail in the outbox, inside the caller's transaction: it leaves only if that
     transaction commits, and the sender delivers it as stored."""
+    # Heard at the commit by every daemon (Store.listen); once a transaction is enough.
+    wake = not session.info.get("senders_woken") and on_postgresql(session)
     add_message(
         session,
         mail.data,
+        wake=wake,
         created_at=now,
         case_id=case_id,
         direction="out",
@@ -55,9 +58,7 @@ def queue_mail(session: Session, case_id: int | None, now: datetime, mail: Outgo
         attempts=0,
         next_attempt_at=now,
     )
-    # Heard at the commit by every daemon (Store.listen); once a transaction is enough.
-    if not session.info.get("senders_woken") and on_postgresql(session):
-        session.connection().execute(_WAKE_SENDERS)
+    if wake:
         session.info["senders_woken"] = True
 
 
@@ -73,7 +74,6 @@ OnFailed = Callable[[Session, FailedMail], None]
 
 PRELOAD_BYTES = 64 * 1024  # mails up to this size are read with their batch
 
-_WAKE_SENDERS = select(func.pg_notify(OUTBOX_CHANNEL, ""))
 
 # Built once: composing a statement costs more than running it on this path.
 _ROWS_TO_SEND = (
