@@ -362,15 +362,20 @@ def build_digests(
     def digest_of(pile: _Pile, recipient: str, for_lead: bool) -> Digest:
         return pile.digest(recipient, for_lead, config, today, last.get(recipient.lower()))
 
-    digests = [
-        digest_of(_Pile.of(cases, config), person, False) for person, cases in sorted(mine.items())
-    ]
     team = config.settings.team
+    # A lead gets one digest a period (one is recorded per recipient and period): the
+    # team's, which holds their own cases too.
+    leads = {lead.lower() for lead in team.leads}
+    digests = [
+        digest_of(_Pile.of(cases, config), person, False)
+        for person, cases in sorted(mine.items())
+        if person.lower() not in leads
+    ]
     if config.settings.digest.send_empty:
         empty = _Pile.of([], config)
         everyone = [*team.agents, *(member.address for member in team.escalation.members)]
         for person in dict.fromkeys(everyone):
-            if person not in mine:
+            if person not in mine and person.lower() not in leads:
                 digests.append(digest_of(empty, person, False))
     if every or config.settings.digest.send_empty:
         whole = _Pile.of(every, config, by_owner=bool(team.escalation.members))

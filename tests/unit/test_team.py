@@ -296,6 +296,15 @@ def test_each_owner_gets_a_digest_and_the_leads_groups_by_owner() -> None:
     ]
 
 
+def test_a_lead_who_owns_cases_gets_one_digest_the_teams() -> None:
+    away = [{"address": ANA, "away_until": "2026-12-31"}]
+    config = team_config(members=away)
+    handler, book = Handler(config), MemoryCaseBook()
+    assert escalate(handler, book, "Uno").owner == LEAD  # every member away
+    to_lead = [d for d in build_digests(book.cases.values(), config, NOW) if d.recipient == LEAD]
+    assert [(d.for_lead, d.open) for d in to_lead] == [(True, 1)]
+
+
 # --- configuration ------------------------------------------------------------------------
 
 
