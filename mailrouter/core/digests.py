@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from mailrouter.config import Config
 from mailrouter.core.render import Renderer, local_time
-from mailrouter.core.team import awaits_vendor_ack, case_labels
+from mailrouter.core.team import awaits_vendor_ack, case_labels, member_name
 from mailrouter.core.threads import bare_subject
 from mailrouter.model import (
     DigestCase,
@@ -215,8 +215,7 @@ def _line(
 
 
 def _owner_name(owner: str, config: Config) -> str:
-    member = config.settings.team.escalation.member(owner)
-    return (member.name if member else "") or config.agent_name(owner) or owner
+    return member_name(config, owner) or owner
 
 
 # The group of a lead's digest by owner that holds the cases nobody owns.

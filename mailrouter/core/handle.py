@@ -33,6 +33,7 @@ from mailrouter.core.route import decide, sender_allowed
 from mailrouter.core.sla import due_after, windows_overdue
 from mailrouter.core.team import (
     AUTOMATIC_LABELS,
+    LABEL_COMMANDS,
     MAX_LABELS,
     Choice,
     available,
@@ -441,11 +442,14 @@ class Handler:
                 )
             else:
                 done.append(self._reassign(book, case, target, sender, now, "#asignar"))
-        for text, adding in [
-            *((t, True) for t in commands.label),
-            *((t, False) for t in commands.unlabel),
-        ]:
+        asked = [*((t, True) for t in commands.label), *((t, False) for t in commands.unlabel)]
+        for text, adding in asked[:LABEL_COMMANDS]:
             done.append(self._relabel(book, case, sender, text, adding, now))
+        if len(asked) > LABEL_COMMANDS:  # a mail of thousands of lines costs no more
+            done.append(
+                f"#etiqueta: {len(asked) - LABEL_COMMANDS} más no se aplicaron "
+                f"(hasta {LABEL_COMMANDS} por correo)"
+            )
         return done
 
     def _reassign(

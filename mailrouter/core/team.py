@@ -19,6 +19,8 @@ from mailrouter.config import Config, EscalationTeam
 
 # At most this many stored labels on a case: a label is for finding cases, not for notes.
 MAX_LABELS = 20
+# At most this many #etiqueta / #quitar-etiqueta lines of one mail are applied.
+LABEL_COMMANDS = 2 * MAX_LABELS
 AUTOMATIC_LABELS = ("urgente", "sin-acuse", "undeliverable")
 
 
@@ -134,8 +136,14 @@ def is_member(config: Config, address: str) -> bool:
     return config.settings.team.escalation.member(address) is not None
 
 
+def member_name(config: Config, address: str) -> str:
+    """A team member's configured name (on the escalation team, else among the agents),
+    or ""."""
+    member = config.settings.team.escalation.member(address)
+    return (member.name if member else "") or config.agent_name(address)
+
+
 def person(config: Config, address: str) -> str:
     """How mails name a team member: "Name <address>" when a name is configured."""
-    member = config.settings.team.escalation.member(address)
-    name = (member.name if member else "") or config.agent_name(address)
+    name = member_name(config, address)
     return f"{name} <{address}>" if name else address

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import (
     ColumnElement,
     Select,
+    TableValuedAlias,
     bindparam,
     delete,
     func,
@@ -140,14 +141,13 @@ _NEXT_TURN = (
     .values(turns=ROTATIONS.c.turns + 1)
     .returning(ROTATIONS.c.turns)
 )
+# Cases not closed, by owner (of every owner; `_OPEN_OF_OWNERS`: of those asked about).
 _OPEN_BY_OWNER = (
     select(CASES.c.owner, func.count())
-    .where(
-        CASES.c.owner.in_(bindparam("owners", expanding=True)),
-        CASES.c.status.in_(LISTED_STATUSES),
-    )
+    .where(CASES.c.status.in_(LISTED_STATUSES), CASES.c.owner.is_not(None))
     .group_by(CASES.c.owner)
 )
+_OPEN_OF_OWNERS = _OPEN_BY_OWNER.where(CASES.c.owner.in_(bindparam("owners", expanding=True)))
 _INSERT_EVENT = insert(EVENTS)
 
 
@@ -432,7 +432,7 @@ class SqlCaseBook:
         """How many cases in progress (not closed) each of `owners` has."""
         if not owners:
             return {}
-        rows = self._connection().execute(_OPEN_BY_OWNER, {"owners": list(owners)})
+        rows = self._connection().execute(_OPEN_OF_OWNERS, {"owners": list(owners)})
         return {owner: int(count) for owner, count in rows}
 
     def record_digest(self, recipient: str, period: str, now: datetime, message_id: str) -> None:
@@ -713,17 +713,20 @@ def cases(
     return list(session.scalars(query.order_by(Case.id.desc()).limit(limit)))
 
 
-def _has_label(session: Session, label: str) -> ColumnElement[bool]:
-    """The case's stored labels hold `label` (a JSON array: jsonb or SQLite's JSON text)."""
+def _each_label(session: Session) -> TableValuedAlias:
+    """A case's stored labels as rows of `value` (a JSON array: jsonb, or SQLite's text)."""
     elements = func.jsonb_array_elements_text if on_postgresql(session) else func.json_each
-    each = elements(Case.labels).table_valued("value")
+    return elements(Case.labels).table_valued("value")
+
+
+def _has_label(session: Session, label: str) -> ColumnElement[bool]:
+    each = _each_label(session)
     return select(each.c.value).where(each.c.value == label).exists()
 
 
 def open_by_label(session: Session, limit: int) -> list[tuple[str, int]]:
     """Cases not closed, by stored label: the `limit` most used labels."""
-    elements = func.jsonb_array_elements_text if on_postgresql(session) else func.json_each
-    each = elements(Case.labels).table_valued("value")
+    each = _each_label(session)
     count = func.count()
     rows = session.execute(
         select(each.c.value, count)
@@ -738,11 +741,7 @@ def open_by_label(session: Session, limit: int) -> list[tuple[str, int]]:
 
 def open_by_owner(session: Session) -> list[tuple[str, int]]:
     """Cases not closed, by owner."""
-    rows = session.execute(
-        select(CASES.c.owner, func.count())
-        .where(CASES.c.status.in_(LISTED_STATUSES), CASES.c.owner.is_not(None))
-        .group_by(CASES.c.owner)
-    )
+    rows = session.execute(_OPEN_BY_OWNER)
     return [(str(owner), int(n)) for owner, n in rows]
 
 

@@ -255,6 +255,15 @@ def test_asignar_takes_the_address_on_its_line_or_its_first_word(line: str, who:
     assert parse_commands(f"Hola\n{line}\nSaludos").assign == who
 
 
+def test_a_mail_of_many_label_lines_applies_only_the_first_ones() -> None:
+    handler, book = team_handler(), MemoryCaseBook()
+    case = escalate(handler, book, "Acme")
+    lines = "\n".join(f"#etiqueta e{n}" for n in range(500))
+    arrive(handler, book, agent_reply(only(book, "acknowledgement"), lines))
+    assert len(case.labels) == 20 and len(details(book, case.id, "labelled")) == 20
+    assert "460 más no se aplicaron" in body_of(only(book, "commands_done"))
+
+
 def test_a_label_is_one_word_of_letters_digits_and_dashes() -> None:
     assert label_name("  Cliente VIP ") == "cliente-vip"
     assert label_name("año-2026") == "año-2026"
