@@ -171,7 +171,7 @@ class Pipeline:
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
-                    book = SqlCaseBook(session)
+                    book = SqlCaseBook(session, mail.from_address if mail else None)
                     earlier = book.earlier_outcome(key, source)
                     if earlier is not None:
                         return earlier

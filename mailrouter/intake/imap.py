@@ -97,13 +97,14 @@ class ImapIntake:
                 self._oauth2_login(client)
             else:
                 client.login(s.username, s.password)
+            for folder in (s.processed_folder, s.quarantine_folder) if create_folders else ():
+                if not client.folder_exists(folder):
+                    client.create_folder(folder)
         except BaseException:
-            with contextlib.suppress(Exception):  # refused: the connection is ours to close
+            # Refused, or cut off before the folders were ready: nobody else will close it.
+            with contextlib.suppress(Exception):
                 client.shutdown()
             raise
-        for folder in (s.processed_folder, s.quarantine_folder) if create_folders else ():
-            if not client.folder_exists(folder):
-                client.create_folder(folder)
         return client
 
     def _oauth2_login(self, client: IMAPClient) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings
 from mailrouter.model import FailedMail, OutgoingMail
-from mailrouter.store.db import Store, add_message, on_postgresql
+from mailrouter.store.db import Store, on_postgresql, put_message
 from mailrouter.store.tables import BODIES, MESSAGES, OPEN_STATES, Message
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,11 @@ OPEN = MESSAGES.c.delivery.in_(OPEN_STATES)
 def queue_mail(session: Session, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
     """Put one mail in the outbox, inside the caller's transaction: it leaves only if that
     transaction commits, and the sender delivers it as stored."""
-    # Heard at the commit by every daemon (Store.listen); once a transaction is enough.
-    wake = not session.info.get("senders_woken") and on_postgresql(session)
-    add_message(
+    # Heard at the commit by every daemon (Store.listen), once however many mails it queued.
+    put_message(
         session,
         mail.data,
-        wake=wake,
+        wake=on_postgresql(session),
         created_at=now,
         case_id=case_id,
         direction="out",
@@ -58,8 +57,6 @@ def queue_mail(session: Session, case_id: int | None, now: datetime, mail: Outgo
         attempts=0,
         next_attempt_at=now,
     )
-    if wake:
-        session.info["senders_woken"] = True
 
 
 def backoff_delay(attempts: int, retry: RetrySettings, rng: random.Random) -> float:

@@ -46,7 +46,7 @@ from mailrouter.model import (
     OutgoingMail,
     Result,
 )
-from mailrouter.store.db import LOCK_KEYS, add_message, on_postgresql
+from mailrouter.store.db import LOCK_KEYS, defer, on_postgresql, put_message, write_deferred
 from mailrouter.store.outbox import queue_mail
 from mailrouter.store.tables import (
     CASES,
@@ -118,7 +118,8 @@ _LOGGED = select(func.count(AddressLog.id)).where(
     AddressLog.kind == bindparam("kind"),
     AddressLog.at >= bindparam("since"),
 )
-_LOG_ADDRESS = insert(AddressLog)
+# `inline`: no RETURNING of the new id, which nobody reads.
+_LOG_ADDRESS = insert(AddressLog).inline()
 _REPEATED = (
     select(Message.id)
     .where(
@@ -133,6 +134,10 @@ _REPEATED = (
 )
 # What a decision is about, locked to the commit (see SqlCaseBook): hashtext is PostgreSQL's.
 _HOLD = select(func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("key"))))
+_HOLD_WITH_SENDER = select(
+    func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("key"))),
+    func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("sender"))),
+)
 _INSERT_CASE = insert(CASES).returning(CASES.c.id)
 _NEXT_TURN_PG = select(func.nextval("escalation_turns"))
 _NEXT_TURN = (
@@ -148,7 +153,12 @@ _OPEN_BY_OWNER = (
     .group_by(CASES.c.owner)
 )
 _OPEN_OF_OWNERS = _OPEN_BY_OWNER.where(CASES.c.owner.in_(bindparam("owners", expanding=True)))
-_INSERT_EVENT = insert(EVENTS)
+_INSERT_EVENT = insert(EVENTS).inline()
+
+
+def _address_key(address: str) -> str:
+    """What an address's decisions lock (`SqlCaseBook._hold`)."""
+    return f"address\x1f{address.lower()}"
 
 
 def result_of(
@@ -166,21 +176,37 @@ class SqlCaseBook:
     a client at a destination (is there a case already?), a case (its row, FOR UPDATE).
     Two mails about different people and cases go on at once; two about the same take
     turns, and the second sees what the first committed. SQLite has one writer at a time
-    and needs none of it."""
+    and needs none of it.
 
-    def __init__(self, session: Session) -> None:
+    `sender`: the address of the mail decided on. Its lock is taken with the first other
+    lock the decision takes, in the same statement: a decision that takes a lock (an
+    escalation, about its client) nearly always asks about its sender next (may it be
+    answered?), and a statement costs PostgreSQL's client more than a lock held a little
+    longer costs the others."""
+
+    def __init__(self, session: Session, sender: str | None = None) -> None:
         self.session = session
         self._locking = on_postgresql(session)
         self._held: set[str] = set()
+        self._sender = _address_key(sender) if sender else None
 
     def _hold(self, *about: str) -> None:
-        key = "\x1f".join(about)
-        if self._locking and key not in self._held:  # held to the commit: once is enough
-            self._connection().execute(_HOLD, {"key": key})
-            self._held.add(key)
+        """Take the lock of what `about` names (see the class), held to the commit."""
+        self._take("\x1f".join(about))
 
     def _address(self, address: str) -> None:
-        self._hold("address", address.lower())
+        self._take(_address_key(address))
+
+    def _take(self, key: str) -> None:
+        if not self._locking or key in self._held:  # held to the commit: once is enough
+            return
+        sender = self._sender
+        if sender is None or sender in self._held or sender == key:
+            self._connection().execute(_HOLD, {"key": key})
+        else:
+            self._connection().execute(_HOLD_WITH_SENDER, {"key": key, "sender": sender})
+            self._held.add(sender)
+        self._held.add(key)
 
     def _one_case(self, query: Select[Case]) -> Case | None:
         if self._locking:
@@ -188,6 +214,9 @@ class SqlCaseBook:
         return self.session.scalars(query).first()
 
     def _connection(self) -> Connection:
+        """The transaction's connection, for a read or a write that waits for its answer:
+        the deferred writes are made first (see `db.defer`)."""
+        write_deferred(self.session)
         return self.session.connection()
 
     # --- this mail, seen before? ---------------------------------------------------------
@@ -230,7 +259,9 @@ class SqlCaseBook:
             "digest": digest,
             "key": other_than[:1024],
         }
-        return self._connection().execute(_REPEATED, params).first() is not None
+        # Past the deferred writes (no `_connection`): they are this mail's own, which the
+        # question leaves out (the other mails in, by their key).
+        return self.session.connection().execute(_REPEATED, params).first() is not None
 
     def logged(self, address: str, kind: str, since: datetime) -> int:
         """How many times `kind` was logged for `address` since `since` (see AddressLog)."""
@@ -371,7 +402,7 @@ class SqlCaseBook:
         """Store the inbound mail with its outcome (kind: escalation, agent_reply, vendor,
         machine, bounce, quarantined), on its case when it has one."""
         mail, source = arrival.mail, arrival.source
-        add_message(
+        put_message(
             self.session,
             arrival.raw,
             case_id=case_id,
@@ -395,12 +426,14 @@ class SqlCaseBook:
 
     def log_address(self, address: str, kind: str, at: datetime) -> None:
         self._address(address)
-        self._connection().execute(_LOG_ADDRESS, {"address": address[:320], "kind": kind, "at": at})
+        defer(self.session, _LOG_ADDRESS, {"address": address[:320], "kind": kind, "at": at})
 
     def event(self, case_id: int, at: datetime, kind: str, detail: str) -> None:
         """One line of a case's history."""
-        self._connection().execute(
-            _INSERT_EVENT, {"case_id": case_id, "at": at, "kind": kind, "detail": detail}
+        defer(
+            self.session,
+            _INSERT_EVENT,
+            {"case_id": case_id, "at": at, "kind": kind, "detail": detail},
         )
 
     def queue(self, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:

@@ -12,18 +12,26 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, event, select, text
 
 from mailrouter.cli import main
 from mailrouter.config import load_config
 from mailrouter.model import OutgoingMail
 from mailrouter.service import Pipeline
-from mailrouter.store.db import SCHEMA_REVISION, Store, Unavailable
+from mailrouter.store.db import (
+    LOCK_KEYS,
+    SCHEMA_REVISION,
+    Conflict,
+    Store,
+    Unavailable,
+    put_message,
+)
 from mailrouter.store.outbox import Outbox, queue_mail
-from mailrouter.store.repo import claim_uids, release_uids
-from mailrouter.store.tables import IMAP_CLAIMS
+from mailrouter.store.repo import SqlCaseBook, claim_uids, release_uids
+from mailrouter.store.tables import IMAP_CLAIMS, Message
 from mailrouter.testing.factory import reply
 from mailrouter.testing.postgres import PostgresCluster
 from tests.conftest import PROJECT, escalation
@@ -248,7 +256,11 @@ def test_a_mail_queued_on_one_daemon_wakes_the_senders_of_the_others(
     listener.start()
     try:
         assert heard.acquire(timeout=10)  # once on connecting: whatever was queued meanwhile
+        with queuing.transaction() as session:  # a mail in, none out: no notice
+            put_message(session, b"x", created_at=NOW, direction="in", kind="quarantined")
+        assert not heard.acquire(timeout=1)
         with queuing.transaction() as session:
+            put_message(session, b"y", created_at=NOW, direction="in", kind="escalation")
             queue_mail(session, None, NOW, _mail(1))
             assert not heard.acquire(timeout=0.5)  # not committed yet
         assert heard.acquire(timeout=5)
@@ -302,3 +314,79 @@ def test_daemons_deciding_at_once_about_one_client_open_one_case(
     assert sorted(results).count("routed") == 1, results
     for pipeline in pipelines:
         pipeline.store.close()
+
+
+def test_writes_nobody_waits_for_go_in_one_call_each_before_a_read_or_the_commit(
+    postgres: PostgresCluster,
+) -> None:
+    """The mails a transaction queues and the events it writes are deferred: each statement
+    is then made once with all its rows (psycopg's executemany), just before the
+    transaction's next read, which sees them, or before its commit. A deferred write that
+    fails fails the commit, and nothing of the transaction stays."""
+    url = postgres.new_database("mailrouter_template")
+    store = Store(url)
+    calls: list[tuple[str, bool]] = []
+
+    def count(*args: Any) -> None:
+        statement, executemany = args[2], args[5]
+        calls.append((statement.split()[0], executemany))
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        with store.transaction() as session:
+            for n in range(3):
+                queue_mail(session, None, NOW, _mail(n))
+            assert calls == []
+            queued = session.scalars(select(Message.id).where(Message.direction == "out"))
+            assert len(queued.all()) == 3
+            assert calls == [("WITH", True), ("SELECT", False)]  # the three mails in one call
+        calls.clear()
+        with store.transaction() as session:
+            book = SqlCaseBook(session)
+            book.queue(None, NOW, _mail(3))
+            book.queue(None, NOW, _mail(4))
+        assert calls == [("WITH", True)]
+        assert len(store.outbound()) == 5
+        with pytest.raises(Conflict), store.transaction() as session:
+            queue_mail(session, None, NOW, _mail(5))
+            SqlCaseBook(session).event(999_999, NOW, "note", "a case that does not exist")
+        assert len(store.outbound()) == 5
+    finally:
+        store.close()
+
+
+def _lock_is_free(url: str, key: str) -> bool:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            taken = connection.execute(
+                text("SELECT pg_try_advisory_xact_lock(:keys, hashtext(:key))"),
+                {"keys": LOCK_KEYS, "key": key},
+            ).scalar_one()
+        return bool(taken)
+    finally:
+        engine.dispose()
+
+
+def test_a_decisions_first_lock_takes_its_senders_in_the_same_statement(
+    postgres: PostgresCluster,
+) -> None:
+    """An escalation locks its client; its sender's lock (asked for next: may the agent be
+    answered?) comes with it, in one statement, and both are held to the commit."""
+    url = postgres.new_database("mailrouter_template")
+    store = Store(url)
+    client, sender = "client\x1fhibot\x1fclinica sol", "address\x1fagente@example.com"
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    try:
+        with store.transaction() as session:
+            book = SqlCaseBook(session, "Agente@Example.com")
+            assert book.cases_of_client("hibot", "clinica sol") == []
+            assert not _lock_is_free(url, client)
+            assert not _lock_is_free(url, sender)
+            statements.clear()
+            assert book.logged("agente@example.com", "reply", NOW - timedelta(hours=1)) == 0
+            assert len(statements) == 1 and "address_log" in statements[0]
+        assert _lock_is_free(url, client) and _lock_is_free(url, sender)
+    finally:
+        store.close()
