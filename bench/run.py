@@ -784,12 +784,50 @@ def workers(
         return burst(dovecot, relay, work, n, database=url, daemons=daemons, server=cluster)
 
     measured = several.measure(run_burst, runs)
+    pairs = [side_by_side(dovecot, relay, work, n, cluster.new_database()) for _ in range(runs)]
+    measured = several.with_side_by_side(measured, pairs)
     # Each daemon's start-up is in its CPU: with 3 daemons, 3 start-ups in one burst.
     measured["startup_cpu_s"] = {
         "sqlite": startup_cpu(dovecot, relay, work, ""),
         "postgresql": startup_cpu(dovecot, relay, work, cluster.new_database()),
     }
     return measured
+
+
+def side_by_side(
+    dovecot: Dovecot, relay: Relay, work: Path, n: int, database_url: str
+) -> dict[str, float]:
+    """An SQLite daemon and a PostgreSQL daemon (on `database_url`), each with a mailbox of
+    `n` escalations of its own, started together: each one's CPU per escalation, its
+    start-up included. Whatever slows the machine meanwhile slows both (bench/workers.py)."""
+    runs = {}
+    for database, url in (("sqlite", ""), ("postgresql", database_url)):
+        user = dovecot.new_user()
+        run_dir = Path(tempfile.mkdtemp(dir=work))
+        config = write_config(run_dir, dovecot, user, relay, database_url=url)
+        append_all(dovecot, user, [raw for _, raw in escalations(n, seed=hash(user) % 1000)])
+        runs[database] = (user, config, run_dir / "daemon.log")
+    relay.reset()
+    running = {
+        db: start_daemon(config, log, profile=False) for db, (_, config, log) in runs.items()
+    }
+    done = wait_for(lambda: relay.delivered(2 * n), timeout=max(120, 2 * n)) and wait_for(
+        lambda: all(folder_count(dovecot, user, "Processed") == n for user, _, _ in runs.values()),
+        timeout=60,
+        step=0.2,
+    )
+    cpu = {
+        db: sum(cpu_seconds(pid) for pid in with_children(daemon.pid))
+        for db, daemon in running.items()
+    }
+    for daemon in running.values():
+        daemon.send_signal(signal.SIGTERM)
+    for daemon in running.values():
+        daemon.wait(60)
+    if not done:
+        tails = "\n".join(f"{db}: {log.read_text()[-2000:]}" for db, (_, _, log) in runs.items())
+        raise RuntimeError(f"side-by-side burst did not finish: {tails}")
+    return {db: 1000 * seconds / n for db, seconds in cpu.items()}
 
 
 def startup_cpu(dovecot: Dovecot, relay: Relay, work: Path, database_url: str) -> float:

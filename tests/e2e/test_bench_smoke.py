@@ -35,6 +35,10 @@ def test_bench_quick_run_produces_every_figure() -> None:
     # The workers row: SQLite and PostgreSQL with 1, 2 and 3 daemons, judged.
     workers = results["workers"]
     assert workers["cores"] >= 1 and "skipped" not in workers, workers
+    # The CPU goal is judged on bursts side by side, each daemon's CPU measured.
+    assert workers["side_by_side"] and all(
+        pair["sqlite"] > 0 and pair["postgresql"] > 0 for pair in workers["side_by_side"]
+    )
     assert set(results["targets"]) >= {"workers_pg_cpu_15", "workers_3_daemons_2_5x"}
     assert set(results["targets"]) >= {
         "hostile_route_3x",

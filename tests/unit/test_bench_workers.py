@@ -29,3 +29,19 @@ def test_postgresqls_cpu_is_judged_against_the_sqlite_burst_of_its_own_turn() ->
     assert workers.targets(summary)[workers.PG_CPU_TARGET] is True
     measured[workers.key("postgresql", 1)] = [_burst(cpu) for cpu in (12.0, 14.0, 23.0)]
     assert workers.targets(workers.summarise(measured))[workers.PG_CPU_TARGET] is False
+
+
+def test_bursts_side_by_side_decide_the_verdict_when_there_are_some() -> None:
+    measured = {
+        workers.key("sqlite", 1): [_burst(10.0)],
+        workers.key("postgresql", 1): [_burst(10.5)],
+        workers.key("postgresql", 2): [_burst(1.0)],
+        workers.key("postgresql", 3): [_burst(1.0)],
+    }
+    summary = workers.summarise(measured)
+    assert workers.targets(summary)[workers.PG_CPU_TARGET] is True  # 105 % in turns
+    pairs = [{"sqlite": 10.0, "postgresql": 12.0}, {"sqlite": 20.0, "postgresql": 24.0}]
+    judged = workers.with_side_by_side(summary, pairs)
+    assert [round(r, 6) for r in judged["pg1_cpu_to_sqlite_side_by_side"]] == [1.2, 1.2]
+    assert workers.targets(judged)[workers.PG_CPU_TARGET] is False
+    assert "side by side 120%/120%" in " ".join(" ".join(row[:3]) for row in workers.rows(judged))
