@@ -272,6 +272,14 @@ def start_daemon(config: Path, log: Path, profile: bool = True) -> subprocess.Po
     return daemon
 
 
+def stop_daemons(daemons: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to all at once, then wait for each: they finish their work side by side."""
+    for daemon in daemons:
+        daemon.send_signal(signal.SIGTERM)
+    for daemon in daemons:
+        daemon.wait(60)
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -413,10 +421,7 @@ def burst(
     relay_cpu = cpu_seconds(relay.pid) - relay_cpu
     if server:
         server_cpu = several.server_cpu_seconds(server) - server_cpu
-    for daemon in running:
-        daemon.send_signal(signal.SIGTERM)
-    for daemon in running:
-        daemon.wait(60)
+    stop_daemons(running)
     if not done:
         tails = "\n".join(f"{log.name}: {log.read_text()[-2000:]}" for log in logs)
         raise RuntimeError(f"burst did not finish: {tails}")
@@ -820,10 +825,7 @@ def side_by_side(
         db: sum(cpu_seconds(pid) for pid in with_children(daemon.pid))
         for db, daemon in running.items()
     }
-    for daemon in running.values():
-        daemon.send_signal(signal.SIGTERM)
-    for daemon in running.values():
-        daemon.wait(60)
+    stop_daemons(list(running.values()))
     if not done:
         tails = "\n".join(f"{db}: {log.read_text()[-2000:]}" for db, (_, _, log) in runs.items())
         raise RuntimeError(f"side-by-side burst did not finish: {tails}")

@@ -42,7 +42,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as DBTimeoutError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
-from sqlalchemy.sql.expression import CTE, Executable
+from sqlalchemy.sql.expression import Executable
 
 from mailrouter.model import TemporaryFailure, is_large
 from mailrouter.store.tables import (
@@ -151,8 +151,9 @@ def add_message(session: Session, raw: bytes, *, wake: bool = False, **columns: 
     if connection.dialect.name == "postgresql":
         # One statement for the row and its bytes: each statement costs PostgreSQL's client
         # several times what it costs SQLite's (bench/RESULTS.md, issue 21).
-        statement = _message_with_body(tuple(sorted(columns)), wake)
-        return int(connection.execute(statement, {**columns, "raw": raw}).scalar_one())
+        statement = _message_with_body(tuple(sorted(columns)), returning=True)
+        params = {**columns, "raw": raw, "wake": wake}
+        return int(connection.execute(statement, params).scalar_one())
     row_id = int(connection.execute(_INSERT_MESSAGE, columns).scalar_one())
     if connection.dialect.name == "sqlite" and is_large(len(raw)):
         # Bound whole, SQLite copies a value twice on its way into the file (the driver's
@@ -177,7 +178,8 @@ def put_message(session: Session, raw: bytes, *, wake: bool = False, **columns: 
     # Every nullable column named (None unless given): then the mail in and the mails out
     # of a decision have one shape, and go in one call.
     values = {**_NULLABLE_MESSAGE_COLUMNS, **columns}
-    defer(session, _message_later(tuple(sorted(values))), {**values, "raw": raw, "wake": wake})
+    statement = _message_with_body(tuple(sorted(values)), returning=False)
+    defer(session, statement, {**values, "raw": raw, "wake": wake})
 
 
 # Writes deferred in a transaction (`defer`), kept in its session's `info`; `_DEFERS`
@@ -221,7 +223,6 @@ def _write_deferred_first(state: ORMExecuteState) -> None:
 
 
 _MESSAGES_WITH_BODIES: dict[tuple[tuple[str, ...], bool], Executable] = {}
-_MESSAGES_LATER: dict[tuple[str, ...], Executable] = {}
 _NULLABLE_MESSAGE_COLUMNS = {
     column.key: None
     for column in MESSAGES.columns
@@ -229,38 +230,21 @@ _NULLABLE_MESSAGE_COLUMNS = {
 }
 
 
-def _message_row(keys: tuple[str, ...]) -> CTE:
-    return (
-        insert(MESSAGES)
-        .values({key: bindparam(key) for key in keys})
-        .returning(MESSAGES.c.id)
-        .cte("row")
-    )
-
-
-def _message_with_body(keys: tuple[str, ...], wake: bool) -> Executable:
+def _message_with_body(keys: tuple[str, ...], returning: bool) -> Executable:
     """PostgreSQL: insert a message row (the columns `keys`) and its body in one statement,
-    a data-modifying WITH (with `wake`, joined to a pg_notify: one statement fewer for the
-    transaction that queues mail); built once per set of columns."""
-    statement = _MESSAGES_WITH_BODIES.get((keys, wake))
+    a data-modifying WITH, joined to a pg_notify said only when the `wake` parameter is
+    true (a transaction's identical notifications are delivered once): one statement
+    fewer for the transaction that queues mail, and one shape for the mail in and the
+    mails out. `returning`: the new id (not with a deferred executemany). Built once per
+    shape."""
+    statement = _MESSAGES_WITH_BODIES.get((keys, returning))
     if statement is None:
-        row = _message_row(keys)
-        body = select(row.c.id, bindparam("raw", type_=LargeBinary()))
-        if wake:
-            notify = select(func.pg_notify(OUTBOX_CHANNEL, "").label("woken")).cte("wake")
-            body = body.select_from(row.join(notify, true()))
-        statement = insert(BODIES).from_select(["id", "raw"], body).returning(BODIES.c.id)
-        _MESSAGES_WITH_BODIES[keys, wake] = statement
-    return statement
-
-
-def _message_later(keys: tuple[str, ...]) -> Executable:
-    """`_message_with_body` for `put_message`: no id returned, and the NOTIFY said only
-    for a row whose `wake` parameter is true (a transaction's identical notifications
-    are delivered once), so that the mail in and the mails out share one statement."""
-    statement = _MESSAGES_LATER.get(keys)
-    if statement is None:
-        row = _message_row(keys)
+        row = (
+            insert(MESSAGES)
+            .values({key: bindparam(key) for key in keys})
+            .returning(MESSAGES.c.id)
+            .cte("row")
+        )
         notify = (
             select(func.pg_notify(OUTBOX_CHANNEL, "").label("woken"))
             .where(bindparam("wake", type_=Boolean()))
@@ -270,7 +254,9 @@ def _message_later(keys: tuple[str, ...]) -> Executable:
             row.outerjoin(notify, true())
         )
         statement = insert(BODIES).from_select(["id", "raw"], body)
-        _MESSAGES_LATER[keys] = statement
+        if returning:
+            statement = statement.returning(BODIES.c.id)
+        _MESSAGES_WITH_BODIES[keys, returning] = statement
     return statement
 
 
