@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import mailparser
 import pytest
 
 from mailrouter.cli import main
 from mailrouter.config import Config, load_config
+from mailrouter.core import parse
 from mailrouter.core.parse import (
     agent_part,
+    bodies_of,
     extract_fields,
     field_aliases,
     html_to_text,
     normalize,
     parse_message,
+    read_message,
 )
 from mailrouter.core.route import decide, normalize_priority, sender_allowed
-from tests.conftest import ESCALATIONS, PROJECT, escalation
+from mailrouter.model import Attachment
+from tests.conftest import CORPUS, ESCALATIONS, PROJECT, escalation
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +257,28 @@ def test_sender_and_regex_conditions(config: Config) -> None:
     assert not condition_matches(Condition(field="usuario", matches="."), mail)
     assert condition_matches(Condition(subject=r"(?i)^tech\b"), mail)
     assert condition_matches(Condition(field="proveedor", equals=["TÉCH", "x"]), mail)
+
+
+def _bodies_in_short(bodies: tuple[str, str, list[Attachment]]) -> tuple[object, ...]:
+    plain, html, attachments = bodies
+    # Not the file names: mail-parser names an unnamed attachment at random.
+    return plain, html, [(item.content_type, item.payload) for item in attachments]
+
+
+@pytest.mark.parametrize("folder", [CORPUS, ESCALATIONS], ids=["corpus", "escalations"])
+def test_mail_parser_reads_the_same_bodies_from_the_mime_headers_alone(folder: Path) -> None:
+    compared = 0
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix not in {".eml", ".txt", ""}:
+            continue
+        msg = read_message(path.read_bytes())
+        try:
+            whole = _bodies_in_short(bodies_of(mailparser.MailParser(msg)))
+        except Exception:
+            continue
+        view = parse._mime_view(msg)
+        assert all(k.lower().startswith(("content-", "mime-version")) for k in view)
+        assert _bodies_in_short(parse._bodies_mailparser(msg)) == whole, path.name
+        compared += 1
+    assert msg.get("From") is not None  # the view left the mail itself whole
+    assert compared >= 10
