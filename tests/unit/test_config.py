@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import pytest
 
 from mailrouter.cli import main
@@ -263,6 +265,32 @@ def test_an_unknown_variable_is_reported_with_its_line(
         p.startswith(f"{urgent}:{line_of(urgent, 'fields.clinte')}:") and "clinte" in p
         for p in found
     ), found
+
+
+def test_templates_are_compiled_once_and_again_when_changed(
+    write_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = broken_templates(tmp_path)
+    path = write_config({"templates_dir": str(folder)})
+    compiled: list[str | None] = []
+    compile_ = jinja2.Environment.compile
+
+    def counted(env: jinja2.Environment, source: str, name: str | None = None, *a: Any) -> Any:
+        compiled.append(name)
+        return compile_(env, source, name, *a)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", counted)
+    load_checked(path)
+    assert "acknowledgement.j2" in compiled
+    compiled.clear()
+    load_checked(path)  # a reload of the same files, and the daemon's own renderers
+    assert compiled == []
+    # Changed in place, as an admin edits a template before a reload: compiled again.
+    ack = folder / "acknowledgement.j2"
+    ack.write_text(ack.read_text("utf-8").replace("{{ case.priority }}", "{{ case.prio }}", 1))
+    (problem,) = template_errors(write_config, folder)
+    assert problem.startswith(f"{ack}:") and "prio" in problem
+    assert compiled == ["acknowledgement.j2"]
 
 
 def test_a_missing_template_is_reported(write_config: Callable[..., Path], tmp_path: Path) -> None:
