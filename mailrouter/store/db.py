@@ -143,10 +143,13 @@ def on_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def add_message(session: Session, raw: bytes, *, wake: bool = False, **columns: Any) -> int:
+def add_message(
+    session: Session, raw: bytes, *, wake: bool = False, row_id: int | None = None, **columns: Any
+) -> int:
     """Insert a message (`columns` of the messages table) and its bytes in the session's
     transaction; return its id. `wake`: on PostgreSQL, also NOTIFY the senders (heard at
-    the commit, `Store.listen`), in the same statement."""
+    the commit, `Store.listen`), in the same statement. `row_id`: on SQLite, the id to
+    give it (`_next_message_id`)."""
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         # One statement for the row and its bytes: each statement costs PostgreSQL's client
@@ -154,6 +157,8 @@ def add_message(session: Session, raw: bytes, *, wake: bool = False, **columns: 
         statement = _message_with_body(tuple(sorted(columns)), returning=True)
         params = {**columns, "raw": raw, "wake": wake}
         return int(connection.execute(statement, params).scalar_one())
+    if row_id is not None:
+        columns = {**columns, "id": row_id}
     row_id = int(connection.execute(_INSERT_MESSAGE, columns).scalar_one())
     if connection.dialect.name == "sqlite" and is_large(len(raw)):
         # Bound whole, SQLite copies a value twice on its way into the file (the driver's
@@ -171,19 +176,52 @@ def add_message(session: Session, raw: bytes, *, wake: bool = False, **columns: 
 
 def put_message(session: Session, raw: bytes, *, wake: bool = False, **columns: Any) -> None:
     """`add_message` for a caller that needs no id: deferred where writes are (`defer`),
-    so that the mails a decision queues go in one call; on SQLite, written now."""
+    so that the mails of a decision go in one call per statement."""
     if not session.info.get(_DEFERS):
         add_message(session, raw, wake=wake, **columns)
         return
     # Every nullable column named (None unless given): then the mail in and the mails out
     # of a decision have one shape, and go in one call.
     values = {**_NULLABLE_MESSAGE_COLUMNS, **columns}
-    statement = _message_with_body(tuple(sorted(values)), returning=False)
-    defer(session, statement, {**values, "raw": raw, "wake": wake})
+    keys = tuple(sorted(values))
+    if on_postgresql(session):
+        statement = _message_with_body(keys, returning=False)
+        defer(session, statement, {**values, "raw": raw, "wake": wake})
+        return
+    row_id = _next_message_id(session)
+    if is_large(len(raw)):  # its bytes go in slices, not bound in a batch
+        add_message(session, raw, row_id=row_id, **columns)
+        return
+    row, body = _SQLITE_MESSAGES.get(keys) or _SQLITE_MESSAGES.setdefault(
+        keys, (insert(MESSAGES).inline(), insert(BODIES).inline())
+    )
+    defer(session, row, {**values, "id": row_id})
+    # A statement of the shape's own: deferred writes go statement by statement in the
+    # order each was first deferred, and a body must follow its row (a foreign key).
+    defer(session, body, {"id": row_id, "raw": raw})
+
+
+# SQLite: the statements that write a message and its body later, for each shape of row.
+_SQLITE_MESSAGES: dict[tuple[str, ...], tuple[Executable, Executable]] = {}
+_NEXT_MESSAGE_ID = "mailrouter.next_message_id"
+_MAX_MESSAGE_ID = select(func.coalesce(func.max(MESSAGES.c.id), 0))
+
+
+def _next_message_id(session: Session) -> int:
+    """The id of the transaction's next message on SQLite, given by us, not by the insert:
+    then its body can be written in the same later call as the other bodies, without
+    reading each row's id back one insert at a time. The transaction holds SQLite's one
+    write lock from its start (`_sqlite_begin`), so nobody else adds a message meanwhile;
+    every message of the transaction is numbered here (`put_message`)."""
+    known = session.info.get(_NEXT_MESSAGE_ID)
+    if known is None:
+        known = int(session.connection().execute(_MAX_MESSAGE_ID).scalar_one()) + 1
+    session.info[_NEXT_MESSAGE_ID] = known + 1
+    return int(known)
 
 
 # Writes deferred in a transaction (`defer`), kept in its session's `info`; `_DEFERS`
-# marks the sessions that write them (Store.transaction's, on PostgreSQL).
+# marks the sessions that write them (Store.transaction's).
 _DEFERRED = "mailrouter.deferred"
 _DEFERS = "mailrouter.defers"
 
@@ -194,9 +232,9 @@ def defer(session: Session, statement: Executable, params: dict[str, Any]) -> No
     the other deferred writes of the same statement in one call (`write_deferred`).
 
     Each statement costs PostgreSQL's client about 0.3 ms (SQLAlchemy's execution, then
-    psycopg's), three times SQLite's; a decision's closing writes (the address log, the
-    mails it queues, the case's events) were a third of its statements. Only a store
-    whose sessions call `write_deferred` defers (Store.transaction's, on PostgreSQL): any
+    psycopg's), SQLite's about 0.1 ms; a decision's closing writes (the mail in, the
+    mails it queues, the address log, the case's events) were most of its statements.
+    Only a store whose sessions call `write_deferred` defers (Store.transaction's): any
     other session makes the write at once."""
     if not session.info.get(_DEFERS):
         session.connection().execute(statement, params)
@@ -409,9 +447,7 @@ class Store:
         if run_migrations:
             migrate(self.engine)
         self.postgresql = self.engine.dialect.name == "postgresql"
-        self._sessions = sessionmaker(
-            self.engine, expire_on_commit=False, info={_DEFERS: True} if self.postgresql else {}
-        )
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False, info={_DEFERS: True})
         self.database_file = sqlite_path(url)
         self._write_turn: WriteTurn | None = None
         if self.engine.dialect.name == "sqlite":
@@ -422,9 +458,8 @@ class Store:
         separate = self.database_file is not None
         self._read_engine = make_engine(url, read_only=True) if separate else self.engine
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
-        if self.postgresql:
-            event.listen(self._sessions, "do_orm_execute", _write_deferred_first)
-            event.listen(self._sessions, "before_commit", write_deferred)
+        event.listen(self._sessions, "do_orm_execute", _write_deferred_first)
+        event.listen(self._sessions, "before_commit", write_deferred)
         # Memory, not storage: a large mail costs a few copies of itself wherever it is
         # handled (parse, render, the database driver, the relay connection), so the
         # intake and the sender take turns with large mails rather than add them up.

@@ -16,12 +16,15 @@ from zoneinfo import ZoneInfo
 import pytest
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event, update
+from sqlalchemy import event, select, update
 
 from mailrouter import model
+from mailrouter.model import OutgoingMail
 from mailrouter.store import db as store_module
-from mailrouter.store.db import MIGRATIONS_DIR, Store, add_message, make_engine
-from mailrouter.store.tables import MESSAGES
+from mailrouter.store.db import MIGRATIONS_DIR, Conflict, Store, add_message, make_engine
+from mailrouter.store.outbox import queue_mail
+from mailrouter.store.repo import SqlCaseBook
+from mailrouter.store.tables import MESSAGES, Message
 from tests.conftest import PROJECT
 
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
@@ -64,6 +67,57 @@ def test_a_large_body_is_written_in_slices_not_bound_whole(tmp_path: Path) -> No
     assert store.read_raw(row_id) == raw
     small = b"x" * 100
     assert store.read_raw(_add(store, small)) == small
+    store.close()
+
+
+def test_a_transactions_mails_are_written_in_one_call_per_statement_before_a_read(
+    tmp_path: Path,
+) -> None:
+    """On SQLite too the mails a transaction queues wait for its next read or its commit,
+    then go in one call for their rows and one for their bodies; a large one goes at once,
+    in slices, numbered in its turn. A deferred write that fails fails the commit."""
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    calls: list[tuple[str, bool]] = []
+    bound: list[int] = []
+
+    def record(*args: Any) -> None:
+        statement, params, many = args[2], args[3], args[5]
+        calls.append((" ".join(statement.split()[:3]), many))
+        for row in params if many else [params]:
+            items = row.values() if isinstance(row, dict) else row
+            bound.extend(len(v) for v in items if isinstance(v, (bytes, memoryview)))
+
+    def mail(n: int, data: bytes = b"Subject: x\r\n\r\nbody\r\n") -> OutgoingMail:
+        return OutgoingMail(
+            "forward", f"m{n}@example.com", "router@example.com", ["vendor@example.com"],
+            f"mail {n}", data,
+        )  # fmt: skip
+
+    large = os.urandom(model.LARGE_MAIL_BYTES + 1)
+    event.listen(store.engine, "before_cursor_execute", record)
+    with store.transaction() as session:
+        queue_mail(session, None, NOW, mail(0))
+        queue_mail(session, None, NOW, mail(1))
+        written_at_once = len(calls)
+        queue_mail(session, None, NOW, mail(2, large))
+        queue_mail(session, None, NOW, mail(3))
+        assert [c for c, _ in calls[written_at_once:]] == [
+            "INSERT INTO messages",
+            "INSERT INTO message_bodies",
+        ]  # the large one: its row, its zeroblob (then its bytes, through the blob)
+        ids = session.scalars(select(Message.id).where(Message.direction == "out")).all()
+        assert len(ids) == 4
+    assert ("INSERT INTO messages", True) in calls
+    assert ("INSERT INTO message_bodies", True) in calls
+    assert max(bound) < 1024
+    assert [m.subject for m in sorted(store.outbound(), key=lambda m: m.id)] == [
+        f"mail {n}" for n in range(4)
+    ]
+    assert [store.read_raw(i) for i in sorted(ids)][2] == large
+    with pytest.raises(Conflict), store.transaction() as session:
+        queue_mail(session, None, NOW, mail(4))
+        SqlCaseBook(session).event(999_999, NOW, "note", "a case that does not exist")
+    assert len(store.outbound()) == 4
     store.close()
 
 
