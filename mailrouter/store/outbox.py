@@ -21,19 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, case, func, null, select, update
+from sqlalchemy import Connection, Select, bindparam, case, exists, func, null, or_, select, update
 from sqlalchemy.orm import Session
 
 from mailrouter.config import RetrySettings
 from mailrouter.model import FailedMail, OutgoingMail
 from mailrouter.store.db import Store, on_postgresql, put_message
-from mailrouter.store.tables import BODIES, MESSAGES, OPEN_STATES, Message
+from mailrouter.store.tables import BODIES, MESSAGES, Message, is_open
 
 log = logging.getLogger(__name__)
 
 # Said in every query on the rows still to send, beside any narrower condition: then both
 # SQLite and PostgreSQL use the partial index on those rows (`ix_messages_outbox`).
-OPEN = MESSAGES.c.delivery.in_(OPEN_STATES)
+OPEN = is_open(MESSAGES.c.delivery)
 
 
 def queue_mail(session: Session, case_id: int | None, now: datetime, mail: OutgoingMail) -> None:
@@ -125,34 +125,50 @@ class Released:
     dead_owners: set[str]
 
 
+def _due_statement(locked: bool) -> Select[int]:
+    """The pending rows due now, in order, but none of a case that has an earlier row
+    waiting for a retry or being sent (with `locked`: or not among the `available` rows
+    this sender holds locked, which another sender is claiming). Asked of the database,
+    which finds each case's earlier rows by its index, rather than by reading every open
+    row into Python: that grew with the backlog (about 1 ms an outgoing mail with 900
+    queued)."""
+    earlier = MESSAGES.alias("earlier")
+    blocking = or_(earlier.c.delivery == "sending", earlier.c.next_attempt_at > bindparam("now"))
+    if locked:
+        blocking = or_(blocking, earlier.c.id.not_in(bindparam("available", expanding=True)))
+    blocked = exists().where(
+        earlier.c.case_id == MESSAGES.c.case_id,
+        earlier.c.id < MESSAGES.c.id,
+        is_open(earlier.c.delivery),
+        blocking,
+    )
+    query = select(MESSAGES.c.id).where(
+        OPEN,
+        MESSAGES.c.delivery == "pending",
+        or_(MESSAGES.c.next_attempt_at.is_(None), MESSAGES.c.next_attempt_at <= bindparam("now")),
+        ~blocked,
+    )
+    if locked:
+        query = query.where(MESSAGES.c.id.in_(bindparam("available", expanding=True)))
+    return query.order_by(MESSAGES.c.id).limit(bindparam("limit"))
+
+
+_DUE = _due_statement(locked=False)
+_DUE_OF_LOCKED = _due_statement(locked=True)
+
+
 def _due_rows(
     session: Session, now: datetime, limit: int, available: set[int] | None = None
 ) -> list[int]:
     """Ids of the pending rows due now, in order, skipping every case that has an earlier row
     waiting for a retry or being sent. `available`: the rows this sender holds locked; any
     other is being claimed by another sender, and blocks its case as a row being sent does."""
-    rows = session.execute(
-        select(Message.id, Message.case_id, Message.delivery, Message.next_attempt_at)
-        .where(OPEN)
-        .order_by(Message.id)
-    ).all()
-    blocked: set[int] = set()
-    due: list[int] = []
-    for row_id, case_id, delivery, next_at in rows:
-        if case_id is not None and case_id in blocked:
-            continue
-        if (
-            delivery == "sending"
-            or (next_at is not None and next_at > now)
-            or (available is not None and row_id not in available)
-        ):
-            if case_id is not None:
-                blocked.add(case_id)
-            continue
-        due.append(row_id)
-        if len(due) >= limit:
-            break
-    return due
+    if available is None:
+        found = session.execute(_DUE, {"now": now, "limit": limit})
+    else:
+        params = {"now": now, "limit": limit, "available": sorted(available)}
+        found = session.execute(_DUE_OF_LOCKED, params)
+    return [int(row_id) for (row_id,) in found]
 
 
 def _read_rows(connection: Connection, row_ids: list[int]) -> dict[int, OutboxRow]:

@@ -60,6 +60,7 @@ from mailrouter.store.tables import (
     Event,
     Message,
     MessageBody,
+    is_open,
 )
 
 # Longer than a worker takes from committing a fetch batch's first mail to moving the batch.
@@ -446,7 +447,7 @@ class SqlCaseBook:
             select(Message).where(
                 Message.case_id == case_id,
                 Message.kind == "acknowledgement",
-                Message.delivery.in_(("pending", "sending")),
+                is_open(Message.delivery),
             )
         )
         for ack in pending:
@@ -896,9 +897,7 @@ def outbox_backlog(session: Session) -> tuple[int, datetime | None]:
     """How many outgoing mails have not left yet (pending, or being sent), and when the
     oldest of them was queued (None when there are none)."""
     count, oldest = session.execute(
-        select(func.count(), func.min(Message.created_at)).where(
-            Message.delivery.in_(("pending", "sending"))
-        )
+        select(func.count(), func.min(Message.created_at)).where(is_open(Message.delivery))
     ).one()
     return int(count), oldest
 

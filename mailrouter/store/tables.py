@@ -14,15 +14,19 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    BindParameter,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
+    SQLColumnExpression,
     String,
     Table,
     Text,
     TypeDecorator,
+    bindparam,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -86,6 +90,17 @@ ImapNumber = Integer().with_variant(BigInteger(), "postgresql")
 # apart from the ever-growing sent rows. The queries repeat this condition (`OPEN_DELIVERY`)
 # so that both SQLite and PostgreSQL may use the partial index.
 OPEN_STATES = ("pending", "sending")
+
+
+def is_open(delivery: SQLColumnExpression[str | None]) -> ColumnElement[bool]:
+    """`delivery` is one of the `OPEN_STATES`, written into the SQL as constants, not bound:
+    only then can SQLite (and PostgreSQL's generic plans) see that the query wants the
+    rows of the partial index on those states (`ix_messages_outbox`). Bound, the planner
+    cannot know, and reads the whole table."""
+    states: BindParameter[tuple[str, ...]] = bindparam(
+        "open_states", OPEN_STATES, expanding=True, literal_execute=True
+    )
+    return delivery.in_(states)
 
 
 class Base(DeclarativeBase):

@@ -23,6 +23,8 @@ from mailrouter.core.render import _base64_lines
 from mailrouter.model import ImapSource
 from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
+from mailrouter.store.outbox import Outbox
+from mailrouter.store.repo import outbox_backlog
 from mailrouter.store.tables import Base, Case
 from mailrouter.testing.factory import escalations
 from tests.conftest import PROJECT, escalation
@@ -293,9 +295,18 @@ def test_mail_path_lookups_use_an_index_not_a_scan(
     pipeline.process(escalation("01-hibot-basic.eml"))
     pipeline.process(duplicate)
     Followup(pipeline.config, pipeline.store, lambda: NOW + timedelta(days=30)).remind()
+    # The sender's claims (the rows due, none of a case with an earlier one held back),
+    # the release of stale claims, and the backlog /metrics reads: the outbox's index.
+    outbox = Outbox(pipeline.store)
+    claimed, _ = outbox.claim_and_read("bench", NOW + timedelta(days=30), timedelta(minutes=5))
+    assert claimed
+    outbox.release_stale(NOW + timedelta(days=31), lambda owner: False, lambda owners: set())
+    with pipeline.store.reading() as session:
+        assert outbox_backlog(session)[0] > 0
     for engine in engines:
         event.remove(engine, "before_cursor_execute", record)
     assert any("cases.client_key" in sql for sql, _ in statements)
+    assert any("earlier.case_id" in sql for sql, _ in statements)
     with pipeline.store.engine.connect() as connection:
         raw_connection = connection.connection.driver_connection
         assert raw_connection is not None
@@ -305,6 +316,8 @@ def test_mail_path_lookups_use_an_index_not_a_scan(
             assert not [s for s in steps if s.startswith("SCAN ")], f"{sql}\n{steps}"
             if "cases.client_key =" in sql:  # not the few-valued provider or status
                 assert any("ix_cases_duplicates" in s for s in steps), f"{sql}\n{steps}"
+            if "messages.delivery IN" in sql:  # the few rows still to send, not all mail
+                assert any("ix_messages_outbox" in s for s in steps), f"{sql}\n{steps}"
 
 
 @pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 57 * 1024 - 1, 57 * 1024, 57 * 1024 + 1, 10**6])
