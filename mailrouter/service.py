@@ -105,6 +105,7 @@ class Pipeline:
         """What an intake is handed to feed this pipeline."""
         return IntakeHooks(
             ingest=self.process,
+            ingest_group=self.process_group,
             known=self.known_outcomes,
             max_bytes=self.config.settings.intake.max_message_bytes,
             large_mail=self.store.large_mail,
@@ -156,7 +157,35 @@ class Pipeline:
         intake holds `store.large_mail` around a large mail, from before it has it in hand.
         `whole_size`: `raw` is only the header of a mail of that size, over the limit, whose
         body the intake left on the server (it goes to the IMAP quarantine folder whole)."""
+        return self._commit(self._arrive(raw, source, whole_size))
+
+    def process_group(self, mails: list[tuple[bytes, ImapSource]]) -> list[Result]:
+        """`process` for each of `mails` (small IMAP mails), their outcomes committed
+        together: one transaction and one write to disk for the group, not one each. The
+        intake moves them out of the folder only after this returns, so a crash before the
+        commit has them read again. Should any of them make the decision raise (a poison
+        mail, or a `Conflict`), nothing of the group stays and each is committed alone, as
+        `process` would have: the others still go through, and the poison mail is kept
+        aside. On PostgreSQL each goes alone: a group would hold every decision's locks,
+        which other daemons wait for, until its end."""
+        arrivals = [self._arrive(raw, source, None) for raw, source in mails]
+        if len(arrivals) > 1 and not self.store.postgresql:
+            try:
+                with self.store.transaction() as session:
+                    return [self._decide(session, *arrival) for arrival in arrivals]
+            except Unavailable:
+                raise
+            except Exception:
+                log.debug("a group's commit failed; committing its mails one by one", exc_info=True)
+        return [self._commit(arrival) for arrival in arrivals]
+
+    def _arrive(
+        self, raw: bytes, source: ImapSource | None, whole_size: int | None
+    ) -> tuple[Arrival, str]:
+        """A mail as it arrives: parsed (or why it cannot be), keyed, stamped; and the reason
+        it is quarantined, if it cannot be parsed."""
         now = self.clock()
+        failure = ""
         try:
             mail: ParsedMail | None = self.parse(raw)
         except Refused as exc:
@@ -167,17 +196,26 @@ class Pipeline:
             log.debug("cannot parse mail", exc_info=True)
             mail, failure = None, f"parse error: {_summary(exc)}"
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
-        arrival = Arrival(raw, key, source, now, mail, whole_size or len(raw))
+        return Arrival(raw, key, source, now, mail, whole_size or len(raw)), failure
+
+    def _decide(self, session: Any, arrival: Arrival, failure: str) -> Result:
+        """The outcome of one arrived mail, written in `session`'s transaction."""
+        mail = arrival.mail
+        book = SqlCaseBook(session, mail.from_address if mail else None)
+        earlier = book.earlier_outcome(arrival.key, arrival.source)
+        if earlier is not None:
+            return earlier
+        if mail is None:
+            return self.handler.quarantine(book, arrival, failure)
+        return self.handler.handle(book, arrival, mail)
+
+    def _commit(self, arrived: tuple[Arrival, str]) -> Result:
+        """The outcome of one arrived mail, in a transaction of its own."""
+        arrival, _ = arrived
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 with self.store.transaction() as session:
-                    book = SqlCaseBook(session, mail.from_address if mail else None)
-                    earlier = book.earlier_outcome(key, source)
-                    if earlier is not None:
-                        return earlier
-                    if mail is None:
-                        return self.handler.quarantine(book, arrival, failure)
-                    return self.handler.handle(book, arrival, mail)
+                    return self._decide(session, *arrived)
             except Conflict:
                 # Another worker committed this mail, or the same mailbox's state, between
                 # our lookup and our insert; or, on PostgreSQL, two daemons' decisions

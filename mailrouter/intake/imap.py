@@ -36,6 +36,10 @@ FETCH_BATCH = 50
 # Bodies are fetched in groups of at most this many bytes (a bigger mail alone), so a
 # backlog of mails with large attachments is never all in memory at once.
 FETCH_BYTES = 4 * 1024 * 1024
+# Small mails fetched together are committed together, this many at a time: one transaction
+# and one write to disk for them all (`IntakeHooks.ingest_group`). More would hold the
+# database's writer turn, which the sender's claims and marks wait for, for longer.
+COMMIT_GROUP = 16
 
 
 class ImapIntake:
@@ -216,18 +220,23 @@ class ImapIntake:
                         uid: data.get(b"BODY[]")
                         for uid, data in client.fetch(group, ["BODY.PEEK[]"]).items()
                     }
-                for uid in group:
+                for chunk in _chunks(group, 1 if size > FETCH_BYTES else COMMIT_GROUP):
                     if self.stop.is_set():
                         return
-                    raw = bodies.pop(uid, None)
-                    if raw is not None:  # else expunged by someone else meanwhile
-                        yield (
-                            uid,
-                            self.hooks.ingest(
-                                raw, ImapSource(self.mailbox, uidvalidity, uid), None
-                            ),
-                        )
-                    del raw  # not kept while the next group is fetched
+                    # Those still there (another session may have expunged some meanwhile),
+                    # handed over: not kept while the next group is fetched.
+                    mails = [
+                        (raw, ImapSource(self.mailbox, uidvalidity, uid))
+                        for uid in chunk
+                        if (raw := bodies.pop(uid, None)) is not None
+                    ]
+                    yield from zip([m[1].uid for m in mails], self._ingest(mails), strict=True)
+                    del mails
+
+    def _ingest(self, mails: list[tuple[bytes, ImapSource]]) -> list[Result]:
+        if len(mails) > 1 and self.hooks.ingest_group is not None:
+            return self.hooks.ingest_group(mails)
+        return [self.hooks.ingest(raw, source, None) for raw, source in mails]
 
     def _wait_for_mail(self, client: IMAPClient) -> None:
         """Block until new mail may be there, the poll interval passes, or we are stopped."""
@@ -293,6 +302,10 @@ class ImapIntake:
 def keep_polling(last_new_mail: float | None, now: float) -> bool:
     """Poll again soon rather than IDLE: new mail came in the last BUSY_POLL_SECONDS."""
     return last_new_mail is not None and now - last_new_mail < BUSY_POLL_SECONDS
+
+
+def _chunks(uids: list[int], size: int) -> list[list[int]]:
+    return [uids[start : start + size] for start in range(0, len(uids), size)]
 
 
 def _size_groups(sizes: dict[int, int], budget: int) -> list[list[int]]:

@@ -180,6 +180,42 @@ def test_imap_crash_between_commit_and_move(
     assert len(store.outbound()) == 2
 
 
+def test_small_mails_fetched_together_are_committed_in_groups_then_moved(
+    dovecot: Dovecot, write_config: Callable[..., Path]
+) -> None:
+    from dataclasses import replace
+
+    from mailrouter.intake.imap import COMMIT_GROUP, ImapIntake
+
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    count = COMMIT_GROUP + 4
+    for _, raw in escalations(count, seed=11):
+        mailbox.append("INBOX", raw)
+    config = load_config(
+        write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
+    )
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, lambda: datetime(2026, 11, 23, 14, 0, tzinfo=UTC))
+    groups: list[int] = []
+    hooks = pipeline.intake_hooks()
+
+    def grouped(mails: list[tuple[bytes, model.ImapSource]]) -> list[model.Result]:
+        mailbox.select_folder("INBOX")
+        assert len(mailbox.search("ALL")) == count  # nothing moved before its commit
+        groups.append(len(mails))
+        return pipeline.process_group(mails)
+
+    intake = ImapIntake(config.settings.intake.imap, replace(hooks, ingest_group=grouped))
+    client = intake.connect()
+    assert intake.run_pass(client) == count
+    client.logout()
+    assert groups == [COMMIT_GROUP, 4]
+    mailbox.select_folder("INBOX")
+    assert mailbox.search("ALL") == []
+    assert len(store.cases()) == count
+
+
 def test_mails_a_dead_daemon_left_behind_are_moved_once(
     dovecot: Dovecot, write_config: Callable[..., Path]
 ) -> None:

@@ -8,6 +8,7 @@ import email.policy
 import itertools
 import logging
 import random
+import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -208,6 +209,46 @@ def test_poison_message_is_quarantined_with_reason(
     assert pipeline.process(escalation("02-panda-basic.eml")).outcome == "routed"
     # The poison is remembered: seeing it again does not retry it forever.
     assert pipeline.process(escalation("01-hibot-basic.eml")).duplicate
+
+
+def _from_imap(*names: str) -> list[tuple[bytes, ImapSource]]:
+    return [(escalation(name), ImapSource("INBOX", 7, uid)) for uid, name in enumerate(names, 1)]
+
+
+def test_a_group_of_mails_is_committed_in_one_transaction(pipeline: Pipeline) -> None:
+    commits: list[object] = []
+    record = commits.append
+    event.listen(pipeline.store.engine, "commit", record)
+    mails = _from_imap("01-hibot-basic.eml", "02-panda-basic.eml", "03-operaciones-encuestas.eml")
+    again = (escalation("01-hibot-basic.eml"), ImapSource("INBOX", 7, 4))  # a second copy
+    results = pipeline.process_group([*mails, again])
+    event.remove(pipeline.store.engine, "commit", record)
+    # On PostgreSQL one by one: a group would hold every decision's locks to its end.
+    assert len(commits) == (4 if pipeline.store.postgresql else 1)
+    assert [r.outcome for r in results] == ["routed"] * 4
+    # The copy sees the first one's writes, made earlier in the same transaction.
+    assert results[3].duplicate and results[3].case_id == results[0].case_id
+    assert [c.provider for c in pipeline.store.cases()] == ["operaciones", "panda", "hibot"]
+    assert len(pipeline.store.inbound()) == 3 and len(pipeline.store.outbound()) == 6
+
+
+def test_a_poison_mail_in_a_group_is_kept_aside_and_the_others_go_through(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(PROJECT / "templates", templates)
+    (templates / "forward_panda.j2").write_text("Subject: {{ fields.no_such_field }}\n\nx\n")
+    config = load_config(write_config({"templates_dir": str(templates)}))
+    pipeline = Pipeline(config, Store(config.database_url), lambda: NOW)
+    results = pipeline.process_group(
+        _from_imap("01-hibot-basic.eml", "02-panda-basic.eml", "03-operaciones-encuestas.eml")
+    )
+    assert [r.outcome for r in results] == ["routed", "quarantined", "routed"]
+    assert "no_such_field" in results[1].reason
+    # Nothing of the failed group's attempt stays: each mail is recorded once.
+    assert [c.provider for c in pipeline.store.cases()] == ["operaciones", "hibot"]
+    assert [m.outcome for m in pipeline.store.inbound()] == ["routed", "quarantined", "routed"]
+    assert len(pipeline.store.outbound()) == 4
 
 
 def test_oversized_mail_is_quarantined(write_config: Callable[..., Path]) -> None:
