@@ -22,6 +22,35 @@ from mailrouter.config import AuthenticationSettings
 # hundred characters; only the trusted run is parsed, and only this much of it.
 MAX_PARSED_CHARS = 1024
 MAX_HEADERS = 16
+# A real header states a handful of results (spf, dkim for one to three signatures, dmarc,
+# arc, compauth, bimi); a crafted one states dozens within the same characters, and authres
+# spends about 7 µs a character on them. Only the first results of a header are read.
+MAX_RESULTS = 12
+
+
+def _first_results(value: str, count: int) -> str:
+    """`value` cut after its authserv-id and `count` results: at the `count + 1`-th ";"
+    that is outside any comment or quoted string (one linear pass; authres has no such
+    limit of its own)."""
+    depth, quoted, escaped, seen = 0, False, False, 0
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif char == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = char != '"'
+        elif char == '"' and not depth:
+            quoted = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif char == ";" and not depth:
+            seen += 1
+            if seen > count:
+                return value[:index]
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,7 +93,9 @@ def _results(headers: Sequence[str], trusted: set[str]) -> list[authres.Authenti
             break
         budget -= len(value)
         try:
-            header = authres.AuthenticationResultsHeader.parse_value(value)
+            header = authres.AuthenticationResultsHeader.parse_value(
+                _first_results(value, MAX_RESULTS)
+            )
         except (authres.AuthResError, ValueError, IndexError, AttributeError):
             break  # unreadable: it vouches for nothing, and ends the run
         found.extend(header.results)

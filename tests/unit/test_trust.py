@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 
 from mailrouter.config import AuthenticationSettings
-from mailrouter.core.authn import authenticate
+from mailrouter.core.authn import MAX_RESULTS, authenticate
 from mailrouter.core.handle import UNAUTHENTICATED, Handler
 from mailrouter.core.parse import SUBJECT_LIMIT, Refused
 from mailrouter.model import FailedMail
@@ -37,6 +37,8 @@ from tests.unit.test_handle import (
 )
 
 MX = "mx.example.com"
+FAILS = "; ".join(["dkim=fail header.d=a.example"] * MAX_RESULTS)
+SEMIS = ";" * (2 * MAX_RESULTS)
 DMARC = {"authentication": {"trusted_authserv_ids": [MX], "require": "dmarc"}}
 
 
@@ -84,6 +86,15 @@ REQUIRE_ANY = AuthenticationSettings(trusted_authserv_ids=[MX], require="dkim-or
         (REQUIRE_ANY, [f"{MX}; spf=pass smtp.mailfrom=bounce@evil.example.org"], False),
         (REQUIRE_ANY, [f"{MX}; spf=softfail smtp.mailfrom=example.com"], False),
         (REQUIRE_ANY, [f"{MX}; dkim=fail header.d=example.com; dmarc=pass"], True),
+        # A ";" inside a comment does not end a result; results past the first
+        # MAX_RESULTS of a header are not read, a second header of the run is.
+        (
+            REQUIRE_ANY,
+            [f'{MX}; dkim=fail ({SEMIS}) header.d="{SEMIS}"; spf=pass smtp.mailfrom=x@example.com'],
+            True,
+        ),
+        (REQUIRE_ANY, [f"{MX}; {FAILS}; dkim=pass header.d=example.com"], False),
+        (REQUIRE_ANY, [f"{MX}; {FAILS}", f"{MX}; dkim=pass header.d=example.com"], True),
         # Unreadable results vouch for nothing and break nothing.
         (REQUIRE_ANY, [f"{MX}; ;;; ==="], False),
         (REQUIRE_ANY, ["garbage", f"{MX}; dkim=pass header.d=example.com"], True),
