@@ -42,7 +42,6 @@ from mailrouter.deliver.transports import make_transport, outbound_lanes
 from mailrouter.deliver.webhooks import WebhookTransport
 from mailrouter.httpd import HttpServer, health_routes
 from mailrouter.intake.imap import ImapIntake
-from mailrouter.intake.smtp import start_smtp_server
 from mailrouter.metrics import Metrics
 from mailrouter.model import FailedMail, ImapSource, IntakeHooks, Result, TemporaryFailure
 from mailrouter.service import Followup, Pipeline, load_checked
@@ -288,6 +287,9 @@ class Daemon:
 
     async def _serve_smtp(self, wake_sender: Callable[[], None]) -> None:
         intake = self.config.settings.intake
+        # Here, not at the top: aiosmtpd weighs several MB that an IMAP daemon never uses.
+        from mailrouter.intake.smtp import start_smtp_server
+
         server = await start_smtp_server(intake, self.intake_hooks(), wake_sender)
         where = intake.listen.socket or f"{intake.listen.host}:{intake.listen.port}"
         log.info(

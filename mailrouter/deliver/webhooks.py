@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-
-import requests
+from typing import TYPE_CHECKING
 
 from mailrouter.config import NotifyTarget
 from mailrouter.deliver.transports import PermanentFailure, TemporaryFailure
+
+if TYPE_CHECKING:
+    import requests
 
 ANSWER_BYTES = 4096  # of a refusal's body, kept for the row's last_error
 
@@ -23,7 +25,9 @@ class WebhookTransport:
     def __init__(self, targets: Callable[[], Sequence[NotifyTarget]]) -> None:
         """`targets`: the configured ones, asked at each post (a reload may change them)."""
         self.targets = targets
-        self._session = requests.Session()
+        # Made at the first post: requests and what it loads weigh several MB, which a
+        # daemon whose targets never post (or that has none) need not carry.
+        self._session: requests.Session | None = None
 
     async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
         (target_name,) = recipients
@@ -33,7 +37,11 @@ class WebhookTransport:
         await asyncio.to_thread(self._post, target, data)
 
     def _post(self, target: NotifyTarget, data: bytes) -> None:
+        import requests
+
         where = f"{target.kind} target {target.name!r}"
+        if self._session is None:
+            self._session = requests.Session()
         try:
             # Streamed: of the answer's body only its first ANSWER_BYTES are read (an
             # endpoint is a stranger's server as far as its answers go).
@@ -59,4 +67,5 @@ class WebhookTransport:
         raise PermanentFailure(failure)
 
     async def close(self) -> None:
-        self._session.close()
+        if self._session is not None:
+            self._session.close()

@@ -256,12 +256,21 @@ def test_the_quarantine_lists_the_newest_without_their_bytes(tmp_path: Path) -> 
     store.close()
 
 
-def test_the_daemon_does_not_load_the_html_parser_until_a_mail_needs_it() -> None:
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ("inscriptis", "lxml"),  # the HTML parser: until an HTML-only mail needs it
+        ("requests",),  # until a chat or webhook target is posted to
+        ("aiosmtpd",),  # until the SMTP listener is started (an IMAP daemon never does)
+    ],
+)
+def test_the_daemon_does_not_load_what_it_may_never_use(modules: tuple[str, ...]) -> None:
+    # Each weighs several MB of the daemon's memory, and of its sender process's.
     probe = (
-        "import sys, mailrouter.daemon; print('inscriptis' in sys.modules or 'lxml' in sys.modules)"
+        f"import sys, mailrouter.cli, mailrouter.daemon; print(set({modules!r}) & set(sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert loaded.stdout.strip() == "False", loaded.stderr
+    assert loaded.stdout.strip() == "set()", loaded.stderr
 
 
 _HOLD_A_WRITE = """
