@@ -130,8 +130,10 @@ def test_yaml_syntax_error_gives_line(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("intake:\n  address: a@b.example\n  listen: [unclosed\n")
     (problem,) = problems_of(path)
-    assert problem.startswith(f"{path}:")
-    assert "(syntax)" in problem
+    assert problem.startswith(f"{path}:4: (syntax): ")  # where the list was left open
+    path.write_text("intake:\n  address: a@b.example\n bad: x\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:3: (syntax): ")
 
 
 def test_broken_provider_file_is_named(tmp_path: Path, write_config: Callable[..., Path]) -> None:
