@@ -53,7 +53,7 @@ from mailrouter.model import (
 )
 from mailrouter.store import repo
 from mailrouter.store.db import Conflict, Store, Unavailable
-from mailrouter.store.repo import RecordingBook, SqlCaseBook
+from mailrouter.store.repo import GroupLocks, RecordingBook, SqlCaseBook
 from mailrouter.store.tables import Message
 
 log = logging.getLogger(__name__)
@@ -166,13 +166,18 @@ class Pipeline:
         commit has them read again. Should any of them make the decision raise (a poison
         mail, or a `Conflict`), nothing of the group stays and each is committed alone, as
         `process` would have: the others still go through, and the poison mail is kept
-        aside. On PostgreSQL each goes alone: a group would hold every decision's locks,
-        which other daemons wait for, until its end."""
+        aside. On PostgreSQL a group holds all its decisions' locks to its end, and waits
+        for none once it has begun (`repo.GroupLocks`): should another daemon hold one it
+        asks for, the group is committed one by one the same way."""
         arrivals = [self._arrive(raw, source, None) for raw, source in mails]
-        if len(arrivals) > 1 and not self.store.postgresql:
+        if len(arrivals) > 1:
             try:
                 with self.store.transaction() as session:
-                    return [self._decide(session, *arrival) for arrival in arrivals]
+                    group = None
+                    if self.store.postgresql:
+                        senders = [a.mail.from_address for a, _ in arrivals if a.mail]
+                        group = GroupLocks(session, senders)
+                    return [self._decide(session, *arrival, group) for arrival in arrivals]
             except Unavailable:
                 raise
             except Exception:
@@ -198,10 +203,13 @@ class Pipeline:
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
         return Arrival(raw, key, source, now, mail, whole_size or len(raw)), failure
 
-    def _decide(self, session: Any, arrival: Arrival, failure: str) -> Result:
-        """The outcome of one arrived mail, written in `session`'s transaction."""
+    def _decide(
+        self, session: Any, arrival: Arrival, failure: str, group: GroupLocks | None = None
+    ) -> Result:
+        """The outcome of one arrived mail, written in `session`'s transaction (with the
+        other decisions of a `group` on PostgreSQL)."""
         mail = arrival.mail
-        book = SqlCaseBook(session, mail.from_address if mail else None)
+        book = SqlCaseBook(session, mail.from_address if mail else None, group)
         earlier = book.earlier_outcome(arrival.key, arrival.source)
         if earlier is not None:
             return earlier

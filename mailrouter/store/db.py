@@ -77,9 +77,10 @@ class InUse(StoreError):
 _UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, DBTimeoutError)
 
 
-# PostgreSQL's "could not serialize" and "deadlock detected": the transaction lost a race
-# to another and was rolled back; running it again sees the winner's work.
-_LOST_RACE = {"40001", "40P01"}
+# PostgreSQL's "could not serialize", "deadlock detected" and "lock not available" (a lock
+# asked for with NOWAIT, see `repo.GroupLocks`): the transaction lost a race to another and
+# was rolled back; running it again sees the winner's work.
+_LOST_RACE = {"40001", "40P01", "55P03"}
 
 
 @contextlib.contextmanager

@@ -46,7 +46,14 @@ from mailrouter.model import (
     OutgoingMail,
     Result,
 )
-from mailrouter.store.db import LOCK_KEYS, defer, on_postgresql, put_message, write_deferred
+from mailrouter.store.db import (
+    LOCK_KEYS,
+    Conflict,
+    defer,
+    on_postgresql,
+    put_message,
+    write_deferred,
+)
 from mailrouter.store.outbox import queue_mail
 from mailrouter.store.tables import (
     CASES,
@@ -114,6 +121,7 @@ _CASES_OF_CLIENT = select(Case).where(*_OF_CLIENT).order_by(Case.id)
 # about half the time loading case objects takes (the ORM around the same query).
 _ANY_CASE_OF_CLIENT = select(Case.id).where(*_OF_CLIENT).limit(1)
 _CASES_OF_CLIENT_LOCKED = _CASES_OF_CLIENT.with_for_update(of=Case)
+_CASES_OF_CLIENT_NOWAIT = _CASES_OF_CLIENT.with_for_update(of=Case, nowait=True)
 _LOGGED = select(func.count(AddressLog.id)).where(
     AddressLog.address == bindparam("address"),
     AddressLog.kind == bindparam("kind"),
@@ -139,6 +147,15 @@ _HOLD_WITH_SENDER = select(
     func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("key"))),
     func.pg_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("sender"))),
 )
+_TRY_HOLD = select(func.pg_try_advisory_xact_lock(LOCK_KEYS, func.hashtext(bindparam("key"))))
+# A group's locks (`GroupLocks`) in one statement, in the order of the locks themselves (two
+# keys may share one hash): PostgreSQL computes a query's output after its ORDER BY (since
+# 9.6), so the locks are taken in that order, the same in every daemon.
+_HOLD_IN_ORDER = text(
+    "SELECT pg_advisory_xact_lock(:space, h)"
+    " FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k) AS locks"
+    " ORDER BY h"
+)
 _INSERT_CASE = insert(CASES).returning(CASES.c.id)
 _NEXT_TURN_PG = select(func.nextval("escalation_turns"))
 _NEXT_TURN = (
@@ -162,6 +179,26 @@ def _address_key(address: str) -> str:
     return f"address\x1f{address.lower()}"
 
 
+class GroupLocks:
+    """The locks of a group of decisions committed in one transaction on PostgreSQL
+    (`Pipeline.process_group`): every one of them is held to the group's end.
+
+    A group that waited for a lock while holding others could wait for a second group
+    waiting for it in turn: a deadlock, which PostgreSQL breaks only after a second. So
+    what a group knows before deciding, its senders' addresses (the lock nearly every
+    decision takes), it takes first, all at once, in one order for everyone; any other lock
+    a decision asks for later (a client, another address, a case's row) it takes only if it
+    is free at once, and otherwise raises `Conflict`: the group is rolled back, and its
+    mails are decided one at a time, waiting like any other decision."""
+
+    def __init__(self, session: Session, senders: Sequence[str]) -> None:
+        self.held = {_address_key(sender) for sender in senders}
+        if self.held:
+            session.connection().execute(
+                _HOLD_IN_ORDER, {"space": LOCK_KEYS, "keys": sorted(self.held)}
+            )
+
+
 def result_of(
     outcome: str | None, reason: str | None, case_id: int | None, duplicate: bool = False
 ) -> Result:
@@ -183,12 +220,18 @@ class SqlCaseBook:
     lock the decision takes, in the same statement: a decision that takes a lock (an
     escalation, about its client) nearly always asks about its sender next (may it be
     answered?), and a statement costs PostgreSQL's client more than a lock held a little
-    longer costs the others."""
+    longer costs the others.
 
-    def __init__(self, session: Session, sender: str | None = None) -> None:
+    `group`: the decision is one of a group's (see `GroupLocks`), whose locks it shares and
+    which never waits for a lock after its first."""
+
+    def __init__(
+        self, session: Session, sender: str | None = None, group: GroupLocks | None = None
+    ) -> None:
         self.session = session
         self._locking = on_postgresql(session)
-        self._held: set[str] = set()
+        self._held: set[str] = group.held if group else set()
+        self._wait = group is None
         self._sender = _address_key(sender) if sender else None
 
     def _hold(self, *about: str) -> None:
@@ -201,6 +244,11 @@ class SqlCaseBook:
     def _take(self, key: str) -> None:
         if not self._locking or key in self._held:  # held to the commit: once is enough
             return
+        if not self._wait:
+            if not self._connection().execute(_TRY_HOLD, {"key": key}).scalar():
+                raise Conflict("a lock the group needs is held by another decision")
+            self._held.add(key)
+            return
         sender = self._sender
         if sender is None or sender in self._held or sender == key:
             self._connection().execute(_HOLD, {"key": key})
@@ -211,7 +259,7 @@ class SqlCaseBook:
 
     def _one_case(self, query: Select[Case]) -> Case | None:
         if self._locking:
-            query = query.with_for_update(of=Case)
+            query = query.with_for_update(of=Case, nowait=not self._wait)
         return self.session.scalars(query).first()
 
     def _connection(self) -> Connection:
@@ -298,7 +346,9 @@ class SqlCaseBook:
         keys = {"provider": provider, "client": client_key}
         if self._connection().execute(_ANY_CASE_OF_CLIENT, keys).first() is None:
             return []
-        query = _CASES_OF_CLIENT_LOCKED if self._locking else _CASES_OF_CLIENT
+        query = _CASES_OF_CLIENT
+        if self._locking:
+            query = _CASES_OF_CLIENT_LOCKED if self._wait else _CASES_OF_CLIENT_NOWAIT
         return list(self.session.scalars(query, keys).all())
 
     def case_of_bounced(self, message_ids: list[str]) -> Case | None:

@@ -19,7 +19,8 @@ from sqlalchemy import create_engine, event, select, text
 
 from mailrouter.cli import main
 from mailrouter.config import load_config
-from mailrouter.model import OutgoingMail
+from mailrouter.core.parse import normalize
+from mailrouter.model import ImapSource, OutgoingMail
 from mailrouter.service import Pipeline
 from mailrouter.store.db import (
     LOCK_KEYS,
@@ -30,7 +31,13 @@ from mailrouter.store.db import (
     put_message,
 )
 from mailrouter.store.outbox import Outbox, queue_mail
-from mailrouter.store.repo import SqlCaseBook, claim_uids, release_uids
+from mailrouter.store.repo import (
+    _HOLD_IN_ORDER,
+    GroupLocks,
+    SqlCaseBook,
+    claim_uids,
+    release_uids,
+)
 from mailrouter.store.tables import IMAP_CLAIMS, Message
 from mailrouter.testing.factory import reply
 from mailrouter.testing.postgres import PostgresCluster
@@ -390,3 +397,110 @@ def test_a_decisions_first_lock_takes_its_senders_in_the_same_statement(
         assert _lock_is_free(url, client) and _lock_is_free(url, sender)
     finally:
         store.close()
+
+
+def _holding(url: str, statement: str, params: dict[str, Any]) -> tuple[Any, Any]:
+    """A transaction of another connection that holds what `statement` locks, until its
+    connection is closed (returned with its engine)."""
+    engine = create_engine(url)
+    connection = engine.connect()
+    connection.begin()
+    connection.execute(text(statement), params)
+    return engine, connection
+
+
+def test_a_group_takes_its_senders_locks_first_and_any_other_only_if_free(
+    write_config: Callable[..., Path],
+) -> None:
+    """A group of decisions holds its senders' locks, taken first and at once; a lock it
+    asks for later that someone else holds (a client, a case's row) raises `Conflict` at
+    once rather than waiting, holding the group's, for it (two groups could wait for each
+    other)."""
+    config = load_config(write_config())
+    url = config.database_url
+    store = Store(url)
+    client = "client\x1fhibot\x1fclinica sol"
+    engine, other = _holding(
+        url,
+        "SELECT pg_advisory_xact_lock(:keys, hashtext(:key))",
+        {"keys": LOCK_KEYS, "key": client},
+    )
+    try:
+        with store.transaction() as session:
+            # A wait, were there one, would end in 10 s with PostgreSQL's own message.
+            session.execute(text("SET LOCAL lock_timeout = '10s'"))
+            group = GroupLocks(session, ["Agente@Example.com", "otra@example.com"])
+            assert not _lock_is_free(url, "address\x1fagente@example.com")
+            assert not _lock_is_free(url, "address\x1fotra@example.com")
+            book = SqlCaseBook(session, "agente@example.com", group)
+            book.logged("agente@example.com", "reply", NOW)  # its own: no statement to lock
+            with pytest.raises(Conflict, match="held by another decision"):
+                book.cases_of_client("hibot", "clinica sol")
+        opened = Pipeline(config, store, lambda: NOW).process(escalation("01-hibot-basic.eml"))
+        other.execute(
+            text("SELECT id FROM cases WHERE id = :id FOR UPDATE"), {"id": opened.case_id}
+        )
+        with (
+            pytest.raises(Conflict, match="could not obtain lock"),
+            store.transaction() as session,
+        ):
+            session.execute(text("SET LOCAL lock_timeout = '10s'"))
+            book = SqlCaseBook(session, "agente@example.com", GroupLocks(session, []))
+            book.case(opened.case_id)  # type: ignore[arg-type]
+    finally:
+        other.close()
+        engine.dispose()
+        store.close()
+
+
+def test_a_groups_locks_are_taken_in_the_order_of_their_hashes(postgres: PostgresCluster) -> None:
+    """Two groups whose senders overlap never each hold a lock the other waits for: each
+    takes its locks in one order, that of the locks (hashes), sorted before any is taken."""
+    engine = create_engine(postgres.new_database("mailrouter_template"))
+    try:
+        with engine.begin() as connection:
+            plan = [
+                line
+                for (line,) in connection.execute(
+                    text(f"EXPLAIN (VERBOSE, COSTS OFF) {_HOLD_IN_ORDER}"),
+                    {"space": LOCK_KEYS, "keys": ["b", "a", "c"]},
+                )
+            ]
+    finally:
+        engine.dispose()
+    taken = [n for n, line in enumerate(plan) if "pg_advisory_xact_lock" in line]
+    sorted_at = [n for n, line in enumerate(plan) if "Sort Key: (hashtext" in line]
+    assert taken and sorted_at and max(taken) < min(sorted_at), plan  # the sort runs first
+
+
+def test_a_group_that_meets_another_decisions_lock_is_committed_one_by_one(
+    write_config: Callable[..., Path],
+) -> None:
+    """A group of IMAP mails is one transaction on PostgreSQL too; when another decision
+    holds a lock one of its mails needs, the group gives way and its mails are committed
+    each alone, the one that needs the lock waiting for it: every mail goes through."""
+    config = load_config(write_config())
+    pipeline = Pipeline(config, Store(config.database_url), lambda: NOW)
+    commits: list[object] = []
+    event.listen(pipeline.store.engine, "commit", commits.append)
+    names = ("01-hibot-basic.eml", "02-panda-basic.eml", "03-operaciones-encuestas.eml")
+    mails = [(escalation(name), ImapSource("INBOX", 7, uid)) for uid, name in enumerate(names)]
+    try:
+        assert [r.outcome for r in pipeline.process_group(mails[:2])] == ["routed"] * 2
+        assert len(commits) == 1
+        # Another decision about the third mail's client, under way.
+        engine, other = _holding(
+            config.database_url,
+            "SELECT pg_advisory_xact_lock(:keys, hashtext(:key))",
+            {"keys": LOCK_KEYS, "key": f"client\x1foperaciones\x1f{normalize('Compensar')}"},
+        )
+        threading.Timer(0.5, other.close).start()  # it ends while the third mail waits
+        again = [(raw, ImapSource("INBOX", 7, uid + 10)) for uid, (raw, _) in enumerate(mails)]
+        commits.clear()
+        results = pipeline.process_group([again[0], mails[2]])
+        engine.dispose()
+        assert [(r.outcome, r.duplicate) for r in results] == [("routed", True), ("routed", False)]
+        assert len(commits) == 2  # the group gave way: each alone
+        assert len(pipeline.store.cases()) == 3
+    finally:
+        pipeline.store.close()
