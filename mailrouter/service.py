@@ -173,11 +173,8 @@ class Pipeline:
         if len(arrivals) > 1:
             try:
                 with self.store.transaction() as session:
-                    group = None
-                    if self.store.postgresql:
-                        senders = [a.mail.from_address for a, _ in arrivals if a.mail]
-                        group = GroupLocks(session, senders)
-                    return [self._decide(session, *arrival, group) for arrival in arrivals]
+                    sources = [source for _, source in mails]
+                    return self._decide_group(session, arrivals, sources)
             except Unavailable:
                 raise
             except Exception:
@@ -203,14 +200,44 @@ class Pipeline:
         key = mail.dedupe_key if mail else f"sha256:{content_hash(raw)}"
         return Arrival(raw, key, source, now, mail, whole_size or len(raw)), failure
 
+    def _decide_group(
+        self, session: Any, arrivals: list[tuple[Arrival, str]], sources: list[ImapSource]
+    ) -> list[Result]:
+        """The outcomes of a group of mails of one IMAP folder, written in `session`'s
+        transaction: whether each was seen before asked once for all, and on PostgreSQL
+        the group's locks taken first (`repo.GroupLocks`)."""
+        group = None
+        if self.store.postgresql:
+            group = GroupLocks(session, [a.mail.from_address for a, _ in arrivals if a.mail])
+        keyed = [
+            (arrival.key, source) for (arrival, _), source in zip(arrivals, sources, strict=True)
+        ]
+        earlier = SqlCaseBook(session, group=group).earlier_outcomes(keyed)
+        results, keys = [], set()
+        for (arrival, failure), known in zip(arrivals, earlier, strict=True):
+            # A copy of a mail earlier in the group asks again: the group wrote its first.
+            looked_up = None if arrival.key in keys else (known,)
+            keys.add(arrival.key)
+            results.append(self._decide(session, arrival, failure, group, looked_up))
+        return results
+
     def _decide(
-        self, session: Any, arrival: Arrival, failure: str, group: GroupLocks | None = None
+        self,
+        session: Any,
+        arrival: Arrival,
+        failure: str,
+        group: GroupLocks | None = None,
+        looked_up: tuple[Result | None] | None = None,
     ) -> Result:
         """The outcome of one arrived mail, written in `session`'s transaction (with the
-        other decisions of a `group` on PostgreSQL)."""
+        other decisions of a `group` on PostgreSQL). `looked_up`: its earlier outcome, or
+        None if it had none, already asked for (`_decide_group`)."""
         mail = arrival.mail
         book = SqlCaseBook(session, mail.from_address if mail else None, group)
-        earlier = book.earlier_outcome(arrival.key, arrival.source)
+        if looked_up is None:
+            earlier = book.earlier_outcome(arrival.key, arrival.source)
+        else:
+            (earlier,) = looked_up
         if earlier is not None:
             return earlier
         if mail is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -88,6 +89,17 @@ _EARLIER_BY_KEY_OR_UID = (
         )
     )
     .limit(1)
+)
+# `_EARLIER_BY_KEY_OR_UID` for a group of mails of one folder: one statement, not one each.
+_EARLIER_OF_GROUP = select(
+    *_OUTCOME, Message.imap_mailbox, Message.imap_uidvalidity, Message.imap_uid, Message.dedupe_key
+).where(
+    or_(
+        Message.dedupe_key.in_(bindparam("keys", expanding=True)),
+        (Message.imap_mailbox == bindparam("box"))
+        & (Message.imap_uidvalidity == bindparam("validity"))
+        & Message.imap_uid.in_(bindparam("uids", expanding=True)),
+    )
 )
 # Run as Core: the ORM's bulk-update path cost more than the write itself.
 _ADVANCE_LAST_UID = (
@@ -199,6 +211,14 @@ class GroupLocks:
             )
 
 
+def _earlier(found: tuple[Any, ...], source: ImapSource) -> Result:
+    """The outcome of an earlier message `found` (outcome, reason, case, and where it was
+    in IMAP), as a duplicate; in another's hands when it was this very message."""
+    outcome, reason, case_id, *where = found
+    this_message = where == [source.mailbox, source.uidvalidity, source.uid]
+    return replace(result_of(outcome, reason, case_id, duplicate=True), in_other_hands=this_message)
+
+
 def result_of(
     outcome: str | None, reason: str | None, case_id: int | None, duplicate: bool = False
 ) -> Result:
@@ -290,13 +310,33 @@ class SqlCaseBook:
             )
             .first()
         )
-        if found is None:
-            return None
-        outcome, reason, case_id, *where = found
-        this_message = where == [source.mailbox, source.uidvalidity, source.uid]
-        return replace(
-            result_of(outcome, reason, case_id, duplicate=True), in_other_hands=this_message
-        )
+        return None if found is None else _earlier(tuple(found), source)
+
+    def earlier_outcomes(self, keyed: Sequence[tuple[str, ImapSource]]) -> list[Result | None]:
+        """`earlier_outcome` of each of a group of IMAP mails of one folder, in one
+        statement. Only for mails whose keys differ: a copy in the group is committed by
+        the group itself, after this was asked."""
+        box, validity = keyed[0][1].mailbox, keyed[0][1].uidvalidity
+        assert all((s.mailbox, s.uidvalidity) == (box, validity) for _, s in keyed), keyed
+        params = {
+            "keys": [key for key, _ in keyed],
+            "box": box,
+            "validity": validity,
+            "uids": [source.uid for _, source in keyed],
+        }
+        by_key: dict[str, tuple[Any, ...]] = {}
+        by_uid: dict[int, tuple[Any, ...]] = {}
+        for row in self._connection().execute(_EARLIER_OF_GROUP, params):
+            found = tuple(row)[:6]
+            by_key[row.dedupe_key] = found
+            if (row.imap_mailbox, row.imap_uidvalidity) == (box, validity):
+                by_uid[row.imap_uid] = found
+        # This very message before a copy of it: committed by another worker, in its hands.
+        return [
+            _earlier(found, source) if found else None
+            for key, source in keyed
+            for found in [by_uid.get(source.uid) or by_key.get(key)]
+        ]
 
     def repeated(self, address: str, digest: str, since: datetime, other_than: str) -> bool:
         """Whether `address` sent this same text (`digest`) since `since`, in a mail other

@@ -231,6 +231,44 @@ def test_a_group_of_mails_is_committed_in_one_transaction(pipeline: Pipeline) ->
     assert len(pipeline.store.inbound()) == 3 and len(pipeline.store.outbound()) == 6
 
 
+def test_a_group_asks_once_whether_its_mails_were_seen_before(pipeline: Pipeline) -> None:
+    """One statement says which of a group's mails were committed before: by content or
+    Message-ID (a duplicate), or this very IMAP message (committed by another worker, in
+    its hands; the same UID in another folder is another message). A copy of a mail of
+    the group itself is asked about after the group wrote its first."""
+    hibot, panda = escalation("01-hibot-basic.eml"), escalation("02-panda-basic.eml")
+    tech, operaciones = escalation("04-tech-endoso.eml"), escalation("03-operaciones-encuestas.eml")
+    first = pipeline.process(hibot, ImapSource("INBOX", 7, 1))
+    committed = pipeline.process(operaciones, ImapSource("INBOX", 7, 5))
+    archived = pipeline.process(tech, ImapSource("Archive", 7, 6))
+    asked: list[str] = []
+
+    def lookups(*args: Any) -> None:
+        if args[2].startswith("SELECT") and "messages.imap_uid" in args[2]:
+            asked.append(args[2])
+
+    event.listen(pipeline.store.engine, "before_cursor_execute", lookups)
+    results = pipeline.process_group(
+        [
+            (hibot, ImapSource("INBOX", 7, 2)),
+            (operaciones, ImapSource("INBOX", 7, 5)),
+            (panda, ImapSource("INBOX", 7, 6)),
+            (tech, ImapSource("INBOX", 7, 8)),
+            (panda, ImapSource("INBOX", 7, 7)),
+        ]
+    )
+    event.remove(pipeline.store.engine, "before_cursor_execute", lookups)
+    seen = [(r.outcome, r.case_id, r.duplicate, r.in_other_hands) for r in results]
+    assert seen == [
+        ("routed", first.case_id, True, False),
+        ("routed", committed.case_id, True, True),
+        ("routed", 4, False, False),
+        ("routed", archived.case_id, True, False),
+        ("routed", 4, True, False),
+    ]
+    assert len(asked) == 2 and " IN " in asked[0]  # the group's, then the copy's
+
+
 def test_a_poison_mail_in_a_group_is_kept_aside_and_the_others_go_through(
     write_config: Callable[..., Path], tmp_path: Path
 ) -> None:
