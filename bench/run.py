@@ -716,6 +716,22 @@ def peer(dovecot: Dovecot, work: Path, n: int) -> dict[str, Any]:
     return {"name": PEER_REQUIREMENT, "msg_per_s": n / measured["seconds"], **measured}
 
 
+def peer_in_turns(peers: list[dict[str, Any]], bursts: list[dict[str, float]]) -> dict[str, Any]:
+    """The peer's runs, each against the router's burst of its turn: how many times the
+    peer's rate the router's was, turn by turn (the verdict: their median)."""
+    if "skipped" in peers[0]:
+        return peers[0]
+    rates = [p["msg_per_s"] for p in peers]
+    pairs = [b["msg_per_s"] / p["msg_per_s"] for b, p in zip(bursts, peers, strict=True)]
+    return {
+        "name": peers[0]["name"],
+        "msg_per_s": statistics.median(rates),
+        "runs": peers,
+        "router_times_in_turns": pairs,
+        "router_times": statistics.median(pairs),
+    }
+
+
 # --- the report --------------------------------------------------------------------------
 
 
@@ -908,13 +924,15 @@ def main(argv: list[str] | None = None) -> int:
         # The two ways of running, the burst with hostile mail and the ceiling, in turns, so
         # that the machine's drift (its speed moves by a third within the hour) touches all
         # alike.
+        # The peer right after the default burst it is judged against, in each turn (it was
+        # once measured alone: 3.2x in one run, 5.8x in a faster hour).
         bursts: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-        ceilings, mixed = [], []
+        ceilings, mixed, peers = [], [], []
         for _ in range(runs):
-            for sender_process in (False, True):
-                bursts[sender_process].append(
-                    burst(dovecot, relay, work, n, sender_process=sender_process)
-                )
+            bursts[False].append(burst(dovecot, relay, work, n))
+            # The smoke run does not build the peer's virtualenv (it needs PyPI and a minute).
+            peers.append({"skipped": "--quick"} if quick else peer(dovecot, work, n))
+            bursts[True].append(burst(dovecot, relay, work, n, sender_process=True))
             mixed.append(burst(dovecot, relay, work, n, hostile_every=HOSTILE_EVERY))
             ceilings.append(ceiling(dovecot, relay, work, n))
         rates = [c["msg_per_s"] for c in ceilings]
@@ -937,8 +955,7 @@ def main(argv: list[str] | None = None) -> int:
             "route": route_costs(runs=route_runs(quick)),
             "burst": throughput(bursts[False], mixed),
         }
-        # The smoke run does not build the peer's virtualenv (it needs PyPI and a minute).
-        results["peer"] = {"skipped": "--quick"} if quick else peer(dovecot, work, n)
+        results["peer"] = peer_in_turns(peers, bursts[False])
         results["workers"] = workers(dovecot, relay, work, n, runs, cluster, why_not)
     finally:
         if cluster is not None:
@@ -990,14 +1007,14 @@ def targets(r: dict[str, Any]) -> dict[str, bool | None]:
     def memory(m: dict[str, Any]) -> bool:
         return bool(m["peak_rss_mb"] <= 150 and m["attachments_intact"] == m["mails"])
 
-    peer = r["peer"].get("msg_per_s")
+    peer = r["peer"].get("router_times")
     return {
         "burst_half_ceiling": b["ratio_to_ceiling"] >= BURST_OF_CEILING,
         "burst_goal_ceiling": b["ratio_to_ceiling"] >= GOAL_OF_CEILING,
         "burst_sender_process_ceiling": bp["ratio_to_ceiling"] >= SENDER_PROCESS_OF_CEILING,
         "cpu_of_ceiling": b["daemon_cpu_ms_per_msg"]
         <= CPU_OF_CEILING * r["ceiling"]["cpu_ms_per_msg"],
-        "peer_4x": None if not peer else b["median_msg_per_s"] >= PEER_TIMES * peer,
+        "peer_4x": None if peer is None else peer >= PEER_TIMES,
         "growth_80": g["ratio_to_empty"] >= 0.8,
         "digest_5s": g["digest"]["seconds"] < 5,
         "memory_150mb": memory(r["memory"]),
@@ -1058,11 +1075,12 @@ def report(r: dict[str, Any]) -> str:
     bp, mp = r["burst_sender_process"], r["memory_sender_process"]
     floor = lat["idle_floor"].get("p50_s", float("nan"))
     p = r["peer"]
+    turns = "/".join(f"{x:.1f}" for x in p.get("router_times_in_turns", []))
     peer_row = (
         (
             f"peer: {p['name']} get_email, msg/s",
             f"{p['msg_per_s']:.0f}",
-            f"ingest only; router {b['median_msg_per_s'] / p['msg_per_s']:.1f}x",
+            f"ingest only; router {p['router_times']:.1f}x (turns {turns})",
             f"router ≥ {PEER_TIMES:.0f}x",
             "peer_4x",
         )

@@ -55,7 +55,7 @@ def test_bench_quick_run_produces_every_figure() -> None:
 
 
 def test_each_target_is_judged_from_the_figures_of_the_run() -> None:
-    from bench.run import report, targets
+    from bench.run import peer_in_turns, report, targets
 
     burst = {"median_msg_per_s": 69.0, "min": 66.0, "max": 75.0, "ratio_to_ceiling": 0.43}
     burst |= {"peak_rss_mb": 82.0, "daemon_cpu_ms_per_msg": 13.8, "relay_cpu_ms_per_msg": 3.3}
@@ -133,16 +133,21 @@ def test_each_target_is_judged_from_the_figures_of_the_run() -> None:
     # Issue 24's ratios, judged the other way on other figures of the same shape.
     fast = burst | {"median_msg_per_s": 100.0, "ratio_to_ceiling": 0.63}
     fast |= {"daemon_cpu_ms_per_msg": 7.4}
+    # The peer is judged turn by turn, against the burst of its turn.
+    peers = [{"name": "django-helpdesk", "msg_per_s": rate} for rate in (24.0, 20.0, 30.0)]
+    in_turns = peer_in_turns(peers, [{"msg_per_s": rate} for rate in (100.0, 90.0, 110.0)])
+    assert in_turns["router_times"] == pytest.approx(100 / 24)  # of 4.17, 4.5 and 3.67
     better = results | {
         "burst": fast,
         "burst_sender_process": fast | {"ratio_to_ceiling": 0.61},
-        "peer": {"name": "django-helpdesk", "msg_per_s": 24.0},
+        "peer": in_turns,
     }
     met = targets(better)
     assert met["burst_half_ceiling"] and met["burst_goal_ceiling"]
     assert met["burst_sender_process_ceiling"] and met["cpu_of_ceiling"] and met["peer_4x"]
-    assert targets(better | {"peer": {"name": "x", "msg_per_s": 26.0}})["peer_4x"] is False
-    assert "router ≥ 4x" in report(better | {"targets": met})
+    slower = peer_in_turns(peers, [{"msg_per_s": 90.0}] * 3)  # 3.75, 4.5 and 3.0
+    assert targets(better | {"peer": slower})["peer_4x"] is False
+    assert "router 4.2x (turns 4.2/4.5/3.7)" in report(better | {"targets": met})
 
 
 def _shape(ratio: float, outcome: str) -> dict[str, object]:
