@@ -243,6 +243,18 @@ def defer(session: Session, statement: Executable, params: dict[str, Any]) -> No
     session.info.setdefault(_DEFERRED, []).append((statement, params))
 
 
+def deferred(session: Session, statement: Executable) -> list[dict[str, Any]]:
+    """The rows of `statement` deferred in the session's transaction and not written yet:
+    a question about them is answered without writing them first (`repo.SqlCaseBook`)."""
+    return [params for pending, params in session.info.get(_DEFERRED, ()) if pending is statement]
+
+
+def deferred_messages(session: Session) -> list[dict[str, Any]]:
+    """The message rows `put_message` deferred and not written yet, in its columns (the
+    only deferred rows with a direction)."""
+    return [params for _, params in session.info.get(_DEFERRED, ()) if "direction" in params]
+
+
 def write_deferred(session: Session) -> None:
     """Make the session's deferred writes now: each statement once, with all its rows, in
     the order the statements were first deferred (a case's queued mails keep theirs)."""

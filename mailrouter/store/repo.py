@@ -51,6 +51,8 @@ from mailrouter.store.db import (
     LOCK_KEYS,
     Conflict,
     defer,
+    deferred,
+    deferred_messages,
     on_postgresql,
     put_message,
     write_deferred,
@@ -265,15 +267,15 @@ class SqlCaseBook:
         if not self._locking or key in self._held:  # held to the commit: once is enough
             return
         if not self._wait:
-            if not self._connection().execute(_TRY_HOLD, {"key": key}).scalar():
+            if not self.session.connection().execute(_TRY_HOLD, {"key": key}).scalar():
                 raise Conflict("a lock the group needs is held by another decision")
             self._held.add(key)
             return
         sender = self._sender
         if sender is None or sender in self._held or sender == key:
-            self._connection().execute(_HOLD, {"key": key})
+            self.session.connection().execute(_HOLD, {"key": key})
         else:
-            self._connection().execute(_HOLD_WITH_SENDER, {"key": key, "sender": sender})
+            self.session.connection().execute(_HOLD_WITH_SENDER, {"key": key, "sender": sender})
             self._held.add(sender)
         self._held.add(key)
 
@@ -286,6 +288,12 @@ class SqlCaseBook:
         """The transaction's connection, for a read or a write that waits for its answer:
         the deferred writes are made first (see `db.defer`)."""
         write_deferred(self.session)
+        return self.session.connection()
+
+    def _cases(self) -> Connection:
+        """The transaction's connection, for a read or a write of the cases and the turns
+        alone, which are never deferred: the deferred writes wait for the next read of
+        what they write, or the commit (a group's decisions make them all in one call)."""
         return self.session.connection()
 
     # --- this mail, seen before? ---------------------------------------------------------
@@ -342,21 +350,33 @@ class SqlCaseBook:
         """Whether `address` sent this same text (`digest`) since `since`, in a mail other
         than the one keyed `other_than` (this one), that was not kept aside."""
         self._address(address)
-        params = {
-            "sender": address[:320],
-            "since": since,
-            "digest": digest,
-            "key": other_than[:1024],
-        }
-        # Past the deferred writes (no `_connection`): they are this mail's own, which the
-        # question leaves out (the other mails in, by their key).
+        sender, key = address[:320], other_than[:1024]
+        # Asked of the deferred rows (the mails before this one in a group) and of the
+        # table, not writing them first: then they go in one call at the commit.
+        if any(
+            row["direction"] == "in"
+            and row["sender"] == sender
+            and row["content_digest"] == digest
+            and row["created_at"] >= since
+            and row["dedupe_key"] != key
+            and row["outcome"] not in SET_ASIDE
+            for row in deferred_messages(self.session)
+        ):
+            return True
+        params = {"sender": sender, "since": since, "digest": digest, "key": key}
         return self.session.connection().execute(_REPEATED, params).first() is not None
 
     def logged(self, address: str, kind: str, since: datetime) -> int:
         """How many times `kind` was logged for `address` since `since` (see AddressLog)."""
         self._address(address)
         params = {"address": address[:320], "kind": kind, "since": since}
-        return int(self._connection().execute(_LOGGED, params).scalar() or 0)
+        # The deferred rows counted apart, as in `repeated`.
+        waiting = sum(
+            1
+            for row in deferred(self.session, _LOG_ADDRESS)
+            if (row["address"], row["kind"]) == (params["address"], kind) and row["at"] >= since
+        )
+        return waiting + int(self.session.connection().execute(_LOGGED, params).scalar() or 0)
 
     def case(self, case_id: int) -> Case | None:
         if not self._locking:
@@ -384,7 +404,7 @@ class SqlCaseBook:
         destination, oldest first."""
         self._hold("client", provider, client_key)  # a second escalation waits to see ours
         keys = {"provider": provider, "client": client_key}
-        if self._connection().execute(_ANY_CASE_OF_CLIENT, keys).first() is None:
+        if self._cases().execute(_ANY_CASE_OF_CLIENT, keys).first() is None:
             return []
         query = _CASES_OF_CLIENT
         if self._locking:
@@ -484,7 +504,7 @@ class SqlCaseBook:
             for column in CASES.columns
             if column.key != "id" and getattr(case, column.key) is not None
         }
-        case.id = int(self._connection().execute(_INSERT_CASE, values).scalar_one())
+        case.id = int(self._cases().execute(_INSERT_CASE, values).scalar_one())
         return case.id
 
     def record_inbound(
@@ -549,14 +569,14 @@ class SqlCaseBook:
         updated by each new case would make every decision of every daemon wait for the
         one before to commit); on SQLite, with its one writer, a row."""
         if self._locking:
-            return int(self._connection().execute(_NEXT_TURN_PG).scalar_one())
-        return int(self._connection().execute(_NEXT_TURN).scalar_one()) - 1
+            return int(self._cases().execute(_NEXT_TURN_PG).scalar_one())
+        return int(self._cases().execute(_NEXT_TURN).scalar_one()) - 1
 
     def open_counts(self, owners: Sequence[str]) -> dict[str, int]:
         """How many cases in progress (not closed) each of `owners` has."""
         if not owners:
             return {}
-        rows = self._connection().execute(_OPEN_OF_OWNERS, {"owners": list(owners)})
+        rows = self._cases().execute(_OPEN_OF_OWNERS, {"owners": list(owners)})
         return {owner: int(count) for owner, count in rows}
 
     def record_digest(self, recipient: str, period: str, now: datetime, message_id: str) -> None:

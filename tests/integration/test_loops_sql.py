@@ -1,13 +1,18 @@
 """Loop protection on the real store (issue 19, item 2): the address log, the text digest
-and the queries behind them, through `Pipeline.process` on SQLite."""
+and the queries behind them, through `Pipeline.process`, and `Pipeline.process_group`
+whose decisions ask them before the group's writes are made (at its commit)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from itertools import count
 from pathlib import Path
 
+from sqlalchemy import event
+
 from mailrouter.config import load_config
+from mailrouter.model import ImapSource
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.testing.factory import reply as compose
@@ -53,6 +58,46 @@ def test_the_same_text_twice_is_answered_once_on_sqlite(
     robot = "tickets@example.com"
     for _ in range(3):
         pipeline.process(compose(robot, "Su solicitud fue recibida. Gracias."))
+    answers = [m for m in store.outbound() if robot in m.recipients]
+    assert [m.kind for m in answers] == ["needs_info"]
+    assert [m.kind for m in store.outbound()].count("replies_stopped") == 1
+
+
+def _commits(store: Store) -> list[object]:
+    commits: list[object] = []
+    event.listen(store.engine, "commit", commits.append)
+    return commits
+
+
+def test_a_burst_of_200_from_one_agent_in_groups(write_config: Callable[..., Path]) -> None:
+    """The replies counted to the agent and the text it sent are asked of the mails before
+    it in its group too, which are written only at the group's commit."""
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    ticks = count()
+    pipeline = Pipeline(config, store, lambda: START + timedelta(seconds=5 * next(ticks)))
+    commits = _commits(store)
+    mails = [(escalation(n), ImapSource("INBOX", 1, n + 1)) for n in range(200)]
+    for start in range(0, 200, 16):
+        results = pipeline.process_group(mails[start : start + 16])
+        assert [r.outcome for r in results] == ["routed"] * len(results)
+    assert len(commits) == 13  # each group in one transaction: none gave way
+    kinds = [m.kind for m in store.outbound()]
+    assert kinds.count("forward") == 200 and kinds.count("acknowledgement") == 10
+    assert kinds.count("replies_stopped") == 1
+
+
+def test_the_same_text_twice_in_a_group_is_answered_once(
+    write_config: Callable[..., Path],
+) -> None:
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    pipeline = Pipeline(config, store, lambda: START)
+    robot = "tickets@example.com"
+    commits = _commits(store)
+    texts = [compose(robot, "Su solicitud fue recibida. Gracias.") for _ in range(3)]
+    pipeline.process_group([(raw, ImapSource("INBOX", 1, uid)) for uid, raw in enumerate(texts)])
+    assert len(commits) == 1
     answers = [m for m in store.outbound() if robot in m.recipients]
     assert [m.kind for m in answers] == ["needs_info"]
     assert [m.kind for m in store.outbound()].count("replies_stopped") == 1

@@ -216,19 +216,34 @@ def _from_imap(*names: str) -> list[tuple[bytes, ImapSource]]:
 
 
 def test_a_group_of_mails_is_committed_in_one_transaction(pipeline: Pipeline) -> None:
+    """One commit; and the writes nobody waits for (the mails in and out, the cases'
+    events), one call each for the whole group, at its end."""
     commits: list[object] = []
     record = commits.append
+    statements: list[str] = []
+
+    def executed(*args: Any) -> None:
+        statements.append(args[2].split("(")[0].strip())
+
     event.listen(pipeline.store.engine, "commit", record)
-    mails = _from_imap("01-hibot-basic.eml", "02-panda-basic.eml", "03-operaciones-encuestas.eml")
-    again = (escalation("01-hibot-basic.eml"), ImapSource("INBOX", 7, 4))  # a second copy
-    results = pipeline.process_group([*mails, again])
+    event.listen(pipeline.store.engine, "before_cursor_execute", executed)
+    mails = _from_imap("01-hibot-basic.eml", "02-panda-basic.eml", "04-tech-endoso.eml")
+    results = pipeline.process_group(mails)
+    event.remove(pipeline.store.engine, "before_cursor_execute", executed)
     event.remove(pipeline.store.engine, "commit", record)
     assert len(commits) == 1
-    assert [r.outcome for r in results] == ["routed"] * 4
+    assert statements.count("INSERT INTO events") == 1, statements
+    assert statements[-1] == "INSERT INTO events"  # after the last decision's reads
+    operaciones = escalation("03-operaciones-encuestas.eml")
+    copies = [(operaciones, ImapSource("INBOX", 7, 5)), (operaciones, ImapSource("INBOX", 7, 6))]
+    results = pipeline.process_group(copies)
+    assert [r.outcome for r in results] == ["routed"] * 2
     # The copy sees the first one's writes, made earlier in the same transaction.
-    assert results[3].duplicate and results[3].case_id == results[0].case_id
-    assert [c.provider for c in pipeline.store.cases()] == ["operaciones", "panda", "hibot"]
-    assert len(pipeline.store.inbound()) == 3 and len(pipeline.store.outbound()) == 6
+    assert results[1].duplicate and results[1].case_id == results[0].case_id
+    assert [c.provider for c in pipeline.store.cases()] == ["operaciones", "tech", "panda", "hibot"]
+    kinds = [m.kind for m in pipeline.store.outbound()]
+    assert len(pipeline.store.inbound()) == 4
+    assert kinds.count("forward") == kinds.count("acknowledgement") == 4
 
 
 def test_a_group_asks_once_whether_its_mails_were_seen_before(pipeline: Pipeline) -> None:
