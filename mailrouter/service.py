@@ -17,13 +17,15 @@ show, release, attach to a case, drop; each act recorded on the mail's row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
 import re
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -172,7 +174,7 @@ class Pipeline:
         arrivals = [self._arrive(raw, source, None) for raw, source in mails]
         if len(arrivals) > 1:
             try:
-                with self.store.transaction() as session:
+                with _said_on_success(DECISIONS_LOG), self.store.transaction() as session:
                     sources = [source for _, source in mails]
                     return self._decide_group(session, arrivals, sources)
             except Unavailable:
@@ -273,6 +275,33 @@ class Pipeline:
         """The sender's report of a mail refused for good, inside the transaction that marks
         it failed (`store.outbox.OnFailed`)."""
         self.handler.delivery_failed(SqlCaseBook(session), failed, self.clock())
+
+
+# What the decisions say (each case opened, each reply withheld, each mail kept aside).
+DECISIONS_LOG = logging.getLogger(Handler.__module__)
+
+
+@contextlib.contextmanager
+def _said_on_success(logger: logging.Logger) -> Iterator[None]:
+    """What `logger` is told in this thread inside the block, said only once the block
+    ends without an exception: a group that gives way is decided again one by one, and
+    the lines of its first attempt (with case numbers since rolled back) would mislead."""
+    thread = threading.get_ident()
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.thread != thread:
+            return True
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in held:
+        logger.handle(record)
 
 
 @dataclass(frozen=True)

@@ -285,13 +285,14 @@ def test_a_group_asks_once_whether_its_mails_were_seen_before(pipeline: Pipeline
 
 
 def test_a_poison_mail_in_a_group_is_kept_aside_and_the_others_go_through(
-    write_config: Callable[..., Path], tmp_path: Path
+    write_config: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     templates = tmp_path / "templates"
     shutil.copytree(PROJECT / "templates", templates)
     (templates / "forward_panda.j2").write_text("Subject: {{ fields.no_such_field }}\n\nx\n")
     config = load_config(write_config({"templates_dir": str(templates)}))
     pipeline = Pipeline(config, Store(config.database_url), lambda: NOW)
+    caplog.set_level(logging.INFO, logger="mailrouter.core.handle")
     results = pipeline.process_group(
         _from_imap("01-hibot-basic.eml", "02-panda-basic.eml", "03-operaciones-encuestas.eml")
     )
@@ -301,6 +302,10 @@ def test_a_poison_mail_in_a_group_is_kept_aside_and_the_others_go_through(
     assert [c.provider for c in pipeline.store.cases()] == ["operaciones", "hibot"]
     assert [m.outcome for m in pipeline.store.inbound()] == ["routed", "quarantined", "routed"]
     assert len(pipeline.store.outbound()) == 4
+    # What the rolled-back attempt said is not said: each mail's line once.
+    said = [r.getMessage() for r in caplog.records if r.name == "mailrouter.core.handle"]
+    assert len([line for line in said if "-> hibot" in line]) == 1, said
+    assert len([line for line in said if line.startswith("quarantined:")]) == 1, said
 
 
 def test_oversized_mail_is_quarantined(write_config: Callable[..., Path]) -> None:
