@@ -5,15 +5,13 @@ copied into every mail of its case."""
 
 from __future__ import annotations
 
-import functools
-import time
-from collections.abc import Callable
 from datetime import timedelta
 
+import authres
 import pytest
 
 from mailrouter.config import AuthenticationSettings
-from mailrouter.core.authn import MAX_RESULTS, authenticate
+from mailrouter.core.authn import MAX_HEADERS, MAX_PARSED_CHARS, MAX_RESULTS, authenticate
 from mailrouter.core.handle import UNAUTHENTICATED, Handler
 from mailrouter.core.parse import SUBJECT_LIMIT, Refused
 from mailrouter.model import FailedMail
@@ -113,29 +111,34 @@ def test_a_parent_domain_signature_covers_a_subdomain_sender() -> None:
     assert not authenticate(headers, "carla@example.com.evil.org", REQUIRE_ANY).passed
 
 
-def test_huge_authentication_headers_cost_what_a_normal_mail_costs() -> None:
-    handler = handler_with()
-    normal_mail = sample("01-hibot-basic.eml")
+def test_huge_authentication_headers_hand_authres_a_bounded_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """authres is the slow part (about 9 s for the first 16,000 results of one crafted
+    header): whatever the headers, it is handed at most MAX_HEADERS values of at most
+    MAX_PARSED_CHARS in all, each cut after MAX_RESULTS results, and nothing of another
+    host's. What that costs against a normal mail is `make bench`'s hostile row."""
+    handed: list[str] = []
+    parse_value = authres.AuthenticationResultsHeader.parse_value
+
+    def spy(value: str) -> object:
+        handed.append(value)
+        return parse_value(value)
+
+    monkeypatch.setattr(authres.AuthenticationResultsHeader, "parse_value", spy)
     one = "; ".join(["dkim=fail header.d=a.example"] * 20_000)
     shapes = {
-        "one huge header": [f"{MX}; {one}"],
-        "many trusted headers": [f"{MX}; {one[:1000]}"] * 16,
-        "many untrusted headers": [f"x.example; {one}"] * 16,
+        "one huge header": ([f"{MX}; {one}"], 0),
+        "many trusted headers": ([f"{MX}; {one[:1000]}"] * 40, 1),
+        "many short trusted headers": ([f"{MX}; dkim=fail"] * 40, MAX_HEADERS),
+        "many untrusted headers": ([f"x.example; {one}"] * 16, 0),
     }
-
-    def fastest(work: Callable[[], object]) -> float:
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            work()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    normal = fastest(lambda: handler.parse(normal_mail))
-    for name, headers in shapes.items():
-        # authres alone takes about 9 s for the first 16,000 results of one such header.
-        cost = fastest(functools.partial(authenticate, headers, "carla@example.com", REQUIRE_ANY))
-        assert cost < 10 * normal, f"{name}: {cost / normal:.0f}x a normal escalation"
+    for name, (headers, calls) in shapes.items():
+        handed.clear()
+        assert not authenticate(headers, "carla@example.com", REQUIRE_ANY).passed
+        assert len(handed) == calls, name
+        assert sum(map(len, handed)) <= MAX_PARSED_CHARS, name
+        assert all(value.count(";") <= MAX_RESULTS for value in handed), name
 
 
 # --- 4. nobody speaks as an agent or a vendor without proof ---
