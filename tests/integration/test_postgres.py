@@ -504,3 +504,52 @@ def test_a_group_that_meets_another_decisions_lock_is_committed_one_by_one(
         assert len(pipeline.store.cases()) == 3
     finally:
         pipeline.store.close()
+
+
+def test_daemons_deciding_groups_about_the_same_clients_open_one_case_each(
+    write_config: Callable[..., Path],
+) -> None:
+    """Four daemons take groups of escalations at the same moment, each from an agent of
+    its own, each about the same six clients in its own order: a group that needs a
+    client another holds gives way rather than wait holding its own (which could wait
+    for good), its mails are decided one by one, and each client ends with one case."""
+    config = load_config(write_config())
+    pipelines = [Pipeline(config, Store(config.database_url), lambda: NOW) for _ in range(4)]
+
+    def mail(agent: int, client: int) -> bytes:
+        return reply(
+            f"Agente {agent} <agente{agent}@example.com>",
+            f"Proveedor: HIBOT\nCliente: Cliente {client}\nUsuario que tiene el problema: u1\n"
+            "Correo asociado al usuario: u1@cliente.example\nPrioridad: MEDIA\n"
+            f"Descripción del problema: no puede ingresar ({agent})\n",
+            subject=f"Escalamiento HIBOT - Cliente {client}",
+        )
+
+    groups = []
+    for daemon in range(4):
+        clients = list(range(6))[daemon:] + list(range(6))[:daemon]
+        mails = [mail(daemon, client) for client in clients]
+        groups.append(
+            [(raw, ImapSource("INBOX", 7, 10 * daemon + n)) for n, raw in enumerate(mails)]
+        )
+    start = threading.Barrier(4)
+    outcomes: list[list[str]] = []
+
+    def decide(daemon: int) -> None:
+        start.wait()
+        results = pipelines[daemon].process_group(groups[daemon])
+        outcomes.append([r.outcome for r in results])
+
+    threads = [threading.Thread(target=decide, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    try:
+        said = sorted(outcome for results in outcomes for outcome in results)
+        assert said == ["routed"] * 6 + ["threaded"] * 18, outcomes  # the others attached
+        cases = pipelines[0].store.cases()
+        assert sorted(case.client for case in cases) == [f"Cliente {n}" for n in range(6)]
+    finally:
+        for pipeline in pipelines:
+            pipeline.store.close()
