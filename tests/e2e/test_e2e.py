@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from imapclient import IMAPClient
+from imapclient.exceptions import LoginError
 
 from mailrouter import model
 from mailrouter.config import load_config
@@ -518,3 +519,36 @@ def test_lmtp_intake_end_to_end(
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             client.sendmail("x@example.com", ["someone@else.example"], b"Subject: x\r\n\r\nhi")
     assert wait_until(lambda: len(relay.to("soporte@hibot.us")) == 1, timeout=20)
+
+
+def _open_sockets() -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if _is_socket(fd))
+
+
+def _is_socket(fd: Path) -> bool:
+    try:
+        return fd.readlink().name.startswith("socket:")
+    except OSError:
+        return False  # closed since it was listed
+
+
+@pytest.mark.sqlite_only  # about the IMAP connection alone
+def test_a_refused_imap_login_leaves_no_connection_open(
+    dovecot: Dovecot, write_config: Callable[..., Path]
+) -> None:
+    """A wrong password (or a server that cuts us off before the folders are ready) is
+    retried with backoff for as long as the daemon runs: each refused connection is
+    closed at once, not left to the garbage collector."""
+    user = dovecot.new_user()
+    settings = dovecot.imap_settings(user, password="wrong")
+    config = load_config(write_config({"intake": {"source": "imap", "imap": settings}}))
+    pipeline = Pipeline(config, Store(config.database_url), lambda: datetime.now(UTC))
+    poller = intake.ImapIntake(config.settings.intake.imap, pipeline.intake_hooks())
+    before = _open_sockets()
+    refusals = []  # each keeps its traceback, and with it the client it was raised in
+    for _ in range(2):
+        with pytest.raises(LoginError) as refused:
+            poller.connect()
+        refusals.append(refused)
+    assert _open_sockets() == before
