@@ -107,26 +107,25 @@ class Daemon:
 
     def _ingest(self, raw: bytes, source: ImapSource | None, size: int | None) -> Result:
         """The pipeline of the moment's `process`, counted and timed for /metrics."""
-        started = time.monotonic()
-        try:
-            result = self.pipeline.process(raw, source, size)
-        except Exception:
-            self.metrics.not_received()
-            raise
-        self.metrics.received(result, time.monotonic() - started)
+        (result,) = self._counted(1, lambda: [self.pipeline.process(raw, source, size)])
         return result
 
     def _ingest_group(self, mails: list[tuple[bytes, ImapSource]]) -> list[Result]:
         """The pipeline of the moment's `process_group`, each mail counted, the group's
         time shared among them."""
+        return self._counted(len(mails), lambda: self.pipeline.process_group(mails))
+
+    def _counted(self, mails: int, process: Callable[[], list[Result]]) -> list[Result]:
+        """The outcomes of `process` on `mails` mails, each counted for /metrics (as not
+        received, should it raise: they wait to be read again)."""
         started = time.monotonic()
         try:
-            results = self.pipeline.process_group(mails)
+            results = process()
         except Exception:
-            for _ in mails:
+            for _ in range(mails):
                 self.metrics.not_received()
             raise
-        each = (time.monotonic() - started) / len(mails)
+        each = (time.monotonic() - started) / mails
         for result in results:
             self.metrics.received(result, each)
         return results
