@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -23,7 +24,13 @@ from datetime import datetime, timedelta
 from mailrouter.config import RetrySettings
 from mailrouter.core.notify import NOTIFY_KIND
 from mailrouter.deliver.journal import SentJournal, claim_is_dead, listed, process_identity
-from mailrouter.deliver.transports import PermanentFailure, TemporaryFailure, Transport
+from mailrouter.deliver.transports import (
+    Mail,
+    PermanentFailure,
+    StoredMail,
+    TemporaryFailure,
+    Transport,
+)
 from mailrouter.model import is_large
 from mailrouter.store.db import Store
 from mailrouter.store.outbox import OnFailed, Outbox, OutboxRow
@@ -207,8 +214,8 @@ class Sender:
         row: OutboxRow | None = None,
     ) -> bool:
         """Send one row this sender has claimed (`row`: as `_read_rows` gave it). Mails over
-        `LARGE_MAIL_BYTES` are read and sent one at a time (under `one_large_mail` and the
-        store's large-mail turn): each costs a few copies of itself on the way out."""
+        `LARGE_MAIL_BYTES` are sent one at a time (under `one_large_mail` and the store's
+        large-mail turn), read from the store a slice at a time as they go out."""
         row = row or self.outbox.read_rows([row_id]).get(row_id)
         if row is None or row.delivery != "sending":
             return False
@@ -217,7 +224,13 @@ class Sender:
             one_large_mail if large and one_large_mail else contextlib.nullcontext(),
             self._large_mail_turn() if large else contextlib.nullcontext(),
         ):
-            raw = row.raw if row.raw is not None else self.store.read_raw(row_id)
+            raw: Mail
+            if row.raw is not None:
+                raw = row.raw
+            elif large:
+                raw = StoredMail(row.size, functools.partial(self.store.read_raw_slice, row_id))
+            else:
+                raw = self.store.read_raw(row_id)
             transport = self.posts if row.kind == NOTIFY_KIND else self.transport
             try:
                 if transport is None:

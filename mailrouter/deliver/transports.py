@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,15 +30,37 @@ log = logging.getLogger(__name__)
 
 # TemporaryFailure, "try again later" (4xx, connection refused, timeout), is the model's:
 # the daemon's loops know it too (the database away is one).
-__all__ = ["PermanentFailure", "TemporaryFailure", "Transport"]
+__all__ = ["Mail", "PermanentFailure", "StoredMail", "TemporaryFailure", "Transport"]
 
 
 class PermanentFailure(Exception):
     """Never try again (5xx)."""
 
 
+@dataclass(frozen=True)
+class StoredMail:
+    """A large mail left in the store and read a slice at a time as it goes out, so that a
+    sender never holds it whole: `read(offset, length)` gives its bytes (a blocking read,
+    run in a thread), `size` how many there are."""
+
+    size: int
+    read: Callable[[int, int], bytes]
+
+    async def slices(self, size: int) -> AsyncIterator[bytes]:
+        """Its bytes, `size` at a time, in order."""
+        for offset in range(0, self.size, size):
+            yield await asyncio.to_thread(self.read, offset, size)
+
+    async def whole(self) -> bytes:
+        return b"".join([piece async for piece in self.slices(DATA_SLICE_BYTES)])
+
+
+# What a transport is given: a mail's bytes, or a large one still in the store.
+Mail = bytes | StoredMail
+
+
 class Transport(Protocol):
-    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None: ...
+    async def send(self, sender: str, recipients: list[str], data: Mail, name: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -48,14 +71,20 @@ class FileTransport:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+    async def send(self, sender: str, recipients: list[str], data: Mail, name: str) -> None:
         target = self.directory / f"{name}.eml"
         partial = target.with_suffix(".eml.part")
         envelope = f"X-Envelope-From: {sender}\r\nX-Envelope-To: {', '.join(recipients)}\r\n"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             # Written aside and renamed, so a reader never sees half a mail.
-            partial.write_bytes(envelope.encode("utf-8", "replace") + data)
+            with partial.open("wb") as out:
+                out.write(envelope.encode("utf-8", "replace"))
+                if isinstance(data, bytes):
+                    out.write(data)
+                else:
+                    async for piece in data.slices(DATA_SLICE_BYTES):
+                        out.write(piece)
             os.replace(partial, target)
         except OSError as exc:  # a full disk or a folder we may not write: fixed, it goes
             raise TemporaryFailure(f"cannot write {target}: {exc.strerror or exc}") from exc
@@ -149,14 +178,14 @@ class SmtpTransport:
                 return client
         return await self._connect()
 
-    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+    async def send(self, sender: str, recipients: list[str], data: Mail, name: str) -> None:
         client: aiosmtplib.SMTP | None = None
         # An address with a non-ASCII local part goes only to a relay that offers SMTPUTF8
         # (RFC 6531); to any other it cannot be written, and no retry changes that.
         utf8 = not all(address.isascii() for address in [sender, *recipients])
         try:
             client = await self._checkout()
-            if is_large(len(data)):
+            if not isinstance(data, bytes) or is_large(len(data)):
                 errors = await _send_in_slices(client, sender, recipients, data, utf8)
             else:
                 options = ["SMTPUTF8"] if utf8 else []
@@ -221,11 +250,54 @@ def data_slices(data: bytes, size: int = DATA_SLICE_BYTES) -> Iterator[bytes]:
     while start < len(data):
         cut = data.find(b"\n", start + size)
         end = len(data) if cut == -1 else cut + 1
-        piece = _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", data[start:end]))
-        if end == len(data) and not piece.endswith(b"\r\n"):
-            piece += b"\r\n"
-        yield piece
+        yield _on_the_wire(data[start:end])
         start = end
+
+
+def _on_the_wire(lines: bytes) -> bytes:
+    """Whole lines of a mail as they go after DATA (only the last may lack its line end)."""
+    piece = _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", lines))
+    return piece if piece.endswith(b"\r\n") else piece + b"\r\n"
+
+
+async def whole_lines(mail: StoredMail, size: int = DATA_SLICE_BYTES) -> AsyncIterator[bytes]:
+    """A stored mail's bytes in pieces of about `size` that end at a line end (the last
+    piece as the mail ends), so that each piece can be put on the wire alone: a CR LF is
+    never split, and each piece begins a line. A mail without line ends is one piece."""
+    rest = b""
+    async for read in mail.slices(size):
+        pending = rest + read
+        cut = pending.rfind(b"\n") + 1 or _after_lone_cr(pending)
+        if cut:
+            yield pending[:cut]
+        rest = pending[cut:]
+    if rest:
+        yield rest
+
+
+def _after_lone_cr(data: bytes) -> int:
+    """Just after the last CR that ends a line in `data` (one followed by another byte,
+    not LF), or 0."""
+    cr = data.rfind(b"\r", 0, len(data) - 1)
+    return cr + 1 if cr >= 0 else 0
+
+
+async def wire_pieces(data: Mail) -> AsyncIterator[bytes]:
+    """`data` as it goes on the wire after DATA, a slice at a time."""
+    if isinstance(data, bytes):
+        for piece in data_slices(data):
+            yield piece
+        return
+    async for lines in whole_lines(data):
+        yield _on_the_wire(lines)
+
+
+async def wire_size(data: Mail) -> int:
+    """How many bytes `wire_pieces(data)` gives, counted without preparing them (a stored
+    mail is read once for this: the SIZE announced before its DATA)."""
+    if isinstance(data, bytes):
+        return data_size(data)
+    return sum([data_size(lines) async for lines in whole_lines(data)])
 
 
 def data_size(data: bytes) -> int:
@@ -241,17 +313,17 @@ def data_size(data: bytes) -> int:
 
 
 async def _send_in_slices(
-    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes, utf8: bool
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: Mail, utf8: bool
 ) -> dict[str, aiosmtplib.SMTPResponse]:
     """`sendmail` for a large mail. aiosmtplib prepares the whole mail at once (twice
     when the relay announces SIZE), which costs about five times the mail in memory;
     here the DATA is prepared and written a slice at a time, waiting for the socket
-    to take each one."""
+    to take each one (and a stored mail is read from the store a slice at a time)."""
     if client.is_ehlo_or_helo_needed:
         await client.ehlo()
     options = []
     if client.supports_extension("size"):
-        options.append(f"SIZE={data_size(data)}")
+        options.append(f"SIZE={await wire_size(data)}")
     if utf8:
         if not client.supports_extension("smtputf8"):
             raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
@@ -274,7 +346,7 @@ async def _send_in_slices(
         raise aiosmtplib.SMTPServerDisconnected("connection lost before the mail was sent")
     transport = protocol.transport
     assert isinstance(transport, asyncio.WriteTransport)
-    for piece in data_slices(data):
+    async for piece in wire_pieces(data):
         protocol.write(piece)
         while transport.get_write_buffer_size() > DATA_SLICE_BYTES and not transport.is_closing():
             await asyncio.sleep(0.001)

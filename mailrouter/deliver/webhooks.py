@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mailrouter.config import NotifyTarget
-from mailrouter.deliver.transports import PermanentFailure, TemporaryFailure
+from mailrouter.deliver.transports import Mail, PermanentFailure, TemporaryFailure
 
 if TYPE_CHECKING:
     import requests
@@ -29,12 +29,13 @@ class WebhookTransport:
         # daemon whose targets never post (or that has none) need not carry.
         self._session: requests.Session | None = None
 
-    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+    async def send(self, sender: str, recipients: list[str], data: Mail, name: str) -> None:
         (target_name,) = recipients
         target = next((t for t in self.targets() if t.name == target_name), None)
         if target is None:
             raise PermanentFailure(f"no notify target named {target_name!r} in the configuration")
-        await asyncio.to_thread(self._post, target, data)
+        body = data if isinstance(data, bytes) else await data.whole()  # posts are small
+        await asyncio.to_thread(self._post, target, body)
 
     def _post(self, target: NotifyTarget, data: bytes) -> None:
         import requests

@@ -23,7 +23,7 @@ from mailrouter.deliver.sender import Sender
 from mailrouter.deliver.transports import FileTransport, SmtpTransport
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
-from mailrouter.store.outbox import backoff_delay
+from mailrouter.store.outbox import backoff_delay, queue_mail
 from mailrouter.testing.factory import escalations
 from mailrouter.testing.servers import RecordingRelay
 from tests.conftest import PROJECT, deliver_due, escalation, headers_of
@@ -298,6 +298,101 @@ def test_the_size_announced_of_an_awkward_mail_is_that_of_the_data_sent(seed: in
     assert deliver.data_size(data) == len(b"".join(deliver.data_slices(data)))
 
 
+def _stored(data: bytes) -> deliver.StoredMail:
+    return deliver.StoredMail(len(data), lambda offset, length: data[offset : offset + length])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_stored_mail_read_slice_by_slice_goes_out_as_the_whole_would(seed: int) -> None:
+    """A large mail read from the store a slice at a time: the slices end anywhere, a CR LF
+    or a line's leading dot may straddle two. On the wire it must be the same, and so must
+    the size announced before it."""
+    data = _awkward_mail(50_000, seed)
+
+    async def pieces(mail: deliver.Mail, size: int) -> list[bytes]:
+        if isinstance(mail, bytes):
+            return [piece async for piece in deliver.wire_pieces(mail)]
+        lines = [p async for p in deliver.whole_lines(mail, size)]
+        assert b"".join(lines) == data
+        assert all(p.endswith((b"\n", b"\r")) for p in lines[:-1])
+        return [piece async for piece in deliver.wire_pieces(mail)]
+
+    whole = b"".join(deliver.data_slices(data))
+    for size in (7, 100, 4096, 10**6):
+        assert b"".join(asyncio.run(pieces(_stored(data), size))) == whole
+    assert asyncio.run(deliver.wire_size(_stored(data))) == len(whole)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b".", b"\r", b"\r\r", b"a\rb\r.c", b"\r\n.", b"x" * 3000, b".x\r" * 999]
+)
+def test_a_stored_mail_of_odd_line_ends_goes_out_as_the_whole_would(data: bytes) -> None:
+    stored = _stored(data)
+    sent = asyncio.run(_collect(deliver.wire_pieces(stored)))
+    assert b"".join(sent) == b"".join(deliver.data_slices(data))
+    assert asyncio.run(deliver.wire_size(stored)) == deliver.data_size(data)
+
+
+def test_a_stored_mail_of_bare_cr_line_ends_is_still_read_a_few_lines_at_a_time() -> None:
+    # Old Mac line ends: no LF to cut at, but a CR that ends a line will do.
+    data = b".line\r" * 1000
+    lines = asyncio.run(_collect(deliver.whole_lines(_stored(data), 64)))
+    assert b"".join(lines) == data
+    assert max(map(len, lines)) <= 64 + 6
+
+
+async def _collect(pieces: Any) -> list[bytes]:
+    return [piece async for piece in pieces]
+
+
+@pytest.mark.parametrize("transport", ["smtp", "file"])
+def test_a_large_mail_goes_out_read_from_the_store_a_slice_at_a_time(
+    write_config: Callable[..., Path],
+    relay: RecordingRelay,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    transport: str,
+) -> None:
+    """Issue 24: the sender never holds a large mail whole (it reads the store a slice at
+    a time as the mail goes out), and the relay or the folder gets it byte for byte."""
+    from aiosmtplib.protocol import normalize_message_line_endings
+
+    pipeline, sender = smtp_setup(write_config, relay, clock)
+    config = pipeline.config
+    if transport == "file":
+        sender.transport = FileTransport(config.outbox_dir)
+    data = _awkward_mail(3 * 1024 * 1024, seed=11)
+    outgoing = model.OutgoingMail(
+        "forward", "big@example.com", "router@example.com", ["soporte@hibot.us"], "big", data
+    )
+    with pipeline.store.transaction() as session:
+        queue_mail(session, None, clock(), outgoing)
+    reads: list[int] = []
+    read_slice = sender.store.read_raw_slice
+
+    def reading_slice(row_id: int, offset: int, length: int) -> bytes:
+        reads.append(length)
+        return read_slice(row_id, offset, length)
+
+    def whole(row_id: int) -> bytes:
+        raise AssertionError("read whole")
+
+    monkeypatch.setattr(sender.store, "read_raw_slice", reading_slice)
+    monkeypatch.setattr(sender.store, "read_raw", whole)
+    assert deliver_due(sender) == 1
+    # Twice over (the size announced, then the data) for the relay, once for the folder.
+    assert len(reads) == (2 if transport == "smtp" else 1) * -(-len(data) // max(reads))
+    assert max(reads) <= deliver.DATA_SLICE_BYTES
+    if transport == "smtp":
+        (received,) = relay.messages
+        assert received.data == normalize_message_line_endings(data)
+    else:
+        (written,) = config.outbox_dir.iterdir()
+        envelope = b"X-Envelope-From: router@example.com\r\nX-Envelope-To: soporte@hibot.us\r\n"
+        assert written.read_bytes() == envelope + data
+    assert {row.delivery for row in pipeline.store.outbound()} == {"sent"}
+
+
 def test_a_large_mail_reaches_the_relay_as_sendmail_would_deliver_it(
     relay: RecordingRelay,
 ) -> None:
@@ -421,7 +516,7 @@ class _CountingTransport:
         self.inner, self.expected, self.sent = inner, expected, 0
         self.all_sent = threading.Event()
 
-    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+    async def send(self, sender: str, recipients: list[str], data: deliver.Mail, name: str) -> None:
         await self.inner.send(sender, recipients, data, name)
         self.sent += 1
         if self.sent == self.expected:
@@ -573,7 +668,7 @@ class _BrokenFor(FileTransport):
         super().__init__(directory)
         self.victim = victim
 
-    async def send(self, sender: str, recipients: list[str], data: bytes, name: str) -> None:
+    async def send(self, sender: str, recipients: list[str], data: deliver.Mail, name: str) -> None:
         if self.victim in recipients:
             raise UnicodeEncodeError("ascii", self.victim, 0, 1, "injected")
         await super().send(sender, recipients, data, name)

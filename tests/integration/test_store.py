@@ -46,6 +46,21 @@ def test_a_body_comes_back_byte_for_byte_whatever_its_size(tmp_path: Path, size:
     store.close()
 
 
+def test_a_body_is_read_a_slice_at_a_time(database_url: str) -> None:
+    """What the sender reads of a large mail while it goes out: any slice, the last one
+    short, none past the end."""
+    store = Store(database_url)
+    raw = os.urandom(3 * 1024 * 1024 + 7)
+    row_id = _add(store, raw)
+    size = 1024 * 1024
+    slices = [store.read_raw_slice(row_id, offset, size) for offset in range(0, len(raw), size)]
+    assert [len(piece) for piece in slices] == [size, size, size, 7]
+    assert b"".join(slices) == raw
+    assert store.read_raw_slice(row_id, 5, 3) == raw[5:8]
+    assert store.read_raw_slice(row_id, len(raw), size) == b""
+    store.close()
+
+
 def test_a_large_body_is_written_in_slices_not_bound_whole(tmp_path: Path) -> None:
     # Bound whole, SQLite copies a value twice on its way in (27 MB for a 14 MB mail):
     # a large body is inserted as a zeroblob and its bytes written after.
