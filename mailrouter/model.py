@@ -187,6 +187,8 @@ class IntakeHooks:
     # others are another daemon's); and let them go once moved out of the folder.
     claim: Callable[[str, int, list[int]], list[int]] = lambda _box, _validity, uids: uids
     release: Callable[[str, int, list[int]], None] = lambda _box, _validity, _uids: None
+    # How long a claim lasts: a batch that takes longer renews its claims on the way.
+    claim_seconds: float = 60.0
     # Commit the outcomes of several small mails together, each as `ingest` would (the same
     # promise: raises only when the database cannot be used); None: one at a time.
     ingest_group: Callable[[list[tuple[bytes, ImapSource]]], list[Result]] | None = None

@@ -113,6 +113,7 @@ class Pipeline:
             large_mail=self.store.large_mail,
             claim=self.claim_uids,
             release=self.release_uids,
+            claim_seconds=IMAP_CLAIM_SECONDS,
         )
 
     def claim_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> list[int]:

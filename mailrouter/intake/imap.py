@@ -162,7 +162,8 @@ class ImapIntake:
                 destinations.setdefault(self._folder_for(known[uid]), []).append(uid)
             # Another daemon on the same database may be processing some of them.
             unknown = self.hooks.claim(self.mailbox, uidvalidity, unknown)
-            for uid, result in self._process_new(client, uidvalidity, unknown):
+            claims = _Claims(self, uidvalidity, [*left, *unknown])
+            for uid, result in self._process_new(client, uidvalidity, unknown, claims.still_ours):
                 if result.in_other_hands:
                     continue
                 if not result.duplicate:
@@ -170,8 +171,8 @@ class ImapIntake:
                 self.on_committed()
                 destinations.setdefault(self._folder_for(result), []).append(uid)
             for folder, moved in destinations.items():
-                self._move(client, moved, folder)
-            self.hooks.release(self.mailbox, uidvalidity, [*unknown, *left])
+                self._move(client, claims.still_ours(moved), folder)
+            self.hooks.release(self.mailbox, uidvalidity, sorted(claims.ours))
         return processed
 
     def _still_here(self, client: IMAPClient, uids: list[int]) -> list[int]:
@@ -185,11 +186,16 @@ class ImapIntake:
         return [uid for uid in uids if uid in present]
 
     def _process_new(
-        self, client: IMAPClient, uidvalidity: int, uids: list[int]
+        self,
+        client: IMAPClient,
+        uidvalidity: int,
+        uids: list[int],
+        still_ours: Callable[[list[int]], list[int]] = lambda uids: uids,
     ) -> Iterator[tuple[int, Result]]:
         """Fetch and commit each of `uids`, small mails a size-bounded group at a time, a
         large one alone, in slices, and within the store's turn for large mails; of a mail
-        over `intake.max_message_bytes`, only the header."""
+        over `intake.max_message_bytes`, only the header. Only those `still_ours` says are
+        ours when their turn comes."""
         if not uids:
             return
         sizes = {
@@ -201,6 +207,9 @@ class ImapIntake:
         for group in _size_groups(sizes, min(FETCH_BYTES, limit)):
             if self.stop.is_set():
                 return
+            group = still_ours(group)
+            if not group:
+                continue
             size = sum(sizes[uid] for uid in group)
             if size > limit:
                 # Over the limit: only the header is fetched, enough to quarantine it with
@@ -227,7 +236,7 @@ class ImapIntake:
                     # handed over: not kept while the next group is fetched.
                     mails = [
                         (raw, ImapSource(self.mailbox, uidvalidity, uid))
-                        for uid in chunk
+                        for uid in still_ours(chunk)
                         if (raw := bodies.pop(uid, None)) is not None
                     ]
                     yield from zip([m[1].uid for m in mails], self._ingest(mails), strict=True)
@@ -306,6 +315,27 @@ def keep_polling(last_new_mail: float | None, now: float) -> bool:
 
 def _chunks(uids: list[int], size: int) -> list[list[int]]:
     return [uids[start : start + size] for start in range(0, len(uids), size)]
+
+
+class _Claims:
+    """The claims of one batch, kept while it is worked on. A claim runs out after
+    `hooks.claim_seconds`, and a batch of large mails can take longer: past half of that,
+    the next step renews them all first, and leaves alone those another daemon took once
+    ours had run out (it processes and moves them; two sessions moving one mail at once
+    can both copy it)."""
+
+    def __init__(self, intake: ImapIntake, uidvalidity: int, uids: list[int]) -> None:
+        self.intake, self.uidvalidity = intake, uidvalidity
+        self.ours = set(uids)
+        self.since = time.monotonic()
+
+    def still_ours(self, uids: list[int]) -> list[int]:
+        hooks = self.intake.hooks
+        if time.monotonic() - self.since >= hooks.claim_seconds / 2:
+            self.since = time.monotonic()  # the renewed claims run from before the call
+            renewed = hooks.claim(self.intake.mailbox, self.uidvalidity, sorted(self.ours))
+            self.ours = set(renewed)
+        return [uid for uid in uids if uid in self.ours]
 
 
 def _size_groups(sizes: dict[int, int], budget: int) -> list[list[int]]:

@@ -282,6 +282,62 @@ def test_mails_a_dead_daemon_left_behind_are_moved_once(
     assert mailbox.search("ALL") == []
 
 
+def test_a_batch_that_outlasts_its_claims_renews_them_and_leaves_what_another_daemon_took(
+    dovecot: Dovecot, write_config: Callable[..., Path]
+) -> None:
+    """A batch of large mails can take longer than a claim lasts. Past half of it, the
+    intake renews its claims before the next step; mails another daemon claimed once ours
+    ran out are its own to process and move: this daemon neither commits nor moves them
+    (a mail it committed included), nor lets go of that daemon's claims."""
+    from dataclasses import replace
+
+    from mailrouter.intake.imap import COMMIT_GROUP, ImapIntake
+    from mailrouter.service import IMAP_CLAIM_SECONDS
+
+    now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    mailbox.create_folder("Processed")
+    for _, raw in escalations(COMMIT_GROUP + 4, seed=17):
+        mailbox.append("INBOX", raw)
+    config = load_config(
+        write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
+    )
+    one = Pipeline(config, Store(config.database_url), lambda: now[0])
+    other = Pipeline(config, Store(config.database_url), lambda: now[0])
+    other.identity = "another-host:4242:1"  # a live daemon elsewhere
+    hooks = one.intake_hooks()
+    validity = int(mailbox.select_folder("INBOX")[b"UIDVALIDITY"])
+    uids = mailbox.search("ALL")
+    late = uids[COMMIT_GROUP:]
+    box = ImapIntake(config.settings.intake.imap, hooks).mailbox
+    committed: list[int] = []
+
+    def slow_group(mails: list[tuple[bytes, model.ImapSource]]) -> list[model.Result]:
+        first = not committed
+        committed.extend(source.uid for _, source in mails)
+        results = one.process_group(mails)
+        if first:  # the first group took longer than a claim lasts
+            now[0] += timedelta(seconds=2 * IMAP_CLAIM_SECONDS)
+            assert other.claim_uids(box, validity, [uids[0], *late]) == [uids[0], *late]
+        return results
+
+    # Renewed at every step: as if each step came after half a claim's time.
+    intake = ImapIntake(
+        config.settings.intake.imap, replace(hooks, ingest_group=slow_group, claim_seconds=0.0)
+    )
+    client = intake.connect()
+    assert intake.run_pass(client) == COMMIT_GROUP
+    client.logout()
+    assert committed == uids[:COMMIT_GROUP]
+    mailbox.select_folder("INBOX")
+    assert mailbox.search("ALL") == [uids[0], *late]  # the other daemon's to move
+    assert mailbox.folder_status("Processed", ["MESSAGES"])[b"MESSAGES"] == COMMIT_GROUP - 1
+    assert one.claim_uids(box, validity, [uids[0], *late]) == []  # its claims left alone
+    for pipeline in (one, other):
+        pipeline.store.close()
+
+
 def test_smtp_listener_end_to_end(
     relay: RecordingRelay,
     write_config: Callable[..., Path],
