@@ -125,6 +125,19 @@ def write_config(tmp_path: Path, database_url: str) -> Callable[..., Path]:
     return write
 
 
+def open_sockets() -> int:
+    """How many sockets this process holds open now (a connection left to the garbage
+    collector is still one)."""
+    return sum(1 for fd in Path("/proc/self/fd").iterdir() if _is_socket(fd))
+
+
+def _is_socket(fd: Path) -> bool:
+    try:
+        return fd.readlink().name.startswith("socket:")
+    except OSError:
+        return False  # closed since it was listed
+
+
 def deliver_due(sender: Sender) -> int:
     """`asyncio.run(sender.deliver_due())`, closing the relay connections the pass opened
     before its loop is closed (once it is, they can no longer be closed, only leaked)."""

@@ -217,6 +217,12 @@ class SmtpTransport:
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             await _quit(client)
             raise TemporaryFailure(f"{type(exc).__name__}: {exc}") from exc
+        except TemporaryFailure:
+            # The store could not give the rest of a stored mail: the DATA is cut short, and
+            # so is the connection (a relay discards a mail that ends without its dot).
+            if client is not None:
+                client.close()
+            raise
         except TokenError as exc:
             # No token for the relay: the identity provider's or our configuration, not
             # this mail's fault; the mail waits and is tried again.

@@ -597,13 +597,17 @@ class Store:
 
     def read_raw_slice(self, row_id: int, offset: int, length: int) -> bytes:
         """`length` bytes of one message from `offset` (fewer at its end): a large mail goes
-        out a slice at a time, and the sender never holds it whole."""
-        with self._read_engine.connect() as connection:
+        out a slice at a time, and the sender never holds it whole. A database that cannot
+        answer is `Unavailable`: the mail is sent again later, whole."""
+        with _in_store_terms(), self._read_engine.connect() as connection:
             if connection.dialect.name == "sqlite":
                 driver = _sqlite_driver(connection)
-                with driver.blobopen("message_bodies", "raw", row_id, readonly=True) as blob:
-                    blob.seek(min(offset, len(blob)))
-                    return bytes(blob.read(length))
+                try:
+                    with driver.blobopen("message_bodies", "raw", row_id, readonly=True) as blob:
+                        blob.seek(min(offset, len(blob)))
+                        return bytes(blob.read(length))
+                except sqlite3.Error as exc:  # the driver's own, not SQLAlchemy's
+                    raise Unavailable(f"cannot read message {row_id}: {exc}") from exc
             # SQL counts from 1; on bytea, substr counts bytes.
             query = select(func.substr(BODIES.c.raw, offset + 1, length)).where(
                 BODIES.c.id == row_id

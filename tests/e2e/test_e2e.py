@@ -24,7 +24,7 @@ from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.testing.factory import VENDORS, escalations
 from mailrouter.testing.servers import Dovecot, RecordingRelay, wait_until
-from tests.conftest import DaemonThread, crlf, escalation
+from tests.conftest import DaemonThread, crlf, escalation, open_sockets
 
 pytestmark = pytest.mark.integration
 
@@ -577,18 +577,6 @@ def test_lmtp_intake_end_to_end(
     assert wait_until(lambda: len(relay.to("soporte@hibot.us")) == 1, timeout=20)
 
 
-def _open_sockets() -> int:
-    fds = Path("/proc/self/fd")
-    return sum(1 for fd in fds.iterdir() if _is_socket(fd))
-
-
-def _is_socket(fd: Path) -> bool:
-    try:
-        return fd.readlink().name.startswith("socket:")
-    except OSError:
-        return False  # closed since it was listed
-
-
 @pytest.mark.sqlite_only  # about the IMAP connection alone
 def test_a_refused_imap_login_leaves_no_connection_open(
     dovecot: Dovecot, write_config: Callable[..., Path]
@@ -601,10 +589,10 @@ def test_a_refused_imap_login_leaves_no_connection_open(
     config = load_config(write_config({"intake": {"source": "imap", "imap": settings}}))
     pipeline = Pipeline(config, Store(config.database_url), lambda: datetime.now(UTC))
     poller = intake.ImapIntake(config.settings.intake.imap, pipeline.intake_hooks())
-    before = _open_sockets()
+    before = open_sockets()
     refusals = []  # each keeps its traceback, and with it the client it was raised in
     for _ in range(2):
         with pytest.raises(LoginError) as refused:
             poller.connect()
         refusals.append(refused)
-    assert _open_sockets() == before
+    assert open_sockets() == before

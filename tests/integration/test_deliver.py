@@ -21,12 +21,13 @@ from mailrouter.config import Config, RetrySettings, SmtpSettings, load_config
 from mailrouter.deliver import transports as deliver
 from mailrouter.deliver.sender import Sender
 from mailrouter.deliver.transports import FileTransport, SmtpTransport
+from mailrouter.model import TemporaryFailure
 from mailrouter.service import Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.outbox import backoff_delay, queue_mail
 from mailrouter.testing.factory import escalations
 from mailrouter.testing.servers import RecordingRelay
-from tests.conftest import PROJECT, deliver_due, escalation, headers_of
+from tests.conftest import PROJECT, deliver_due, escalation, headers_of, open_sockets
 
 
 class Clock:
@@ -391,6 +392,87 @@ def test_a_large_mail_goes_out_read_from_the_store_a_slice_at_a_time(
         envelope = b"X-Envelope-From: router@example.com\r\nX-Envelope-To: soporte@hibot.us\r\n"
         assert written.read_bytes() == envelope + data
     assert {row.delivery for row in pipeline.store.outbound()} == {"sent"}
+
+
+def test_a_store_that_fails_while_a_large_mail_goes_out_leaves_it_for_a_retry(
+    write_config: Callable[..., Path],
+    relay: RecordingRelay,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database gone in the middle of a large mail's DATA is not the mail's fault: the
+    relay gets nothing (the connection is dropped before the final dot), and the mail is
+    tried again later, whole."""
+    from aiosmtplib.protocol import normalize_message_line_endings
+
+    from mailrouter.store.db import Unavailable
+
+    pipeline, sender = smtp_setup(write_config, relay, clock)
+    data = _awkward_mail(3 * 1024 * 1024, seed=12)
+    outgoing = model.OutgoingMail(
+        "forward", "big@example.com", "router@example.com", ["soporte@hibot.us"], "big", data
+    )
+    with pipeline.store.transaction() as session:
+        queue_mail(session, None, clock(), outgoing)
+    read_slice, reads = sender.store.read_raw_slice, []
+
+    def failing_later(row_id: int, offset: int, length: int) -> bytes:
+        reads.append(offset)
+        if len(reads) == 10:  # past the SIZE's pass (7 slices), 2 slices into the DATA
+            raise Unavailable("the database restarted")
+        return read_slice(row_id, offset, length)
+
+    monkeypatch.setattr(sender.store, "read_raw_slice", failing_later)
+    assert deliver_due(sender) == 0
+    (row,) = pipeline.store.outbound()
+    assert row.delivery == "pending" and row.attempts == 1
+    assert "the database restarted" in (row.last_error or "")
+    assert relay.messages == []
+    monkeypatch.setattr(sender.store, "read_raw_slice", read_slice)
+    assert row.next_attempt_at is not None
+    clock.now = row.next_attempt_at
+    assert deliver_due(sender) == 1
+    (received,) = relay.messages
+    assert received.data == normalize_message_line_endings(data)
+
+
+def test_a_connection_cut_short_by_the_store_is_closed_at_once(relay: RecordingRelay) -> None:
+    """Not handed back for the next mail (it is in the middle of a DATA), nor left open
+    for the garbage collector."""
+    from mailrouter.store.db import Unavailable
+
+    data = _awkward_mail(2 * 1024 * 1024, seed=13)
+
+    def failing(offset: int, length: int) -> bytes:
+        if offset >= 1024 * 1024:
+            raise Unavailable("the database restarted")
+        return data[offset : offset + length]
+
+    transport = SmtpTransport(SmtpSettings(host=relay.host, port=relay.port, security="none"))
+
+    small = b"Subject: x\r\n\r\nx"
+
+    async def scenario() -> bool:
+        before = open_sockets()
+        await transport.send("router@example.com", ["soporte@hibot.us"], small, "small")
+        with pytest.raises(TemporaryFailure):
+            await transport.send(
+                "router@example.com",
+                ["soporte@hibot.us"],
+                deliver.StoredMail(len(data), failing),
+                "big",
+            )
+        # Closed on the loop's next turn; the relay (in this process) closes its end then.
+        for _ in range(100):
+            if open_sockets() == before:
+                break
+            await asyncio.sleep(0.05)
+        closed = open_sockets() == before
+        await transport.close()
+        return closed
+
+    assert asyncio.run(scenario())  # the connection the small mail opened went with the big
+    assert len(relay.messages) == 1
 
 
 def test_a_large_mail_reaches_the_relay_as_sendmail_would_deliver_it(
