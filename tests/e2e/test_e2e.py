@@ -17,7 +17,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 
 from mailrouter import model
-from mailrouter.config import load_config
+from mailrouter.config import Config, load_config
 from mailrouter.intake import imap as intake
 from mailrouter.intake.imap import BUSY_POLL_SECONDS, keep_polling
 from mailrouter.service import Pipeline
@@ -217,6 +217,28 @@ def test_small_mails_fetched_together_are_committed_in_groups_then_moved(
     assert len(store.cases()) == count
 
 
+def _two_daemons(
+    dovecot: Dovecot,
+    write_config: Callable[..., Path],
+    mails: list[tuple[str, bytes]],
+    now: list[datetime],
+) -> tuple[IMAPClient, Config, Pipeline, Pipeline]:
+    """A new mailbox holding `mails` (and a Processed folder), and two daemons' pipelines
+    on one database at the clock `now[0]`: this host's, and a live one's elsewhere."""
+    user = dovecot.new_user()
+    mailbox = dovecot.client(user)
+    mailbox.create_folder("Processed")
+    for _, raw in mails:
+        mailbox.append("INBOX", raw)
+    config = load_config(
+        write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
+    )
+    one = Pipeline(config, Store(config.database_url), lambda: now[0])
+    other = Pipeline(config, Store(config.database_url), lambda: now[0])
+    other.identity = "another-host:4242:1"  # a live daemon elsewhere
+    return mailbox, config, one, other
+
+
 def test_mails_a_dead_daemon_left_behind_are_moved_once(
     dovecot: Dovecot, write_config: Callable[..., Path]
 ) -> None:
@@ -231,17 +253,7 @@ def test_mails_a_dead_daemon_left_behind_are_moved_once(
     from mailrouter.store.repo import MOVE_GRACE_SECONDS
 
     now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
-    user = dovecot.new_user()
-    mailbox = dovecot.client(user)
-    mailbox.create_folder("Processed")
-    for _, raw in escalations(3, seed=5):
-        mailbox.append("INBOX", raw)
-    config = load_config(
-        write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
-    )
-    one = Pipeline(config, Store(config.database_url), lambda: now[0])
-    other = Pipeline(config, Store(config.database_url), lambda: now[0])
-    other.identity = "another-host:4242:1"  # a live daemon elsewhere
+    mailbox, config, one, other = _two_daemons(dovecot, write_config, escalations(3, seed=5), now)
     settings = config.settings.intake.imap
     box = ImapIntake(settings, one.intake_hooks()).mailbox  # as the intake names it
     validity = int(mailbox.select_folder("INBOX")[b"UIDVALIDITY"])
@@ -295,17 +307,8 @@ def test_a_batch_that_outlasts_its_claims_renews_them_and_leaves_what_another_da
     from mailrouter.service import IMAP_CLAIM_SECONDS
 
     now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
-    user = dovecot.new_user()
-    mailbox = dovecot.client(user)
-    mailbox.create_folder("Processed")
-    for _, raw in escalations(COMMIT_GROUP + 4, seed=17):
-        mailbox.append("INBOX", raw)
-    config = load_config(
-        write_config({"intake": {"source": "imap", "imap": dovecot.imap_settings(user)}})
-    )
-    one = Pipeline(config, Store(config.database_url), lambda: now[0])
-    other = Pipeline(config, Store(config.database_url), lambda: now[0])
-    other.identity = "another-host:4242:1"  # a live daemon elsewhere
+    mails = escalations(COMMIT_GROUP + 4, seed=17)
+    mailbox, config, one, other = _two_daemons(dovecot, write_config, mails, now)
     hooks = one.intake_hooks()
     validity = int(mailbox.select_folder("INBOX")[b"UIDVALIDITY"])
     uids = mailbox.search("ALL")
