@@ -35,6 +35,7 @@ from mailrouter.core.team import (
     AUTOMATIC_LABELS,
     LABEL_COMMANDS,
     MAX_LABELS,
+    NOTE_COMMANDS,
     Choice,
     available,
     choose_owner,
@@ -367,12 +368,18 @@ class Handler:
         case.updated_at = now
         commands = self._permitted(book, arrival, case, mail, commands)
         done: list[str] = []  # what the commands did, for the sender's confirmation
-        for note in commands.notes:
+        for note in commands.notes[:NOTE_COMMANDS]:
             book.event(case.id, now, "note", f"{mail.from_address}: {note}")
             done.append(f"#nota: anotado en el historial del caso ({note[:80]})")
-        for followup in commands.followups:
+        for followup in commands.followups[:NOTE_COMMANDS]:
             book.event(case.id, now, "follow_up", f"{mail.from_address}: {followup}")
             done.append(f"#seguimiento: registrado ({followup[:80]})")
+        for command, given in (("#nota", commands.notes), ("#seguimiento", commands.followups)):
+            if len(given) > NOTE_COMMANDS:  # a mail of thousands of lines costs no more
+                done.append(
+                    f"{command}: {len(given) - NOTE_COMMANDS} más no se anotaron "
+                    f"(hasta {NOTE_COMMANDS} por correo)"
+                )
         if commands.priority and commands.priority != case.priority:
             book.event(case.id, now, "priority", f"{case.priority} -> {commands.priority}")
             done.append(f"#prioridad: {case.priority} -> {commands.priority}")

@@ -21,6 +21,9 @@ from mailrouter.config import Config, EscalationTeam
 MAX_LABELS = 20
 # At most this many #etiqueta / #quitar-etiqueta lines of one mail are applied.
 LABEL_COMMANDS = 2 * MAX_LABELS
+# At most this many #nota lines, and as many #seguimiento lines, of one mail are recorded:
+# each is an event in the case's history, and one in the sender's confirmation.
+NOTE_COMMANDS = 20
 AUTOMATIC_LABELS = ("urgente", "sin-acuse", "undeliverable")
 
 

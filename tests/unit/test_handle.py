@@ -15,6 +15,7 @@ from typing import Any
 
 from mailrouter.config import Config, load_config
 from mailrouter.core.handle import Handler
+from mailrouter.core.team import NOTE_COMMANDS
 from mailrouter.model import CaseData, FailedMail, Result
 from mailrouter.testing.book import MemoryCaseBook, StoredMail
 from mailrouter.testing.book import arrive as arrive_in_memory
@@ -420,6 +421,22 @@ def test_agent_reply_is_relayed_to_the_vendor_in_its_thread(
     assert case.follow_up_due == later + timedelta(hours=24)
     assert book.inbound()[-1].kind == "agent_reply"
     assert book.events_of(1) == ["opened", "note", "relayed_to_vendor"]
+
+
+def test_a_mail_of_many_note_lines_records_only_the_first_ones(
+    handler: Handler, book: MemoryCaseBook
+) -> None:
+    # Each #nota and #seguimiento is an event and a line of the confirmation: a mail of
+    # thousands of them costs no more than the cap's worth.
+    open_hibot(handler, book)
+    lines = [f"#nota n{n}" for n in range(500)] + [f"#seguimiento s{n}" for n in range(30)]
+    arrive(handler, book, agent_reply(only(book, "acknowledgement"), "\n".join(lines)))
+    assert details(book, 1, "note") == [f"{LAURA}: n{n}" for n in range(NOTE_COMMANDS)]
+    assert len(details(book, 1, "follow_up")) == NOTE_COMMANDS
+    done = body_of(only(book, "commands_done"))
+    assert f"#nota: {500 - NOTE_COMMANDS} más no se anotaron" in done
+    assert f"#seguimiento: {30 - NOTE_COMMANDS} más no se anotaron" in done
+    assert "(n20)" not in done
 
 
 def test_resuelto_closes_the_case_without_relaying(handler: Handler, book: MemoryCaseBook) -> None:
