@@ -44,7 +44,7 @@ from mailrouter.httpd import HttpServer, health_routes
 from mailrouter.intake.imap import ImapIntake
 from mailrouter.metrics import Metrics
 from mailrouter.model import FailedMail, ImapSource, IntakeHooks, Result, TemporaryFailure
-from mailrouter.service import IMAP_CLAIM_SECONDS, Followup, Pipeline, load_checked
+from mailrouter.service import Followup, Pipeline, load_checked
 from mailrouter.store.db import Conflict, Store
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,6 @@ class Daemon:
             release=lambda mailbox, validity, uids: self.pipeline.release_uids(
                 mailbox, validity, uids
             ),
-            claim_seconds=IMAP_CLAIM_SECONDS,
         )
 
     def reload(self) -> bool:

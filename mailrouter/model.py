@@ -170,6 +170,13 @@ class Result:
     in_other_hands: bool = False
 
 
+# How long a daemon's claim on an IMAP message lasts (`IntakeHooks.claim`): longer than a
+# fetch batch usually takes, and a batch that takes longer (large mails) renews its claims
+# on the way; a claim that runs out anyway lets another daemon fetch the mail too, which
+# the database then refuses as a duplicate (wasted work, never a second case).
+IMAP_CLAIM_SECONDS = 60.0
+
+
 @dataclass(frozen=True)
 class IntakeHooks:
     """What an intake is handed by whoever composes the router: never the orchestrator."""
@@ -188,7 +195,7 @@ class IntakeHooks:
     claim: Callable[[str, int, list[int]], list[int]] = lambda _box, _validity, uids: uids
     release: Callable[[str, int, list[int]], None] = lambda _box, _validity, _uids: None
     # How long a claim lasts: a batch that takes longer renews its claims on the way.
-    claim_seconds: float = 60.0
+    claim_seconds: float = IMAP_CLAIM_SECONDS
     # Commit the outcomes of several small mails together, each as `ingest` would (the same
     # promise: raises only when the database cannot be used); None: one at a time.
     ingest_group: Callable[[list[tuple[bytes, ImapSource]]], list[Result]] | None = None

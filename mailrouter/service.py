@@ -40,6 +40,7 @@ from mailrouter.core.handle import Handler
 from mailrouter.core.parse import Deadline, Refused
 from mailrouter.deliver.journal import claim_is_dead, process_identity
 from mailrouter.model import (
+    IMAP_CLAIM_SECONDS,
     REMINDED_STATUSES,
     SET_ASIDE,
     Arrival,
@@ -72,10 +73,6 @@ def load_checked(path: Path | str) -> Config:
     return config
 
 
-# Longer than a daemon takes over one fetch batch (a few seconds with large mails): a claim
-# that runs out while its mail is processed lets another daemon fetch it too, which the
-# database then refuses as a duplicate (wasted work, never a second case).
-IMAP_CLAIM_SECONDS = 60.0
 # Tries at committing one mail's outcome when another worker's commit got in the way.
 COMMIT_ATTEMPTS = 5
 
@@ -113,7 +110,6 @@ class Pipeline:
             large_mail=self.store.large_mail,
             claim=self.claim_uids,
             release=self.release_uids,
-            claim_seconds=IMAP_CLAIM_SECONDS,
         )
 
     def claim_uids(self, mailbox: str, uidvalidity: int, uids: list[int]) -> list[int]:

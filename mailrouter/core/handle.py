@@ -368,13 +368,13 @@ class Handler:
         case.updated_at = now
         commands = self._permitted(book, arrival, case, mail, commands)
         done: list[str] = []  # what the commands did, for the sender's confirmation
-        for note in commands.notes[:NOTE_COMMANDS]:
-            book.event(case.id, now, "note", f"{mail.from_address}: {note}")
-            done.append(f"#nota: anotado en el historial del caso ({note[:80]})")
-        for followup in commands.followups[:NOTE_COMMANDS]:
-            book.event(case.id, now, "follow_up", f"{mail.from_address}: {followup}")
-            done.append(f"#seguimiento: registrado ({followup[:80]})")
-        for command, given in (("#nota", commands.notes), ("#seguimiento", commands.followups)):
+        for command, kind, said, given in (
+            ("#nota", "note", "anotado en el historial del caso", commands.notes),
+            ("#seguimiento", "follow_up", "registrado", commands.followups),
+        ):
+            for text in given[:NOTE_COMMANDS]:
+                book.event(case.id, now, kind, f"{mail.from_address}: {text}")
+                done.append(f"{command}: {said} ({text[:80]})")
             if len(given) > NOTE_COMMANDS:  # a mail of thousands of lines costs no more
                 done.append(
                     f"{command}: {len(given) - NOTE_COMMANDS} más no se anotaron "

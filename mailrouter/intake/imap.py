@@ -190,7 +190,7 @@ class ImapIntake:
         client: IMAPClient,
         uidvalidity: int,
         uids: list[int],
-        still_ours: Callable[[list[int]], list[int]] = lambda uids: uids,
+        still_ours: Callable[[list[int]], list[int]],
     ) -> Iterator[tuple[int, Result]]:
         """Fetch and commit each of `uids`, small mails a size-bounded group at a time, a
         large one alone, in slices, and within the store's turn for large mails; of a mail

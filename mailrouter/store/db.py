@@ -587,18 +587,12 @@ class Store:
     def read_raw(self, row_id: int) -> bytes:
         """One message's bytes. On SQLite through blob I/O: a SELECT holds the value twice
         (SQLite's copy, then the driver's), this once."""
-        with self._read_engine.connect() as connection:
-            if connection.dialect.name == "sqlite":
-                driver = _sqlite_driver(connection)
-                with driver.blobopen("message_bodies", "raw", row_id, readonly=True) as blob:
-                    return bytes(blob.read())
-            query = select(BODIES.c.raw).where(BODIES.c.id == row_id)
-            return bytes(connection.execute(query).scalar_one())
+        return self.read_raw_slice(row_id, 0, -1)
 
     def read_raw_slice(self, row_id: int, offset: int, length: int) -> bytes:
-        """`length` bytes of one message from `offset` (fewer at its end): a large mail goes
-        out a slice at a time, and the sender never holds it whole. A database that cannot
-        answer is `Unavailable`: the mail is sent again later, whole."""
+        """`length` bytes of one message from `offset` (fewer at its end; all of them when
+        `length` is negative): a large mail goes out a slice at a time, and the sender never
+        holds it whole. A database that cannot answer is `Unavailable`."""
         with _in_store_terms(), self._read_engine.connect() as connection:
             if connection.dialect.name == "sqlite":
                 driver = _sqlite_driver(connection)
@@ -609,9 +603,8 @@ class Store:
                 except sqlite3.Error as exc:  # the driver's own, not SQLAlchemy's
                     raise Unavailable(f"cannot read message {row_id}: {exc}") from exc
             # SQL counts from 1; on bytea, substr counts bytes.
-            query = select(func.substr(BODIES.c.raw, offset + 1, length)).where(
-                BODIES.c.id == row_id
-            )
+            wanted = BODIES.c.raw if length < 0 else func.substr(BODIES.c.raw, offset + 1, length)
+            query = select(wanted).where(BODIES.c.id == row_id)
             return bytes(connection.execute(query).scalar_one())
 
     def engine_for_reading(self) -> Engine:

@@ -304,7 +304,7 @@ def test_a_batch_that_outlasts_its_claims_renews_them_and_leaves_what_another_da
     from dataclasses import replace
 
     from mailrouter.intake.imap import COMMIT_GROUP, ImapIntake
-    from mailrouter.service import IMAP_CLAIM_SECONDS
+    from mailrouter.model import IMAP_CLAIM_SECONDS
 
     now = [datetime(2026, 11, 23, 14, 0, tzinfo=UTC)]
     mails = escalations(COMMIT_GROUP + 4, seed=17)
