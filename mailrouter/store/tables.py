@@ -157,7 +157,8 @@ class Message(Base):
             sqlite_where=text("delivery IN ('pending', 'sending')"),
             postgresql_where=text("delivery IN ('pending', 'sending')"),
         ),
-        Index("ix_messages_sender_time", "sender", "created_at"),
+        # The repeated-text check (`repo.SqlCaseBook.repeated`): its equalities first.
+        Index("ix_messages_repeats", "sender", "content_digest", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

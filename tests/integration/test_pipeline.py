@@ -405,6 +405,7 @@ def test_mail_path_lookups_use_an_index_not_a_scan(
         event.remove(engine, "before_cursor_execute", record)
     assert any("cases.client_key" in sql for sql, _ in statements)
     assert any("earlier.case_id" in sql for sql, _ in statements)
+    assert any("messages.content_digest =" in sql for sql, _ in statements)
     with pipeline.store.engine.connect() as connection:
         raw_connection = connection.connection.driver_connection
         assert raw_connection is not None
@@ -416,6 +417,10 @@ def test_mail_path_lookups_use_an_index_not_a_scan(
                 assert any("ix_cases_duplicates" in s for s in steps), f"{sql}\n{steps}"
             if "messages.delivery IN" in sql:  # the few rows still to send, not all mail
                 assert any("ix_messages_outbox" in s for s in steps), f"{sql}\n{steps}"
+            if "messages.content_digest =" in sql:  # not every mail of the sender's day
+                assert any(
+                    "ix_messages_repeats (sender=? AND content_digest=?" in s for s in steps
+                ), f"{sql}\n{steps}"
 
 
 @pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 57 * 1024 - 1, 57 * 1024, 57 * 1024 + 1, 10**6])
