@@ -105,10 +105,13 @@ def subject_of(raw: object) -> str:
     return text if len(text) <= SUBJECT_LIMIT else text[: SUBJECT_LIMIT - 1] + "…"
 
 
+_ANGLED_ID = re.compile(r"<([^<>\s]+)>")
+
+
 def _msgid(raw: str | None) -> str | None:
     if not raw:
         return None
-    found = re.search(r"<([^<>\s]+)>", str(raw))
+    found = _ANGLED_ID.search(str(raw))
     if found:
         return found.group(1)
     token = clean_header(str(raw)).strip("<>")
@@ -116,7 +119,7 @@ def _msgid(raw: str | None) -> str | None:
 
 
 def _msgids(raw: str | None) -> list[str]:
-    return re.findall(r"<([^<>\s]+)>", str(raw or ""))
+    return _ANGLED_ID.findall(str(raw or ""))
 
 
 def normalize(text: str) -> str:

@@ -146,6 +146,8 @@ def _parsed_address(header: str) -> tuple[str, str]:
 
 
 _PLAIN_HEADER = re.compile(r"[\t -~]*").fullmatch
+_SUBJECT_LINE = re.compile(r"Subject:(.*)", re.S).fullmatch
+_BLANK_LINES = re.compile(r"\n{3,}").sub
 _PRINTABLE_ONLY = re.compile(r"[\x00-\x1f\x7f\u0080-\u009f\u2028\u2029]").sub
 
 
@@ -265,10 +267,10 @@ class Renderer:
         """Subject and body text of one template."""
         text = self.env.get_template(template).render(**context).lstrip("\n")
         head, _, body = text.partition("\n\n")
-        match = re.fullmatch(r"Subject:(.*)", head.strip(), re.S)
+        match = _SUBJECT_LINE(head.strip())
         if match is None:
             raise TemplateShapeError(f"{template}: must start with 'Subject: ...' and a blank line")
-        body = re.sub(r"\n{3,}", "\n\n", body).strip("\n") + "\n"
+        body = _BLANK_LINES("\n\n", body).strip("\n") + "\n"
         return clean_header(match.group(1)), body
 
     def compose(
