@@ -326,7 +326,11 @@ def append_all(dovecot: Dovecot, user: str, mails: list[bytes]) -> None:
 
 def seed_cases(db: Path, count: int) -> None:
     """`count` existing open cases (and their messages), as a busy year leaves them: open,
-    their follow-up due in the coming weeks (an overdue backlog is another measurement)."""
+    their follow-up due in the coming weeks (an overdue backlog is another measurement).
+    Each case has the agent's mail that opened it, from the burst's own agents, one every
+    8 seconds over the last week and a half (3,600 a day each): what a check of an
+    agent's recent mail reads. (A lookup that grew with it made each mail of a burst cost
+    more than the one before.)"""
     from datetime import timedelta
 
     from mailrouter.store.db import Store
@@ -358,6 +362,23 @@ def seed_cases(db: Path, count: int) -> None:
             "sender, recipients, subject, attempts, delivery) VALUES "
             "(?, ?, 'out', 'forward', ?, 'router', 'x', '[]', 's', 0, 'sent')",
             [(now, i + 1, f"seed-{i}@example.com") for i in range(count)],
+        )
+        agents = [address for _, address in AGENTS]
+        c.executemany(
+            "INSERT INTO messages (created_at, case_id, direction, kind, message_id, source, "
+            "sender, recipients, subject, attempts, content_digest, dedupe_key, outcome) "
+            "VALUES (?, ?, 'in', 'escalation', ?, 'imap', ?, '[]', 's', 0, ?, ?, 'routed')",
+            [
+                (
+                    (moment - timedelta(seconds=8 * i)).isoformat(sep=" "),
+                    i + 1,
+                    f"seed-in-{i}@example.com",
+                    agents[i % len(agents)],
+                    hashlib.sha256(b"seed %d" % i).hexdigest(),
+                    f"seed-in-{i}",
+                )
+                for i in range(count)
+            ],
         )
         c.execute("INSERT INTO message_bodies (id, raw) SELECT id, x'00' FROM messages")
 
