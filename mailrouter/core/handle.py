@@ -376,10 +376,7 @@ class Handler:
                 book.event(case.id, now, kind, f"{mail.from_address}: {text}")
                 done.append(f"{command}: {said} ({text[:80]})")
             if len(given) > NOTE_COMMANDS:  # a mail of thousands of lines costs no more
-                done.append(
-                    f"{command}: {len(given) - NOTE_COMMANDS} más no se anotaron "
-                    f"(hasta {NOTE_COMMANDS} por correo)"
-                )
+                done.append(_beyond_cap(command, len(given), NOTE_COMMANDS, "anotaron"))
         if commands.priority and commands.priority != case.priority:
             book.event(case.id, now, "priority", f"{case.priority} -> {commands.priority}")
             done.append(f"#prioridad: {case.priority} -> {commands.priority}")
@@ -453,10 +450,7 @@ class Handler:
         for text, adding in asked[:LABEL_COMMANDS]:
             done.append(self._relabel(book, case, sender, text, adding, now))
         if len(asked) > LABEL_COMMANDS:  # a mail of thousands of lines costs no more
-            done.append(
-                f"#etiqueta: {len(asked) - LABEL_COMMANDS} más no se aplicaron "
-                f"(hasta {LABEL_COMMANDS} por correo)"
-            )
+            done.append(_beyond_cap("#etiqueta", len(asked), LABEL_COMMANDS, "aplicaron"))
         return done
 
     def _reassign(
@@ -1104,6 +1098,11 @@ class Handler:
                 case.follow_up_due = self._due(now, case.priority)
         log.info("%s: message #%d from %s attached by %s", tag, number, mail.from_address, who)
         return Result("threaded", reason, case.id)
+
+
+def _beyond_cap(command: str, given: int, cap: int, verb: str) -> str:
+    """The confirmation's line for the `given` - `cap` commands of a mail past its cap."""
+    return f"{command}: {given - cap} más no se {verb} (hasta {cap} por correo)"
 
 
 def _asked(commands: Commands) -> bool:
