@@ -111,7 +111,12 @@ class Case(Base):
     __tablename__ = "cases"
     # No index on status or provider alone: a handful of values each, they only mislead
     # the planner into scanning every open case (see migration 0005).
-    __table_args__ = (Index("ix_cases_duplicates", "client_key", "provider"),)
+    __table_args__ = (
+        Index("ix_cases_duplicates", "client_key", "provider"),
+        # `least_open` counts each member's cases in progress: by owner alone it read every
+        # case the member ever had, closed ones included (migration 0010).
+        Index("ix_cases_owner_status", "owner", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -135,7 +140,7 @@ class Case(Base):
     reminded_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     escalated_due: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Who on the escalation team follows the case up (team.escalation), if anyone.
-    owner: Mapped[str | None] = mapped_column(String(320), nullable=True, index=True)
+    owner: Mapped[str | None] = mapped_column(String(320), nullable=True)
     # Given by the route and by the case's people (#etiqueta); the automatic ones (urgente,
     # sin-acuse, undeliverable) are not stored: they follow the case's state.
     labels: Mapped[list[str]] = mapped_column(

@@ -25,7 +25,7 @@ from mailrouter.model import ImapSource
 from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 from mailrouter.store.outbox import Outbox
-from mailrouter.store.repo import outbox_backlog
+from mailrouter.store.repo import SqlCaseBook, outbox_backlog
 from mailrouter.store.tables import Base, Case
 from mailrouter.testing.factory import escalations
 from tests.conftest import PROJECT, escalation
@@ -421,6 +421,34 @@ def test_mail_path_lookups_use_an_index_not_a_scan(
                 assert any(
                     "ix_messages_repeats (sender=? AND content_digest=?" in s for s in steps
                 ), f"{sql}\n{steps}"
+
+
+@pytest.mark.sqlite_only
+def test_least_open_counts_a_members_cases_in_progress_not_their_history(
+    pipeline: Pipeline,
+) -> None:
+    # Over a year a member owns thousands of closed cases; each new case counts the open ones.
+    for _, raw in escalations(6, seed=5):
+        pipeline.process(raw)
+    with pipeline.store.transaction() as session:
+        session.execute(update(Case).values(owner="ana@example.com"))
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        statements.append((statement, params))
+
+    event.listen(pipeline.store.engine, "before_cursor_execute", record)
+    with pipeline.store.transaction() as session:
+        counts = SqlCaseBook(session).open_counts(["ana@example.com", "luis@example.com"])
+    event.remove(pipeline.store.engine, "before_cursor_execute", record)
+    assert counts == {"ana@example.com": 6}
+    [(sql, params)] = [(sql, p) for sql, p in statements if "cases.owner" in sql]
+    with pipeline.store.engine.connect() as connection:
+        raw_connection = connection.connection.driver_connection
+        assert raw_connection is not None
+        plan = raw_connection.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+    steps = [str(row[3]) for row in plan]
+    assert any("ix_cases_owner_status (owner=? AND status=?)" in s for s in steps), steps
 
 
 @pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 57 * 1024 - 1, 57 * 1024, 57 * 1024 + 1, 10**6])
