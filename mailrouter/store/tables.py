@@ -112,7 +112,9 @@ class Case(Base):
     # No index on status or provider alone: a handful of values each, they only mislead
     # the planner into scanning every open case (see migration 0005).
     __table_args__ = (
-        Index("ix_cases_duplicates", "client_key", "provider"),
+        # The duplicate check asks for a client's cases in progress: with the status in the
+        # index, a client's years of closed cases are not read for each escalation.
+        Index("ix_cases_duplicates", "client_key", "provider", "status"),
         # `least_open` counts each member's cases in progress: by owner alone it read every
         # case the member ever had, closed ones included (migration 0010).
         Index("ix_cases_owner_status", "owner", "status"),
