@@ -239,7 +239,7 @@ class Daemon:
     def _start_scheduler(self, wake_sender: Callable[[], None]) -> AsyncIOScheduler:
         """Reminders every `reminder_check_seconds`; digests on the `digest.schedule` cron,
         plus once at start for a run missed while the daemon was down (never twice: each
-        digest is recorded per recipient and period)."""
+        digest is recorded per recipient and period); the address log's old rows hourly."""
         settings = self.config.settings
         scheduler = AsyncIOScheduler(timezone=self.config.calendar().zone)
 
@@ -281,6 +281,19 @@ class Daemon:
             misfire_grace_time=3600,
         )
         scheduler.add_job(digests)  # now: catch up on a run missed while we were down
+
+        async def forget() -> None:
+            try:
+                await asyncio.to_thread(lambda: self.followup.forget_old_addresses())
+            except (TemporaryFailure, Conflict) as exc:
+                log.warning("address log clean-up: %s; trying again in an hour", exc)
+            except asyncio.CancelledError:
+                return
+            except Exception:
+                log.exception("address log clean-up failed; trying again in an hour")
+
+        scheduler.add_job(forget, IntervalTrigger(hours=1), coalesce=True, max_instances=1)
+        scheduler.add_job(forget)  # now too: a daemon restarted more often than hourly
         scheduler.start()
         return scheduler
 

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 from mailrouter.config import Provider, Route
@@ -168,6 +168,11 @@ class Result:
     # moves it: moving it here too could run beside that MOVE, and a mail moved by two
     # sessions at once can land in the folder twice. Left for a later pass.
     in_other_hands: bool = False
+
+
+# How long the address log keeps a row: its questions look back an hour (the cap on
+# automatic replies to an address) or to the day's start (the leads told once a day).
+ADDRESS_LOG_KEPT = timedelta(days=2)
 
 
 # How long a daemon's claim on an IMAP message lasts (`IntakeHooks.claim`): longer than a

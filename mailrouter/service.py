@@ -40,6 +40,7 @@ from mailrouter.core.handle import Handler
 from mailrouter.core.parse import Deadline, Refused
 from mailrouter.deliver.journal import claim_is_dead, process_identity
 from mailrouter.model import (
+    ADDRESS_LOG_KEPT,
     IMAP_CLAIM_SECONDS,
     REMINDED_STATUSES,
     SET_ASIDE,
@@ -383,6 +384,19 @@ class Followup:
         if queued:
             log.info("queued %d follow-up reminders", queued)
         return queued
+
+    def forget_old_addresses(self, chunk: int = 5000) -> int:
+        """Delete the address log's rows no question looks back to any more (older than
+        `ADDRESS_LOG_KEPT`): it gains a row for every automatic reply, and would otherwise
+        grow for as long as the router runs. Return how many went."""
+        before = self.clock() - ADDRESS_LOG_KEPT
+        forgotten = 0
+        while True:
+            with self.store.transaction() as session:
+                gone = repo.forget_address_log(session, before, chunk)
+            forgotten += gone
+            if gone < chunk:
+                return forgotten
 
     def digest_trigger(self) -> CronTrigger:
         return CronTrigger.from_crontab(

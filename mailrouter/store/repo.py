@@ -59,6 +59,7 @@ from mailrouter.store.db import (
 )
 from mailrouter.store.outbox import queue_mail
 from mailrouter.store.tables import (
+    ADDRESS_LOG,
     CASES,
     EVENTS,
     IMAP_CLAIMS,
@@ -741,6 +742,16 @@ def _advance_last_uid(session: Session, mailbox: str, uidvalidity: int, uid: int
         connection.execute(
             insert(IMAP_STATE), {"mailbox": mailbox, "uidvalidity": uidvalidity, "last_uid": uid}
         )
+
+
+def forget_address_log(session: Session, before: datetime, chunk: int) -> int:
+    """Delete up to `chunk` of the address log's rows older than `before` (the oldest
+    first); return how many went. A chunk at a time, one short transaction each: the
+    first run on a log of years must not hold the database for long."""
+    oldest = select(ADDRESS_LOG.c.id).where(ADDRESS_LOG.c.at < before)
+    oldest = oldest.order_by(ADDRESS_LOG.c.id).limit(chunk)
+    gone = session.connection().execute(delete(ADDRESS_LOG).where(ADDRESS_LOG.c.id.in_(oldest)))
+    return int(gone.rowcount or 0)
 
 
 def release_uids(

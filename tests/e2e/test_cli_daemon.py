@@ -336,6 +336,55 @@ def test_a_sender_process_that_cannot_start_is_tried_again(
     daemon.store.close()
 
 
+def test_the_scheduler_forgets_the_old_address_log_at_start(
+    write_config: Callable[..., Path],
+) -> None:
+    """The daemon's scheduler deletes the address log's rows older than two days when it
+    starts (and hourly), and keeps the recent ones."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert
+
+    from mailrouter.config import load_config
+    from mailrouter.daemon import Daemon
+    from mailrouter.store.tables import ADDRESS_LOG
+
+    daemon = Daemon(load_config(write_config()))
+    now = datetime.now(UTC)
+    with daemon.store.engine.begin() as connection:
+        connection.execute(
+            insert(ADDRESS_LOG),
+            [
+                {
+                    "address": f"agent{days}@example.com",
+                    "kind": "reply",
+                    "at": now - timedelta(days),
+                }
+                for days in (30, 3, 1)
+            ],
+        )
+
+    def left() -> list[str]:
+        with daemon.store.engine.connect() as connection:
+            rows = connection.exec_driver_sql("SELECT address FROM address_log")
+            return sorted(str(address) for (address,) in rows)
+
+    async def scenario() -> None:
+        scheduler = daemon._start_scheduler(lambda: None)
+        try:
+            for _ in range(200):
+                if left() == ["agent1@example.com"]:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            scheduler.shutdown(wait=False)
+
+    asyncio.run(scenario())
+    assert left() == ["agent1@example.com"]
+    daemon.store.close()
+
+
 def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
     """`mailrouter route big.eml | head -1`: the pipe closes under the command."""
     big = tmp_path / "big.eml"

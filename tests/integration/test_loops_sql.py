@@ -14,7 +14,7 @@ from sqlalchemy import event
 
 from mailrouter.config import load_config
 from mailrouter.model import ImapSource
-from mailrouter.service import Pipeline
+from mailrouter.service import Followup, Pipeline
 from mailrouter.store.db import Store
 from mailrouter.testing.factory import reply as compose
 
@@ -93,3 +93,37 @@ def test_the_same_text_twice_is_answered_once(
     answers = [m for m in store.outbound() if robot in m.recipients]
     assert [m.kind for m in answers] == ["needs_info"]
     assert [m.kind for m in store.outbound()].count("replies_stopped") == 1
+
+
+def _address_log(store: Store) -> list[tuple[str, str]]:
+    with store.engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT address, kind FROM address_log ORDER BY id")
+        return [(str(address), str(kind)) for address, kind in rows]
+
+
+def test_the_address_log_forgets_what_no_question_looks_back_to(
+    write_config: Callable[..., Path],
+) -> None:
+    """Every automatic reply adds a row; rows older than two days are deleted, a chunk at a
+    time, and the caps still count what is recent."""
+    config = load_config(write_config())
+    store = Store(config.database_url)
+    now = [START]
+    pipeline = Pipeline(config, store, lambda: now[0])
+    for n in range(12):  # 10 answered (the cap), each logged
+        now[0] = START + timedelta(minutes=n)
+        pipeline.process(escalation(n))
+    old = _address_log(store)
+    assert old.count((LAURA, "reply")) == 10
+    now[0] = START + timedelta(days=2, hours=1)
+    assert pipeline.process(escalation(100)).outcome == "routed"
+    assert len(_address_log(store)) == len(old) + 1  # answered again: a new hour
+    followup = Followup(config, store, lambda: now[0])
+    assert followup.forget_old_addresses(chunk=3) == len(old)
+    assert _address_log(store) == [(LAURA, "reply")]
+    assert followup.forget_old_addresses(chunk=3) == 0
+    # The one recent row still counts toward the cap: nine more answers, then none.
+    for n in range(101, 112):
+        now[0] += timedelta(minutes=1)
+        pipeline.process(escalation(n))
+    assert _address_log(store).count((LAURA, "reply")) == 10
