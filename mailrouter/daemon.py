@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -241,30 +241,24 @@ class Daemon:
         plus once at start for a run missed while the daemon was down (never twice: each
         digest is recorded per recipient and period); the address log's old rows hourly."""
         settings = self.config.settings
+        # Each run asks for `self.followup` anew: a reload (SIGHUP) replaces it.
         scheduler = AsyncIOScheduler(timezone=self.config.calendar().zone)
 
         async def remind() -> None:
-            try:
-                if await asyncio.to_thread(lambda: self.followup.remind()):
-                    wake_sender()
-            except (TemporaryFailure, Conflict) as exc:
-                log.warning("reminder run: %s; trying again at the next one", exc)
-            except asyncio.CancelledError:
-                return  # the daemon is stopping: its run commits or not, whole, in its thread
-            except Exception:
-                log.exception("reminder run failed; trying again at the next one")
+            queued = await _scheduled(
+                "reminder run", "trying again at the next one", lambda: self.followup.remind()
+            )
+            if queued:
+                wake_sender()
 
         async def digests() -> None:
-            try:
-                run = await asyncio.to_thread(lambda: self.followup.scheduled_digests())
-                if run.queued:
-                    wake_sender()
-            except (TemporaryFailure, Conflict) as exc:
-                log.warning("digest run: %s; the next start or run catches up", exc)
-            except asyncio.CancelledError:
-                return  # as above: a stop is not a failure, and not a traceback in the log
-            except Exception:
-                log.exception("digest run failed; the next start or run catches up")
+            run = await _scheduled(
+                "digest run",
+                "the next start or run catches up",
+                lambda: self.followup.scheduled_digests(),
+            )
+            if run is not None and run.queued:
+                wake_sender()
 
         scheduler.add_job(
             remind,
@@ -283,14 +277,11 @@ class Daemon:
         scheduler.add_job(digests)  # now: catch up on a run missed while we were down
 
         async def forget() -> None:
-            try:
-                await asyncio.to_thread(lambda: self.followup.forget_old_addresses())
-            except (TemporaryFailure, Conflict) as exc:
-                log.warning("address log clean-up: %s; trying again in an hour", exc)
-            except asyncio.CancelledError:
-                return
-            except Exception:
-                log.exception("address log clean-up failed; trying again in an hour")
+            await _scheduled(
+                "address log clean-up",
+                "trying again in an hour",
+                lambda: self.followup.forget_old_addresses(),
+            )
 
         scheduler.add_job(forget, IntervalTrigger(hours=1), coalesce=True, max_instances=1)
         scheduler.add_job(forget)  # now too: a daemon restarted more often than hourly
@@ -493,6 +484,23 @@ class Daemon:
             return SENDER_IDLE_SECONDS
         seconds = (upcoming - self.clock()).total_seconds()
         return min(SENDER_IDLE_SECONDS, max(0.05, seconds))
+
+
+_Done = TypeVar("_Done")
+
+
+async def _scheduled(job: str, next_time: str, work: Callable[[], _Done]) -> _Done | None:
+    """A scheduler job's `work`, run in a thread: a failure is one line in the log, and the
+    job's next run tries again (None then)."""
+    try:
+        return await asyncio.to_thread(work)
+    except (TemporaryFailure, Conflict) as exc:
+        log.warning("%s: %s; %s", job, exc, next_time)
+    except asyncio.CancelledError:
+        pass  # the daemon is stopping: the run commits or not, whole, in its thread
+    except Exception:
+        log.exception("%s failed; %s", job, next_time)
+    return None
 
 
 def run_daemon(config: Config, *, sender_only: bool = False) -> None:

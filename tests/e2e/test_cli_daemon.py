@@ -385,6 +385,30 @@ def test_the_scheduler_forgets_the_old_address_log_at_start(
     daemon.store.close()
 
 
+def test_a_scheduled_job_that_fails_is_one_line_and_runs_again_next_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+
+    from mailrouter.daemon import _scheduled
+    from mailrouter.model import TemporaryFailure
+
+    def database_down() -> int:
+        raise TemporaryFailure("the database is restarting")
+
+    def bug() -> int:
+        raise KeyError("x")
+
+    assert asyncio.run(_scheduled("reminder run", "trying again", lambda: 3)) == 3
+    assert asyncio.run(_scheduled("reminder run", "trying again", database_down)) is None
+    assert asyncio.run(_scheduled("digest run", "the next run", bug)) is None
+    lines = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "reminder run: the database is restarting; trying again", False),
+        ("ERROR", "digest run failed; the next run", True),
+    ]
+
+
 def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
     """`mailrouter route big.eml | head -1`: the pipe closes under the command."""
     big = tmp_path / "big.eml"
