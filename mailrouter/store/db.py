@@ -602,9 +602,11 @@ class Store:
                         return bytes(blob.read(length))
                 except sqlite3.Error as exc:  # the driver's own, not SQLAlchemy's
                     raise Unavailable(f"cannot read message {row_id}: {exc}") from exc
-            # SQL counts from 1; on bytea, substr counts bytes.
-            wanted = BODIES.c.raw if length < 0 else func.substr(BODIES.c.raw, offset + 1, length)
-            query = select(wanted).where(BODIES.c.id == row_id)
+            # SQL counts from 1; on bytea, substr counts bytes (to the end without a count).
+            count = [length] if length >= 0 else []
+            query = select(func.substr(BODIES.c.raw, offset + 1, *count)).where(
+                BODIES.c.id == row_id
+            )
             return bytes(connection.execute(query).scalar_one())
 
     def engine_for_reading(self) -> Engine:

@@ -58,6 +58,7 @@ def test_a_body_is_read_a_slice_at_a_time(database_url: str) -> None:
     assert b"".join(slices) == raw
     assert store.read_raw_slice(row_id, 5, 3) == raw[5:8]
     assert store.read_raw_slice(row_id, len(raw), size) == b""
+    assert store.read_raw_slice(row_id, len(raw) - 9, -1) == raw[-9:]  # to the end
     store.close()
 
 
