@@ -193,20 +193,37 @@ def config_warnings(config: Config) -> list[str]:
 
 def _text_of(data: bytes) -> str:
     """A rendered mail as a person reads it: headers, then decoded text parts."""
-    msg = email.message_from_bytes(data, policy=email.policy.default)
-    lines = [f"{name}: {' '.join(str(value).split())}" for name, value in msg.items()]
+    # The parts' own headers read as compat32's plain strings: the default policy parses a
+    # header again at every look, three looks a part, and that was most of a dry run's
+    # printing of a big team's digests. The mail's headers, shown, are decoded by it.
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    shown = email.policy.default
+    lines = [
+        f"{name}: {' '.join(str(shown.header_fetch_parse(name, value)).split())}"
+        for name, value in msg.items()
+    ]
     for part in msg.walk():
         if part.is_multipart():
             continue
+        payload = part.get_payload(decode=True)
+        payload = payload if isinstance(payload, bytes) else b""
         if part.get_content_maintype() == "text" and not part.get_filename():
-            lines += ["", str(part.get_content()).replace("\r\n", "\n").rstrip()]
+            lines += ["", _decoded_text(payload, part.get_content_charset()).rstrip()]
         else:
-            size = len(part.get_payload(decode=True) or b"")
             lines += [
                 "",
-                f"[adjunto: {part.get_filename()} ({part.get_content_type()}, {size} bytes)]",
+                f"[adjunto: {part.get_filename()} ({part.get_content_type()}, "
+                f"{len(payload)} bytes)]",
             ]
     return "\n".join(lines)
+
+
+def _decoded_text(payload: bytes, charset: str | None) -> str:
+    try:
+        text = payload.decode(charset or "us-ascii", "replace")
+    except LookupError:  # a charset Python does not know
+        text = payload.decode("utf-8", "replace")
+    return text.replace("\r\n", "\n")
 
 
 def cmd_route(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import random
@@ -353,6 +354,17 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
+# Most cases have no labels: a digest over 100,000 open cases read 100,000 "[]", and
+# json.loads spent a third of the read on them.
+_EMPTY_JSON: dict[str, Callable[[], Any]] = {"[]": list, "{}": dict}
+
+
+def _json_document(text: str) -> Any:
+    """SQLite's JSON text as Python (PostgreSQL's jsonb is decoded by its driver)."""
+    empty = _EMPTY_JSON.get(text)
+    return empty() if empty is not None else json.loads(text)
+
+
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
     """An engine for `url`; on SQLite, a `read_only` one begins deferred transactions, which
     WAL lets run beside a writer instead of queueing behind its lock."""
@@ -364,7 +376,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         # first use of a dropped connection fails as `Unavailable`, which the work already
         # waits out and retries, and SQLAlchemy then replaces the whole pool.
         return create_engine(url, pool_size=5, max_overflow=10)
-    engine = create_engine(url)
+    engine = create_engine(url, json_deserializer=_json_document)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         if not read_only:

@@ -10,6 +10,7 @@ and never changed in the session.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -793,6 +794,9 @@ def cases_by_id(session: Session, ids: list[int]) -> list[Case]:
 
 
 DIGEST_COLUMNS = [CASES.c[name] for name in DigestCase.__annotations__]
+# A digest's row as a named tuple: reading a field of SQLAlchemy's Row goes through its
+# key mapping, and sorting and counting 100,000 of them took three times as long.
+_DigestRow = collections.namedtuple("_DigestRow", list(DigestCase.__annotations__))  # type: ignore[misc]
 
 
 def digest_rows(connection: Connection) -> list[DigestCase]:
@@ -800,8 +804,8 @@ def digest_rows(connection: Connection) -> list[DigestCase]:
     counts: ORM objects would cost several times more)."""
     rows = connection.execute(
         select(*DIGEST_COLUMNS).where(CASES.c.status.in_(LISTED_STATUSES)).order_by(CASES.c.id)
-    ).all()
-    return list(rows)  # type: ignore[arg-type]
+    )
+    return list(map(_DigestRow._make, rows))  # type: ignore[arg-type]
 
 
 def last_digests(connection: Connection) -> dict[str, datetime]:

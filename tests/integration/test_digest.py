@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import email
 import email.policy
+import gc
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,7 @@ from mailrouter.config import load_config
 from mailrouter.core.digests import build_digests
 from mailrouter.deliver.sender import Sender
 from mailrouter.deliver.transports import SmtpTransport
-from mailrouter.service import Followup, Pipeline
+from mailrouter.service import Followup, Pipeline, paused_gc
 from mailrouter.store.db import Store
 from mailrouter.store.tables import Message
 from mailrouter.testing.factory import escalations
@@ -319,3 +321,43 @@ def test_digest_preview_writes_only_inside_its_folder(
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".html", ".txt")]
     assert written and all(p.parent == preview for p in written), written
     assert (preview / "_.._escaped_x@example.com.html").is_file()
+
+
+def test_a_digest_is_read_and_sorted_with_the_cycle_collector_paused(
+    setup: tuple[Pipeline, Followup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big backlog holds no cycles, and full collections walked all of it again; the
+    collector is back on afterwards, a failure included. The rows are plain tuples whose
+    fields the core reads as a case's."""
+    pipeline, followup = setup
+    pipeline.process(escalation("02-panda-basic.eml"))
+    seen: list[tuple[bool, tuple[list[str], ...]]] = []
+
+    def watched(cases: Any, *args: Any) -> Any:
+        cases = list(cases)
+        seen.append((gc.isenabled(), tuple(case.labels for case in cases)))
+        return build_digests(cases, *args)
+
+    monkeypatch.setattr("mailrouter.service.build_digests", watched)
+    assert gc.isenabled()
+    assert followup.digests_now()
+    assert seen == [(False, ([],))]
+    assert gc.isenabled()
+
+    def failing(*args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("mailrouter.service.build_digests", failing)
+    with pytest.raises(RuntimeError):
+        followup.digests_now()
+    assert gc.isenabled()
+
+
+def test_paused_gc_leaves_the_collector_off_when_it_found_it_off() -> None:
+    gc.disable()
+    try:
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

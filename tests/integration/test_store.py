@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event, select, update
+from sqlalchemy import JSON, Column, Integer, MetaData, Table, event, insert, select, update
 
 from mailrouter import model
 from mailrouter.model import OutgoingMail
@@ -355,3 +355,21 @@ def test_two_stores_of_one_process_take_turns(tmp_path: Path) -> None:
     assert second.read_raw(_add(second, b"x")) == b"x"
     first.close()
     second.close()
+
+
+def test_json_documents_come_back_as_objects_of_their_own(tmp_path: Path) -> None:
+    """SQLite's JSON text, the empty documents most cases hold ("[]" labels) included: each
+    row gets its own list, so changing one changes no other."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'documents.sqlite'}")
+    meta = MetaData()
+    table = Table("t", meta, Column("id", Integer, primary_key=True), Column("doc", JSON))
+    meta.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(table), [{"doc": []}, {"doc": []}, {"doc": {}}, {"doc": ["a", {"b": 1}]}]
+        )
+    with engine.connect() as connection:
+        docs = connection.execute(select(table.c.doc).order_by(table.c.id)).scalars().all()
+    assert docs == [[], [], {}, ["a", {"b": 1}]]
+    assert docs[0] is not docs[1]
+    engine.dispose()
