@@ -413,9 +413,10 @@ class Followup:
         return self.queue_digests(fired.isoformat(timespec="minutes"))
 
     def digests_now(self) -> list[Digest]:
-        with paused_gc(), self.store.engine_for_reading().connect() as connection:
-            cases = repo.digest_rows(connection)
-            last_sent = repo.last_digests(connection)
+        with paused_gc():
+            with self.store.engine_for_reading().connect() as connection:
+                cases = repo.digest_rows(connection)
+                last_sent = repo.last_digests(connection)
             return build_digests(cases, self.config, self.clock(), last_sent)
 
     def render_digest(self, digest: Digest) -> OutgoingMail:
@@ -452,8 +453,8 @@ def paused_gc() -> Iterator[None]:
     """The cycle collector off while a team's backlog is read and sorted: 100,000 open
     cases are a few hundred thousand objects that hold no cycles, and each full collection
     walked all of them again (a third of a digest run's CPU). It is back on at the end,
-    and then finds the few cycles made meanwhile; a thread that turned it off first turns
-    it back on."""
+    and then finds the few cycles made meanwhile. Nested, or in two threads at once: the
+    one that found it on turns it back on."""
     was_on = gc.isenabled()
     gc.disable()
     try:
