@@ -14,7 +14,9 @@ import base64
 import binascii
 import functools
 import logging
+import os
 import re
+import stat
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
@@ -248,7 +250,10 @@ class _CompiledTemplates(BytecodeCache):
             self._disk_tried = True
             try:
                 self._folder.mkdir(mode=0o700, exist_ok=True)
-                self._disk = FileSystemBytecodeCache(str(self._folder))
+                if _ours_alone(self._folder):
+                    self._disk = FileSystemBytecodeCache(str(self._folder))
+                else:
+                    log.debug("templates compiled without a disk cache: %s", self._folder)
             except OSError as exc:  # read-only, or not ours
                 log.debug("templates compiled without a disk cache: %s", exc)
         return self._disk
@@ -276,6 +281,17 @@ class _CompiledTemplates(BytecodeCache):
                 disk.dump_bytecode(bucket)
             except OSError as exc:  # a full disk: the next process compiles again
                 log.debug("compiled template not kept on disk: %s", exc)
+
+
+def _ours_alone(folder: Path) -> bool:
+    """What is read from `folder` runs as code: it must be a folder of this user's that
+    no one else may write in (not a link to one)."""
+    seen = folder.lstat()
+    return (
+        stat.S_ISDIR(seen.st_mode)
+        and seen.st_uid == os.getuid()
+        and not seen.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
 
 
 # A memo of a pure function of the templates' text, not state: any configuration may use

@@ -127,3 +127,28 @@ def test_a_configuration_without_a_state_folder_writes_nothing(
     renderer_of().load_all()
     assert compiled
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("how", ["others may write", "a link"])
+def test_a_folder_others_could_write_in_is_not_read(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    compiled: list[str],
+    renderer_of: Callable[..., Renderer],
+    how: str,
+) -> None:
+    """What is read there runs as code: only a folder of the router's user alone."""
+    (tmp_path / "state").mkdir()
+    folder = tmp_path / "state" / COMPILED_TEMPLATES_FOLDER
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    if how == "a link":
+        folder.symlink_to(target)
+    else:
+        folder.mkdir()
+        folder.chmod(0o777)
+        target = folder
+    a_new_process(monkeypatch)
+    renderer_of().load_all()
+    assert compiled
+    assert list(target.iterdir()) == []
