@@ -102,20 +102,6 @@ def test_an_unreadable_compiled_template_is_compiled_again(
     assert template_problems(renderer_of().config) == []
 
 
-def test_a_folder_that_cannot_be_used_costs_only_the_compilation(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    compiled: list[str],
-    renderer_of: Callable[..., Renderer],
-) -> None:
-    (tmp_path / "state").mkdir()
-    (tmp_path / "state" / COMPILED_TEMPLATES_FOLDER).write_text("not a folder")
-    a_new_process(monkeypatch)
-    renderer_of().load_all()
-    assert compiled
-    assert template_problems(renderer_of().config) == []
-
-
 def test_a_configuration_without_a_state_folder_writes_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -129,20 +115,23 @@ def test_a_configuration_without_a_state_folder_writes_nothing(
     assert not (tmp_path / "state").exists()
 
 
-@pytest.mark.parametrize("how", ["others may write", "a link"])
-def test_a_folder_others_could_write_in_is_not_read(
+@pytest.mark.parametrize("how", ["a file", "others may write", "a link"])
+def test_a_folder_that_cannot_be_used_costs_only_the_compilation(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     compiled: list[str],
     renderer_of: Callable[..., Renderer],
     how: str,
 ) -> None:
-    """What is read there runs as code: only a folder of the router's user alone."""
+    """What is read there runs as code: only a folder of the router's user alone. Any
+    other (a file in its place, a folder others may write in, a link) is left as it is."""
     (tmp_path / "state").mkdir()
     folder = tmp_path / "state" / COMPILED_TEMPLATES_FOLDER
     target = tmp_path / "elsewhere"
     target.mkdir()
-    if how == "a link":
+    if how == "a file":
+        folder.write_text("not a folder")
+    elif how == "a link":
         folder.symlink_to(target)
     else:
         folder.mkdir()
@@ -152,3 +141,4 @@ def test_a_folder_others_could_write_in_is_not_read(
     renderer_of().load_all()
     assert compiled
     assert list(target.iterdir()) == []
+    assert template_problems(renderer_of().config) == []
