@@ -239,8 +239,10 @@ class _CompiledTemplates(BytecodeCache):
     command, does not compile them again (0.2 s of every start). A folder that cannot be
     used, or a file in it that cannot be read, costs only the compilation."""
 
-    def __init__(self, folder: Path | None = None) -> None:
-        self._code: dict[str, bytes] = {}
+    def __init__(self, code: dict[str, bytes], folder: Path | None = None) -> None:
+        """`code`: the process's compiled templates, shared by every folder's cache (a
+        daemon whose state folder appears during its start compiles them once)."""
+        self._code = code
         self._folder = folder
         self._disk: BytecodeCache | None = None
         self._disk_tried = False
@@ -250,11 +252,10 @@ class _CompiledTemplates(BytecodeCache):
             self._disk_tried = True
             try:
                 self._folder.mkdir(mode=0o700, exist_ok=True)
-                if _ours_alone(self._folder):
-                    self._disk = FileSystemBytecodeCache(str(self._folder))
-                else:
-                    log.debug("templates compiled without a disk cache: %s", self._folder)
-            except OSError as exc:  # read-only, or not ours
+                if not _ours_alone(self._folder):
+                    raise PermissionError(f"{self._folder} is not the router's user's alone")
+                self._disk = FileSystemBytecodeCache(str(self._folder))
+            except OSError as exc:  # read-only, or not ours alone
                 log.debug("templates compiled without a disk cache: %s", exc)
         return self._disk
 
@@ -295,7 +296,8 @@ def _ours_alone(folder: Path) -> bool:
 
 
 # A memo of a pure function of the templates' text, not state: any configuration may use
-# it. One for each folder the compiled templates are kept in (None: in memory only).
+# it. The code in one dict; a cache for each folder it is kept in (None: memory only).
+_CODE: dict[str, bytes] = {}
 _COMPILED: dict[Path | None, _CompiledTemplates] = {}
 
 # In the state folder: written only by the router's own user (the folder holds its
@@ -309,7 +311,9 @@ def compiled_templates(config: Config) -> _CompiledTemplates:
     nothing; in memory otherwise."""
     state = config.state_dir
     folder = state / COMPILED_TEMPLATES_FOLDER if state.is_dir() else None
-    return _COMPILED.setdefault(folder, _CompiledTemplates(folder))
+    if folder not in _COMPILED:
+        _COMPILED[folder] = _CompiledTemplates(_CODE, folder)
+    return _COMPILED[folder]
 
 
 class Renderer:

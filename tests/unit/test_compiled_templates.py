@@ -36,6 +36,7 @@ def compiled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def a_new_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a new process starts with: nothing compiled in memory."""
+    monkeypatch.setattr(render, "_CODE", {})
     monkeypatch.setattr(render, "_COMPILED", {})
 
 
